@@ -1,0 +1,50 @@
+# ccproxy: every target runs from a clean clone; tools are installed into .cache/ when missing.
+PYTHON ?= python3
+CACHE  := $(CURDIR)/.cache
+PYDEPS := $(CACHE)/py
+PREFIX ?= /usr/local
+UNIT_DIR ?= /etc/systemd/system
+export PYTHONPATH := $(PYDEPS)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.PHONY: test lint check-unit install uninstall clean
+
+test:  ## run the test suite (installs pytest into .cache/py if it is missing)
+	@$(PYTHON) -c 'import pytest' 2>/dev/null || \
+	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(PYDEPS) pytest
+	$(PYTHON) -m pytest -q test_ccproxy.py
+
+lint:  ## compile, check the 3.9 floor with vermin, print the file's shape
+	$(PYTHON) -m py_compile ccproxy.py test_ccproxy.py
+	@$(PYTHON) -c 'import vermin' 2>/dev/null || \
+	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(PYDEPS) vermin
+	$(PYTHON) -m vermin --no-tips -t=3.9- --violations ccproxy.py
+	@$(PYTHON) -c 'import ast,statistics,sys; t=ast.parse(open("ccproxy.py").read()); \
+	  n=sorted(f.end_lineno-f.lineno+1 for f in ast.walk(t) if isinstance(f,ast.FunctionDef)); \
+	  print("functions: %d, median %s lines, max %d" % (len(n), statistics.median(n), n[-1])); \
+	  sys.exit(n[-1] > 60)'
+
+check-unit:  ## systemd-analyze verify (stderr must be empty) and security (exposure <= 2.0)
+	@command -v systemd-analyze >/dev/null || { echo "SKIP check-unit: systemd-analyze not installed"; exit 0; }; \
+	tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	sed "s|/usr/local/bin/ccproxy|$(CURDIR)/ccproxy.py|" ccproxy.service > $$tmp/ccproxy.service; \
+	systemd-analyze verify $$tmp/ccproxy.service 2>$$tmp/err; rc=$$?; cat $$tmp/err; \
+	if [ $$rc -ne 0 ] || [ -s $$tmp/err ]; then echo "FAIL systemd-analyze verify"; exit 1; fi; \
+	systemd-analyze security --offline=true --threshold=20 $$tmp/ccproxy.service > $$tmp/sec 2>&1; rc=$$?; \
+	tail -1 $$tmp/sec; if [ $$rc -ne 0 ]; then echo "FAIL exposure above 2.0"; exit 1; fi; \
+	echo "OK check-unit"
+
+install:  ## copy ccproxy.py to $(PREFIX)/bin/ccproxy with the build stamped in, and the unit
+	@commit=$$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown); \
+	date=$$(git log -1 --format=%cd --date=format-local:%Y-%m-%dT%H:%M:%SZ 2>/dev/null || echo unknown); \
+	install -d $(DESTDIR)$(PREFIX)/bin; \
+	sed -e "s|^BUILD_COMMIT = None|BUILD_COMMIT = \"$$commit\"|" \
+	    -e "s|^BUILD_DATE = None|BUILD_DATE = \"$$date\"|" ccproxy.py > $(DESTDIR)$(PREFIX)/bin/ccproxy; \
+	chmod 755 $(DESTDIR)$(PREFIX)/bin/ccproxy; \
+	install -d $(DESTDIR)$(UNIT_DIR); install -m 644 ccproxy.service $(DESTDIR)$(UNIT_DIR)/ccproxy.service; \
+	echo "installed $(DESTDIR)$(PREFIX)/bin/ccproxy (commit $$commit) and $(DESTDIR)$(UNIT_DIR)/ccproxy.service"
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/ccproxy $(DESTDIR)$(UNIT_DIR)/ccproxy.service
+
+clean:
+	rm -rf .cache .pytest_cache __pycache__

@@ -1,0 +1,2536 @@
+#!/usr/bin/env python3
+"""ccproxy: a proxy daemon for Claude Code and every Anthropic Messages API client.
+
+One file, Python standard library only, CPython 3.9 or newer.  Not to be confused with
+the archived Go orchestre-dev/ccproxy, CaddyGlow/ccproxy-api or starbaser/ccproxy.
+
+Clients set ANTHROPIC_BASE_URL=http://127.0.0.1:3456; ccproxy forwards each call to the
+provider its route names, streaming every chunk the moment it arrives, and falls back to
+the next provider when one fails before the first byte reached the client.
+
+Synopsis::
+
+    python3 ccproxy.py run      [options]   foreground (what systemd runs, Type=notify)
+    python3 ccproxy.py start    [options]   daemonise; exit 0 once the port accepts
+    python3 ccproxy.py stop     [--force] [--timeout S]
+    python3 ccproxy.py restart  [options]
+    python3 ccproxy.py reload               re-read the config (SIGHUP), keep connections
+    python3 ccproxy.py status   [--json]    exit 0 running, 1 dead with PID file, 3 stopped
+    python3 ccproxy.py version
+
+Endpoints: POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models (any path
+prefix, any query), GET /status, /health, /health/detailed, /status/ready, /health/ready,
+HEAD / and HEAD /api/hello.
+
+Configuration precedence: built-in defaults < JSON config file (-c) < CCPROXY_* environment
+< command line.  One pure function (build_config) turns the three into a frozen Config;
+a bad value fails start-up with exit 2 and one line naming the key.
+
+Exit codes: 0 ok, 1 failure, 2 usage or config error; `status` uses the LSB codes
+0 running, 1 dead but PID file left, 3 not running, 4 unknown.
+
+Design notes
+------------
+Thread model: ThreadingHTTPServer, one daemon thread per connection.  The main thread
+never serves: it owns signals (handlers only queue the signal number and wake it), the
+systemd watchdog, reload and drain.  serve_forever runs on its own thread so that
+shutdown() can be called from the main thread without deadlock.
+
+Shutdown (SIGTERM/SIGINT): readiness turns 503, STOPPING=1 is sent, the listener is
+closed, in-flight requests (streams included) finish within drain_timeout, responses
+still running carry Connection: close, the PID file is removed, exit 0.  A second signal
+exits at once.
+
+The PID file is locked with flock() for the daemon's whole life: status and stop trust
+the lock, never the number in the file, so a stale file after kill -9 never blocks a
+start and a recycled PID never fools stop.
+
+Security: keys are compared as SHA-256 digests in constant time; only the socket peer
+counts as loopback (X-Forwarded-For never grants anything); binding beyond loopback
+without CCPROXY_API_KEY is refused unless allow_remote is set; no key, prompt or
+completion is ever logged; /status shows only whether a key is configured.
+
+Not supported (deliberately): TLS termination (put a TLS proxy in front), HTTP/2,
+request bodies with Transfer-Encoding: chunked (answered 411; every known client sends
+Content-Length).
+"""
+
+__version__ = "0.1.0"
+
+#: Stamped by `make install`; otherwise read from the checkout's .git, else "unknown".
+BUILD_COMMIT = None
+BUILD_DATE = None
+
+__all__ = [
+    "Config", "ConfigError", "CcproxyError", "ProviderConfig", "RouteConfig",
+    "Service", "build_config", "load_config", "main",
+]
+
+import argparse
+import dataclasses
+import datetime
+import errno
+import fcntl
+import fnmatch
+import hashlib
+import hmac
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import logging.handlers
+import os
+import re
+import select
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import zlib
+
+# ---- Constants -------------------------------------------------------------------
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3456
+DEFAULT_DRAIN_TIMEOUT = 25.0      # below the unit's TimeoutStopSec=35
+DEFAULT_IDLE_TIMEOUT = 120.0      # keep-alive idle limit per client connection
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 600.0      # Claude Code's own API_TIMEOUT_MS default
+#: Claude Code's biggest real bodies (images and PDFs in history) reach tens of MB.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+LISTEN_BACKLOG = 1024             # ThreadingHTTPServer's default of 5 makes SYNs retry
+HEARTBEAT_STALE = 10.0            # /health fails when the serve loop is this late
+POOL_MAX_IDLE = 16                # idle upstream connections kept per host
+POOL_IDLE_SECONDS = 60.0          # idle upstream connections older than this are closed
+RELAY_CHUNK = 65536
+
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+CLIENT_KEY_HEADERS = ("x-api-key", "authorization")
+
+#: RFC 9110 §7.6.1 plus the single-hop proxy fields and Go's `Trailer`.
+HOP_BY_HOP = frozenset((
+    "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authenticate", "proxy-authorization",
+))
+#: Request headers never copied upstream: hop-by-hop, framing we recompute, credentials
+#: we set ourselves, and Accept-Encoding (we ask for identity to relay bytes untouched).
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
+#: Response headers never copied to the client: hop-by-hop, framing, and ids we replace.
+RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server", "request-id"}
+
+#: provider type -> (default base URL, environment variables that may hold its key).
+#: The anthropic type reads no usual variable on purpose: with no key configured the
+#: client's own key is forwarded (the zero-config pass-through), and ANTHROPIC_API_KEY
+#: in the proxy's environment is usually the client's.
+PROVIDER_TYPES = {
+    "anthropic": ("https://api.anthropic.com", ()),
+    "openai": ("https://api.openai.com/v1", ("OPENAI_API_KEY",)),
+    "azure": ("", ("AZURE_OPENAI_API_KEY",)),
+    "groq": ("https://api.groq.com/openai/v1", ("GROQ_API_KEY",)),
+    "openrouter": ("https://openrouter.ai/api/v1", ("OPENROUTER_API_KEY",)),
+    "deepseek": ("https://api.deepseek.com", ("DEEPSEEK_API_KEY",)),
+    "gemini": ("https://generativelanguage.googleapis.com/v1beta/openai",
+               ("GEMINI_API_KEY", "GOOGLE_API_KEY")),
+    "ollama": ("http://127.0.0.1:11434/v1", ()),
+    "openai-compatible": ("", ("OPENAI_API_KEY",)),
+}
+#: Types this build can route to.  The OpenAI translation layer is a separate step;
+#: until it lands, such types fail at start-up rather than on every request.
+ROUTABLE_TYPES = ("anthropic",)
+
+STATUS_WORDS = ("connected", "rate_limited", "disconnected", "auth_failed", "unknown")
+TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
+CCPROXY_SIGNATURE_PREFIX = "ccproxy:"
+
+#: http.server's log escaping (bpo-46295 style): control characters become \\xNN so a
+#: request line can never forge a log line.
+_CONTROL_CHARS = str.maketrans(
+    {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7F, 0xA0))})
+
+log = logging.getLogger("ccproxy")
+
+
+# ---- Errors --------------------------------------------------------------------
+
+class CcproxyError(Exception):
+    """Base class of every error ccproxy raises on purpose."""
+
+
+class ConfigError(CcproxyError):
+    """A configuration value is wrong; the message names the key."""
+
+    def __str__(self):
+        return "config: " + super().__str__()
+
+
+class PidFileError(CcproxyError):
+    """The PID file cannot be created, locked or written."""
+
+
+class HTTPError(CcproxyError):
+    """A request-path failure, rendered as an Anthropic-shaped JSON error."""
+
+    def __init__(self, status, etype, message, headers=(), close=False):
+        super().__init__(message)
+        self.status, self.etype, self.message = status, etype, message
+        self.headers, self.close = tuple(headers), close
+
+
+class UpstreamError(CcproxyError):
+    """An upstream call failed before a response head arrived.
+
+    kind is "connect" (refused, DNS, TLS: nothing was sent), "timeout" or "reset".
+    """
+
+    def __init__(self, kind, url, detail):
+        super().__init__("%s: %s" % (url, detail))
+        self.kind, self.url, self.detail = kind, url, detail
+
+
+# ---- Configuration -------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ProviderConfig:
+    """One upstream: where it is, how to authenticate, which models to use."""
+    name: str
+    type: str = "anthropic"
+    base_url: str = ""
+    api_key: str = dataclasses.field(default="", repr=False)
+    model: str = ""
+    big_model: str = ""
+    small_model: str = ""
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    ca_bundle: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteConfig:
+    """Requests whose model matches `match` (fnmatch, or "default") go to `provider`."""
+    match: str
+    provider: str
+    model: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole effective configuration.  Reload builds a new one and swaps it."""
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: str = dataclasses.field(default="", repr=False)
+    allow_remote: bool = False
+    pid_file: str = ""
+    log_file: str = ""
+    log_level: str = "info"
+    log_format: str = "text"
+    metrics: bool = True
+    status_host: str = ""
+    status_port: int = 0
+    cors_origins: tuple = ()
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    providers: tuple = ()
+    routes: tuple = ()
+    fallback: tuple = ()
+    source: str = ""
+    fingerprint: str = ""
+
+    def provider(self, name):
+        """The provider called `name` (config validation guarantees it exists)."""
+        return next(p for p in self.providers if p.name == name)
+
+
+#: Scalar settings: (key, environment variables, kind, CLI option name).
+#: Kinds: host, port, str, bool, seconds, size, level, format, origins.
+SETTINGS = (
+    ("host", ("CCPROXY_HOST",), "host", "host"),
+    ("port", ("CCPROXY_PORT",), "port", "port"),
+    ("api_key", ("CCPROXY_API_KEY",), "secret", None),
+    ("allow_remote", ("CCPROXY_ALLOW_REMOTE",), "bool", "allow_remote"),
+    ("pid_file", ("CCPROXY_PID_FILE",), "str", "pid_file"),
+    ("log_file", ("CCPROXY_LOG_FILE",), "str", "log_file"),
+    ("log_level", ("CCPROXY_LOG_LEVEL",), "level", "log_level"),
+    ("log_format", ("CCPROXY_LOG_FORMAT",), "format", None),
+    ("metrics", ("CCPROXY_METRICS", "ENABLE_METRICS"), "bool", None),
+    ("status_host", ("CCPROXY_STATUS_HOST",), "host", None),
+    ("status_port", ("CCPROXY_STATUS_PORT",), "port0", None),
+    ("cors_origins", ("CCPROXY_CORS_ORIGINS",), "origins", None),
+    ("drain_timeout", ("CCPROXY_DRAIN_TIMEOUT",), "seconds", None),
+    ("idle_timeout", ("CCPROXY_IDLE_TIMEOUT",), "seconds", None),
+    ("max_body_bytes", ("CCPROXY_MAX_BODY_BYTES",), "size", None),
+)
+#: Environment variables that configure the primary (first) provider.
+PROVIDER_ENV = (
+    ("type", "CCPROXY_PROVIDER"), ("base_url", "CCPROXY_BASE_URL"),
+    ("api_key", "CCPROXY_UPSTREAM_API_KEY"), ("model", "CCPROXY_MODEL"),
+    ("big_model", "CCPROXY_BIG_MODEL"), ("small_model", "CCPROXY_SMALL_MODEL"),
+)
+FILE_ONLY_KEYS = ("providers", "routes", "fallback")
+PROVIDER_KEYS = ("name", "type", "base_url", "api_key", "api_key_env", "model", "big_model",
+                 "small_model", "connect_timeout", "read_timeout", "ca_bundle")
+ROUTE_KEYS = ("match", "provider", "model")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _shown(value):
+    """A value quoted for an error message (never used for secrets)."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def _convert(key, kind, value):
+    """Check and convert one scalar setting; raise ConfigError naming `key`."""
+    if kind == "secret":
+        if not isinstance(value, str):
+            raise ConfigError("%s must be a string" % key)  # never echo a key
+        return value
+    if kind in ("port", "port0"):
+        lo = 0 if kind == "port0" else 1
+        try:
+            port = int(str(value).strip()) if not isinstance(value, bool) else None
+        except ValueError:
+            port = None
+        if port is None or not lo <= port <= 65535:
+            raise ConfigError("%s must be %d-65535, got %s" % (key, lo, _shown(value)))
+        return port
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise ConfigError("%s must be true or false, got %s" % (key, _shown(value)))
+    if kind in ("seconds", "size"):
+        return _convert_number(key, kind, value)
+    if kind == "origins":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise ConfigError("%s must be a list of origins, got %s" % (key, _shown(value)))
+        return tuple(i.strip() for i in items if i.strip())
+    if not isinstance(value, str):
+        raise ConfigError("%s must be a string, got %s" % (key, _shown(value)))
+    return _convert_word(key, kind, value.strip())
+
+
+def _convert_number(key, kind, value):
+    """Seconds (float > 0) or a size in bytes (int > 0)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value) if kind == "seconds" else int(str(value).strip())
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not number > 0 or number != number or number == float("inf"):
+        unit = "a number of seconds" if kind == "seconds" else "a whole number of bytes"
+        raise ConfigError("%s must be %s > 0, got %s" % (key, unit, _shown(value)))
+    return number
+
+
+def _convert_word(key, kind, value):
+    """Strings with a closed vocabulary or a syntax."""
+    if kind == "level" and value.lower() not in LOG_LEVELS:
+        raise ConfigError("%s must be one of %s, got %s"
+                          % (key, ", ".join(LOG_LEVELS), _shown(value)))
+    if kind == "format" and value.lower() not in ("text", "json"):
+        raise ConfigError("%s must be text or json, got %s" % (key, _shown(value)))
+    if kind == "host" and (any(c in value for c in "/ ?#@") or not value and key == "host"):
+        raise ConfigError("%s must be a host name or IP address, got %s"
+                          % (key, _shown(value)))
+    return value.lower() if kind in ("level", "format") else value
+
+
+def _check_url(key, url):
+    """A provider base URL: http(s), a host, no query; userinfo is refused (it would leak
+    into logs and error messages)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("%s must be an http:// or https:// URL, got %s" % (key, _shown(url)))
+    if parts.username or parts.password:
+        raise ConfigError("%s must not carry a user or password; set api_key instead" % key)
+    if parts.query or parts.fragment:
+        raise ConfigError("%s must not have a query or fragment" % key)
+    return url.rstrip("/")
+
+
+def _provider(index, raw, environ):
+    """Validate one provider entry of the config file into a ProviderConfig."""
+    where = "providers[%d]" % index
+    if not isinstance(raw, dict):
+        raise ConfigError("%s must be an object" % where)
+    for key in raw:
+        if key not in PROVIDER_KEYS:
+            raise ConfigError("%s: unknown key %s" % (where, _shown(key)))
+    ptype = raw.get("type", "anthropic")
+    if ptype not in PROVIDER_TYPES:
+        raise ConfigError("%s.type must be one of %s, got %s"
+                          % (where, ", ".join(PROVIDER_TYPES), _shown(ptype)))
+    if ptype not in ROUTABLE_TYPES:
+        raise ConfigError("%s.type %s needs the OpenAI translation layer, which this build "
+                          "(%s) does not have yet; use type \"anthropic\" (any Anthropic-"
+                          "compatible base_url works)" % (where, _shown(ptype), __version__))
+    name = raw.get("name", ptype)
+    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+        raise ConfigError("%s.name must be 1-64 letters, digits, '_', '.' or '-', got %s"
+                          % (where, _shown(name)))
+    return _provider_fields(where, name, ptype, raw, environ)
+
+
+def _provider_fields(where, name, ptype, raw, environ):
+    """The typed fields of one provider, defaults from PROVIDER_TYPES."""
+    default_url, key_vars = PROVIDER_TYPES[ptype]
+    key = raw.get("api_key")
+    if key is None and raw.get("api_key_env"):
+        key = environ.get(str(raw["api_key_env"]), "")
+    if key is None:
+        key = next((environ[v] for v in key_vars if environ.get(v)), "")
+    url = raw.get("base_url") or default_url
+    if not url:
+        raise ConfigError("%s.base_url is required for type %s" % (where, _shown(ptype)))
+    fields = {"name": name, "type": ptype,
+              "base_url": _check_url(where + ".base_url", str(url)),
+              "api_key": _convert(where + ".api_key", "secret", key)}
+    for field in ("model", "big_model", "small_model", "ca_bundle"):
+        fields[field] = _convert(where + "." + field, "str", raw.get(field, ""))
+    for field in ("connect_timeout", "read_timeout"):
+        if field in raw:
+            fields[field] = _convert(where + "." + field, "seconds", raw[field])
+    return ProviderConfig(**fields)
+
+
+def _routes(raw_routes, names):
+    """Validate the routes list against the provider names."""
+    if not isinstance(raw_routes, list):
+        raise ConfigError("routes must be a list")
+    routes = []
+    for index, raw in enumerate(raw_routes):
+        where = "routes[%d]" % index
+        if not isinstance(raw, dict):
+            raise ConfigError("%s must be an object" % where)
+        for key in raw:
+            if key not in ROUTE_KEYS:
+                raise ConfigError("%s: unknown key %s" % (where, _shown(key)))
+        match, provider = raw.get("match"), raw.get("provider")
+        if not isinstance(match, str) or not match:
+            raise ConfigError("%s.match must be a model pattern or \"default\"" % where)
+        if provider not in names:
+            raise ConfigError("%s.provider must name a provider (%s), got %s"
+                              % (where, ", ".join(names), _shown(provider)))
+        model = _convert(where + ".model", "str", raw.get("model", ""))
+        routes.append(RouteConfig(match=match.lower(), provider=provider, model=model))
+    return tuple(routes)
+
+
+def _primary_from_env(raw_providers, environ):
+    """Apply CCPROXY_PROVIDER, CCPROXY_BASE_URL, … to the first provider (creating it)."""
+    overrides = {field: environ[var] for field, var in PROVIDER_ENV if environ.get(var)}
+    if not overrides:
+        return raw_providers
+    first = dict(raw_providers[0]) if raw_providers else {}
+    if "type" in overrides and overrides["type"] != first.get("type"):
+        # A new type means the file's URL, key and name were for another provider.
+        first = {k: v for k, v in first.items() if k not in ("base_url", "api_key", "name")}
+    first.update(overrides)
+    return [first] + list(raw_providers[1:])
+
+
+def _file_settings(data):
+    """Check the top level of a config file for unknown keys and wrong shapes."""
+    if not isinstance(data, dict):
+        raise ConfigError("the config file must hold a JSON object")
+    known = {s[0] for s in SETTINGS} | set(FILE_ONLY_KEYS)
+    for key in data:
+        if key not in known:
+            raise ConfigError("unknown key %s" % _shown(key))
+    if not isinstance(data.get("providers", []), list):
+        raise ConfigError("providers must be a list")
+    return data
+
+
+def _merge_scalars(data, environ, cli):
+    """defaults < file < environment < command line, one setting at a time."""
+    values = {}
+    for key, env_vars, kind, option in SETTINGS:
+        value, source = dataclasses.MISSING, key
+        if key in data:
+            value = data[key]
+        for var in env_vars:
+            if var in environ:
+                value, source = environ[var], var
+                break
+        if option and cli.get(option) is not None:
+            value, source = cli[option], "--" + option.replace("_", "-")
+        if value is not dataclasses.MISSING:
+            values[key] = _convert(source, kind, value)
+    return values
+
+
+def build_config(data, environ, cli, source=""):
+    """Build and validate a Config from parsed file data, an environment and CLI options.
+
+    Pure: no I/O.  Raises ConfigError with a message that names the offending key.
+    """
+    data = _file_settings(data or {})
+    values = _merge_scalars(data, environ, cli)
+    raw_providers = _primary_from_env(data.get("providers") or [], environ)
+    providers = tuple(_provider(i, p, environ) for i, p in enumerate(raw_providers))
+    providers = providers or (ProviderConfig(name="anthropic",
+                                             base_url=PROVIDER_TYPES["anthropic"][0]),)
+    names = [p.name for p in providers]
+    if len(set(names)) != len(names):
+        raise ConfigError("providers: two providers are named %s; give each a unique name"
+                          % _shown(next(n for n in names if names.count(n) > 1)))
+    routes = _routes(data.get("routes", []), names)
+    fallback = data.get("fallback", [])
+    if not isinstance(fallback, list) or any(n not in names for n in fallback):
+        raise ConfigError("fallback must be a list of provider names (%s)" % ", ".join(names))
+    config = Config(providers=providers, routes=routes, fallback=tuple(fallback),
+                    source=source, **values)
+    _check_exposure(config)
+    return dataclasses.replace(config, fingerprint=config_fingerprint(config))
+
+
+def _check_exposure(config):
+    """Refuse to serve provider keys to the network with no client key (product.md §4)."""
+    exposed = [h for h in (config.host, config.status_host if config.status_port else "")
+               if h and not is_loopback_host(h)]
+    if exposed and not config.api_key and not config.allow_remote:
+        raise ConfigError("host %s is not a loopback address and api_key is not set: set "
+                          "CCPROXY_API_KEY, or allow_remote=true to serve without one"
+                          % exposed[0])
+
+
+def config_fingerprint(config):
+    """sha256 over the effective settings; keys enter only as their own hashes."""
+    doc = dataclasses.asdict(dataclasses.replace(config, source="", fingerprint=""))
+    doc["api_key"] = _digest(config.api_key)
+    for provider in doc["providers"]:
+        provider["api_key"] = _digest(provider["api_key"])
+    blob = json.dumps(doc, sort_keys=True, default=list).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def _digest(text):
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest() if text else ""
+
+
+def read_config_file(path):
+    """Read and parse a JSON config file; ConfigError names the file and the problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError("cannot read %s: %s" % (path, exc.strerror or exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("%s is not UTF-8" % path) from exc
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError("%s is not valid JSON: %s" % (path, exc)) from exc
+
+
+def load_config(path=None, environ=None, cli=None):
+    """Read the config file (if any) and build the Config: the one place that does I/O."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("CCPROXY_CONFIG") or ""
+    data = read_config_file(path) if path else {}
+    return build_config(data, environ, cli or {}, source=os.path.abspath(path) if path else "")
+
+
+# ---- Pure protocol functions ---------------------------------------------------
+
+def is_loopback_host(host):
+    """True for 127.0.0.0/8, ::1 and localhost names; False for wildcards and others."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def key_digest(key):
+    """SHA-256 of a key as bytes.  Comparing digests makes compare_digest safe for any
+    input: with str it is ASCII-only and a non-ASCII key would raise (a 500, not a 401)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def presented_key(headers):
+    """The key a client presents: x-api-key, else an Authorization Bearer token."""
+    key = headers.get("x-api-key")
+    if key:
+        return key.strip()
+    auth = headers.get("authorization") or ""
+    scheme, _, token = auth.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def key_matches(headers, expected_digest):
+    """Constant-time check of the client key against the configured key's digest."""
+    return hmac.compare_digest(key_digest(presented_key(headers)), expected_digest)
+
+
+def header_value_ok(value):
+    """Header values we build must never carry CR, LF or NUL (response splitting)."""
+    return not any(c in value for c in "\r\n\0")
+
+
+def connection_tokens(headers):
+    """Field names listed in Connection (RFC 9110 §7.6.1), lower-cased."""
+    tokens = set()
+    for value in headers.get_all("connection") or ():
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def filter_headers(headers, drop):
+    """(name, value) pairs of `headers` (an email.message.Message) without hop-by-hop
+    fields, without those named in Connection, and without names in `drop`."""
+    listed = connection_tokens(headers)
+    return [(name, value) for name, value in headers.items()
+            if name.lower() not in drop and name.lower() not in listed]
+
+
+def new_request_id():
+    """An id in the shape of Anthropic's request ids."""
+    return "req_ccp_" + uuid.uuid4().hex[:24]
+
+
+def error_body(etype, message, request_id=""):
+    """The Anthropic error document (translation.md §4)."""
+    doc = {"type": "error", "error": {"type": etype, "message": message}}
+    if request_id:
+        doc["request_id"] = request_id
+    return json.dumps(doc).encode()
+
+
+#: Upstream status -> (status for the client, Anthropic error type, extra headers).
+#: translation.md §4; x-should-retry: false where retrying cannot help (Claude Code
+#: otherwise retries a 401 eight times over 100 s).
+UPSTREAM_STATUS_MAP = {
+    400: (400, "invalid_request_error", ()),
+    401: (401, "authentication_error", (("x-should-retry", "false"),)),
+    402: (402, "billing_error", (("x-should-retry", "false"),)),
+    403: (403, "permission_error", (("x-should-retry", "false"),)),
+    404: (404, "not_found_error", ()),
+    408: (504, "timeout_error", ()),
+    413: (413, "request_too_large", (("x-should-retry", "false"),)),
+    422: (400, "invalid_request_error", ()),
+    429: (429, "rate_limit_error", ()),
+    500: (500, "api_error", ()),
+    502: (500, "api_error", ()),
+    503: (529, "overloaded_error", ()),
+    504: (504, "timeout_error", ()),
+    529: (529, "overloaded_error", ()),
+}
+
+
+def upstream_message(body):
+    """The human message inside an upstream error body, whatever its dialect."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body[:300].decode("utf-8", "replace").strip()
+    if isinstance(doc, list) and doc and isinstance(doc[0], dict):
+        doc = doc[0]                              # Gemini sometimes sends a list
+    if isinstance(doc, dict):
+        err = doc.get("error")
+        for candidate in ((err or {}).get("message") if isinstance(err, dict) else err,
+                          doc.get("detail"), doc.get("message")):
+            if isinstance(candidate, str) and candidate:
+                return candidate
+    return body[:300].decode("utf-8", "replace").strip()
+
+
+def is_anthropic_error(body):
+    """True when `body` already is an Anthropic error document."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return (isinstance(doc, dict) and doc.get("type") == "error"
+            and isinstance(doc.get("error"), dict) and "type" in doc["error"])
+
+
+def retry_after_seconds(headers):
+    """retry-after in whole seconds, from retry-after or Azure's retry-after-ms."""
+    value = (headers.get("retry-after") or "").strip()
+    if value.isdigit():
+        return value
+    ms = (headers.get("retry-after-ms") or "").strip()
+    if ms.isdigit():
+        return str(max(1, -(-int(ms) // 1000)))
+    return ""
+
+
+def map_upstream_error(status, headers, body, label, passthrough):
+    """An upstream error response -> (status, headers, body) for the client.
+
+    An Anthropic pass-through keeps an Anthropic-shaped body and its status (529
+    included); everything else becomes the error Claude Code's retry logic expects.
+    """
+    if status not in UPSTREAM_STATUS_MAP:
+        status_family = 500 if status >= 500 else 400
+        mapped = UPSTREAM_STATUS_MAP[status_family]
+    else:
+        mapped = UPSTREAM_STATUS_MAP[status]
+    out_status, etype, extra = mapped
+    message = upstream_message(body)
+    if "overloaded" in message.lower() and out_status >= 500:
+        out_status, etype = 529, "overloaded_error"
+    extra = list(extra)
+    retry_after = retry_after_seconds(headers)
+    if retry_after:
+        extra.append(("retry-after", retry_after))
+    if passthrough and is_anthropic_error(body) and status != 503:
+        return status, extra, body
+    text = "%s upstream %d: %s" % (label, status, message or http.client.responses.get(
+        status, "error"))
+    return out_status, extra, error_body(etype, text)
+
+
+def failure_reply(error, label):
+    """An UpstreamError (no response head) -> (status, etype, message, headers)."""
+    if error.kind == "timeout":
+        return 504, "timeout_error", "%s upstream timed out: %s" % (label, error.url), ()
+    if error.kind == "connect":
+        # Not retried by Claude Code: a provider that is down stays down for minutes,
+        # and the user should see the URL at once (translation.md §4).
+        return (500, "api_error", "%s upstream unreachable: %s (%s)"
+                % (label, error.url, error.detail), (("x-should-retry", "false"),))
+    return 500, "api_error", "%s upstream connection failed: %s (%s)" % (
+        label, error.url, error.detail), ()
+
+
+def fallback_worthy(status):
+    """Statuses after which the next provider in the fallback order is tried."""
+    return status == 429 or status == 408 or status >= 500
+
+
+def route_model_kind(model):
+    """"small" for haiku-class names, "big" for opus and sonnet, else ""."""
+    name = model.lower()
+    if "haiku" in name:
+        return "small"
+    if "opus" in name or "sonnet" in name:
+        return "big"
+    return ""
+
+
+def upstream_model(provider, route_model, client_model):
+    """The model name sent upstream: the route's, the provider's by size, or the client's."""
+    if route_model:
+        return route_model
+    kind = route_model_kind(client_model)
+    if kind == "small" and provider.small_model:
+        return provider.small_model
+    if kind == "big" and provider.big_model:
+        return provider.big_model
+    return provider.model or client_model
+
+
+def plan_route(config, model):
+    """[(provider, upstream model), …] to try in order for a client `model`.
+
+    The first matching route (fnmatch on the lower-cased name; "default" matches all)
+    picks the first provider; the fallback list adds the others in its order.
+    """
+    name = (model or "").lower()
+    route = next((r for r in config.routes
+                  if r.match == "default" or fnmatch.fnmatchcase(name, r.match)), None)
+    first = config.provider(route.provider) if route else config.providers[0]
+    plan = [(first, upstream_model(first, route.model if route else "", model))]
+    for pname in config.fallback:
+        provider = config.provider(pname)
+        if all(provider is not p for p, _ in plan):
+            plan.append((provider, upstream_model(provider, "", model)))
+    return plan
+
+
+def _safe_tool_id(tool_id):
+    """A tool id Anthropic accepts, derived deterministically so that tool_use and
+    tool_result map to the same value (ids minted by other providers carry '.' or ':')."""
+    if TOOL_ID_RE.match(tool_id):
+        return tool_id
+    digest = hashlib.sha256(tool_id.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return "toolu_" + re.sub(r"[^a-zA-Z0-9_-]", "_", tool_id)[:40] + "_" + digest
+
+
+def _sanitize_block(block):
+    """One content block for Anthropic, or None to drop it."""
+    if not isinstance(block, dict):
+        return block
+    kind = block.get("type")
+    if kind == "thinking" and str(block.get("signature", "")).startswith(
+            CCPROXY_SIGNATURE_PREFIX):
+        return None        # signed by ccproxy for another provider: Anthropic rejects it
+    key = {"tool_use": "id", "tool_result": "tool_use_id"}.get(kind)
+    if key and isinstance(block.get(key), str) and not TOOL_ID_RE.match(block[key]):
+        return dict(block, **{key: _safe_tool_id(block[key])})
+    return block
+
+
+def sanitize_for_anthropic(body):
+    """Remove only what Anthropic would reject; return (body, changed)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return body, False
+    changed, out = False, []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            blocks = [b for b in (_sanitize_block(b) for b in content) if b is not None]
+            if len(blocks) != len(content) or any(a is not b for a, b in zip(blocks, content)):
+                message, changed = dict(message, content=blocks), True
+        out.append(message)
+    return (dict(body, messages=out) if changed else body), changed
+
+
+def passthrough_body(raw, body, model):
+    """The bytes to send an Anthropic upstream: `raw` untouched unless the model is
+    mapped or something must be removed (so a plain pass-through is byte for byte)."""
+    clean, changed = sanitize_for_anthropic(body)
+    if model and model != body.get("model"):
+        clean, changed = dict(clean, model=model), True
+    return json.dumps(clean, ensure_ascii=False).encode() if changed else raw
+
+
+def passthrough_headers(client_headers, provider, config):
+    """Headers for an Anthropic upstream: the client's, minus hop-by-hop and credentials,
+    plus the route key (or, with no route key and no ccproxy key, the client's own)."""
+    headers = filter_headers(client_headers, REQUEST_DROP | set(CLIENT_KEY_HEADERS))
+    if provider.api_key:
+        headers.append(("x-api-key", provider.api_key))
+    elif not config.api_key:
+        # Zero-config pass-through: the client's key (or OAuth token) goes upstream.
+        headers.extend((n, v) for n, v in client_headers.items()
+                       if n.lower() in CLIENT_KEY_HEADERS)
+    headers.append(("accept-encoding", "identity"))
+    return headers
+
+
+def anthropic_url(provider, endpoint, query):
+    """{base}/v1/{endpoint}: a base that already ends in /v1 is accepted."""
+    base = provider.base_url
+    if base.endswith("/v1"):
+        base = base[:-3]
+    return base + "/v1/" + endpoint + ("?" + query if query else "")
+
+
+def redact_url(url):
+    """A URL fit for messages: no userinfo, no query (Gemini keys travel in ?key=)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += ":%d" % parts.port
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def rewrite_model_json(body, model):
+    """A JSON response body with its top-level `model` replaced (the name the client
+    asked for); unchanged when it does not parse."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(doc, dict) and "model" in doc:
+        doc["model"] = model
+        return json.dumps(doc, ensure_ascii=False).encode()
+    return body
+
+
+def rewrite_message_start(frame, model):
+    """An SSE frame; if it is message_start, with message.model set to `model`."""
+    lines = frame.split(b"\n")
+    for i, line in enumerate(lines):
+        if line.startswith(b"data:") and b'"message_start"' in line:
+            try:
+                doc = json.loads(line[5:])
+                doc["message"]["model"] = model
+            except (ValueError, KeyError, TypeError):
+                return frame
+            lines[i] = b"data: " + json.dumps(doc, ensure_ascii=False).encode()
+    return b"\n".join(lines)
+
+
+def format_duration(seconds):
+    """8130 -> '2h 15m 30s' (the /status uptime field)."""
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m")]
+    text = " ".join("%d%s" % (n, u) for n, u in parts if n)
+    return (text + " %ds" % secs).strip()
+
+
+def iso_time(epoch):
+    """UTC RFC 3339 time with a Z suffix, or None."""
+    if epoch is None:
+        return None
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def provider_health_word(status):
+    """A provider's status word -> its health word."""
+    return {"connected": "healthy", "unknown": "unknown",
+            "rate_limited": "degraded"}.get(status, "unhealthy")
+
+
+def overall_health(statuses):
+    """healthy: every provider usable; degraded: some not, or rate limited; unhealthy:
+    none usable.  A provider nobody has called yet counts as usable."""
+    usable = [s in ("connected", "unknown") for s in statuses]
+    if statuses and not any(usable) and "rate_limited" not in statuses:
+        return "unhealthy"
+    if all(usable):
+        return "healthy"
+    return "degraded"
+
+
+def provider_items(config, stats, now):
+    """The /status provider entries: configuration plus what traffic showed."""
+    items = []
+    for p in config.providers:
+        s = stats.get(p.name, {})
+        status = s.get("status", "unknown")
+        if status == "rate_limited" and s.get("rate_limited_until", 0) <= now:
+            status = "connected"
+        items.append({
+            "name": p.name, "type": p.type, "status": status,
+            "health": provider_health_word(status), "model": p.model or None,
+            "base_url": redact_url(p.base_url), "api_key_configured": bool(p.api_key),
+            "last_check": iso_time(s.get("last_check")),
+            "response_time_ms": s.get("response_time_ms"),
+            "tokens_per_second": s.get("tokens_per_second"),
+            "rate_limit_remaining": s.get("rate_limit_remaining"),
+            "requests": s.get("requests", 0), "errors": s.get("errors", 0),
+        })
+    return items
+
+
+def providers_document(items):
+    """The `providers` object of /status: counts, percentages and stats by type."""
+    healthy = [i for i in items if i["status"] in ("connected", "unknown")]
+    by_type = {}
+    for item in items:
+        entry = by_type.setdefault(item["type"], {"total_count": 0, "healthy_count": 0})
+        entry["total_count"] += 1
+        entry["healthy_count"] += item in healthy
+    for entry in by_type.values():
+        entry["healthy_percentage"] = _percent(entry["healthy_count"], entry["total_count"])
+        entry["status"] = "ok" if entry["healthy_count"] == entry["total_count"] else (
+            "degraded" if entry["healthy_count"] else "down")
+    return {"count": len(items), "active": [i["name"] for i in items],
+            "healthy_count": len(healthy),
+            "healthy_percentage": _percent(len(healthy), len(items)),
+            "items": items, "stats_by_type": by_type}
+
+
+def _percent(part, whole):
+    return round(100.0 * part / whole, 1) if whole else 0.0
+
+
+def health_problem(items, health, now_stats):
+    """The error/warning fields /status adds when health is not healthy."""
+    if health == "unhealthy":
+        bad = next(i for i in items if i["status"] not in ("connected", "unknown"))
+        code = {"auth_failed": ("provider_auth_failed", "authentication_failed")}.get(
+            bad["status"], ("provider_connection_failed", "connection_failed"))
+        return {"error": code[0], "message": "no provider is usable; %s is %s"
+                % (bad["name"], bad["status"]),
+                "details": {"provider": bad["name"], "error_code": code[1]}}
+    limited = [i for i in items if i["status"] == "rate_limited"]
+    if limited:
+        until = now_stats.get(limited[0]["name"], {}).get("rate_limited_until", 0)
+        return {"warning": "rate_limited",
+                "retry_after": max(0, int(until - time.time() + 0.999))}
+    return {}
+
+
+def status_document(snap):
+    """The /status document (product.md §5) from a snapshot dict of the service."""
+    config, now = snap["config"], snap["now"]
+    items = provider_items(config, snap["provider_stats"], now)
+    health = overall_health([i["status"] for i in items])
+    doc = {
+        "service": "ccproxy", "version": __version__,
+        "status": "draining" if snap["draining"] else "running",
+        "health": health, "timestamp": iso_time(now),
+        "uptime": format_duration(now - snap["started"]),
+        "uptime_seconds": int(now - snap["started"]),
+        "pid": snap["pid"], "host": config.host, "port": snap["port"],
+        "api_key_configured": bool(config.api_key),
+        "requests_served": snap["requests_served"],
+        "requests_in_flight": snap["in_flight"],
+        "providers": providers_document(items),
+        "provider": items[0] if items else None,
+        "config": {"source": config.source or None, "fingerprint": config.fingerprint,
+                   "loaded_at": iso_time(snap["loaded_at"]), "reloads": snap["reloads"],
+                   "reload_failures": snap["reload_failures"],
+                   "last_reload_error": snap["last_reload_error"]},
+        "build": snap["build"],
+    }
+    doc.update(health_problem(items, health, snap["provider_stats"]))
+    return doc
+
+
+def detailed_health_document(snap):
+    """/health/detailed: components and the effective configuration, no secrets."""
+    config = snap["config"]
+    items = provider_items(config, snap["provider_stats"], snap["now"])
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in ("api_key", "providers", "routes")}
+    settings["api_key_configured"] = bool(config.api_key)
+    settings["routes"] = [dataclasses.asdict(r) for r in config.routes]
+    return {
+        "status": "pass" if snap["ready"] else "fail",
+        "version": __version__, "serviceId": "ccproxy", "timestamp": iso_time(snap["now"]),
+        "components": {
+            "server": {"status": "pass" if snap["ready"] else "fail",
+                       "draining": snap["draining"], "in_flight": snap["in_flight"]},
+            "config": {"status": "pass" if not snap["last_reload_error"] else "warn",
+                       "fingerprint": config.fingerprint,
+                       "reload_failures": snap["reload_failures"]},
+            "providers": items,
+        },
+        "config": settings,
+    }
+
+
+def models_document(config):
+    """GET /v1/models on routes that are not Anthropic: the names clients may ask for."""
+    names = []
+    for p in config.providers:
+        names.extend(n for n in (p.model, p.big_model, p.small_model) if n)
+    names.extend(r.model for r in config.routes if r.model)
+    names.extend(r.match for r in config.routes if not any(c in r.match for c in "*?["))
+    names = [n for i, n in enumerate(names) if n and n != "default" and n not in names[:i]]
+    data = [{"type": "model", "id": n, "display_name": n,
+             "created_at": "1970-01-01T00:00:00Z"} for n in names]
+    return {"data": data, "has_more": False,
+            "first_id": names[0] if names else None, "last_id": names[-1] if names else None}
+
+
+def read_git_build(repo_dir):
+    """(commit, date) of a checkout, read from .git without running git."""
+    git = os.path.join(repo_dir, ".git")
+    try:
+        head = _read_text(os.path.join(git, "HEAD"))
+        commit = head
+        if head.startswith("ref: "):
+            ref = head[5:]
+            commit = _read_text(os.path.join(git, ref)) if os.path.exists(
+                os.path.join(git, ref)) else _packed_ref(git, ref)
+    except OSError:
+        return "unknown", "unknown"
+    if not re.match(r"^[0-9a-f]{40}$", commit or ""):
+        return "unknown", "unknown"
+    return commit[:12], _commit_date(git, commit)
+
+
+def _read_text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def _packed_ref(git, ref):
+    for line in _read_text(os.path.join(git, "packed-refs")).splitlines():
+        if line.endswith(" " + ref):
+            return line.split()[0]
+    return ""
+
+
+def _commit_date(git, commit):
+    """The committer date of a loose commit object; "unknown" when packed."""
+    try:
+        with open(os.path.join(git, "objects", commit[:2], commit[2:]), "rb") as f:
+            raw = zlib.decompress(f.read())
+    except (OSError, zlib.error):
+        return "unknown"
+    match = re.search(rb"\ncommitter .* (\d+) [+-]\d{4}\n", raw)
+    return iso_time(int(match.group(1))) if match else "unknown"
+
+
+def build_info():
+    """{"version", "commit", "date"}: stamped, else from .git beside this file."""
+    commit, date = BUILD_COMMIT, BUILD_DATE
+    if not commit:
+        commit, date = read_git_build(os.path.dirname(os.path.abspath(__file__)))
+    return {"version": __version__, "commit": commit or "unknown", "date": date or "unknown"}
+
+
+def escape_log(text):
+    """Control characters escaped, as http.server does for its own log."""
+    return str(text).translate(_CONTROL_CHARS)
+
+
+def access_record(fields):
+    """One access-log line in text form (product.md §7)."""
+    order = ("request_id", "client", "method", "path", "status", "route", "provider",
+             "upstream_status", "attempts", "latency_ms", "ttfb_ms", "input_tokens",
+             "output_tokens")
+    head = "%s %s %s %s %s" % tuple(escape_log(fields.get(k, "-")) for k in order[:5])
+    tail = " ".join("%s=%s" % (k, escape_log(fields[k])) for k in order[5:]
+                    if fields.get(k) not in (None, ""))
+    return (head + " " + tail).strip()
+
+
+# ---- Registries ----------------------------------------------------------------
+
+class ProviderStats:
+    """Per-provider outcome of real traffic, behind one lock (issue: live health)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._stats = {}
+
+    def record(self, name, status, latency, headers=None):
+        """Record one upstream attempt: an HTTP status, or "connect"/"timeout"/"reset"."""
+        now = time.time()
+        with self._lock:
+            s = self._stats.setdefault(name, {"requests": 0, "errors": 0})
+            s["requests"] += 1
+            s["last_check"] = now
+            s["response_time_ms"] = int(latency * 1000)
+            s["status"] = self._status_word(status)
+            if s["status"] != "connected":
+                s["errors"] += 1
+            if status == 429:
+                wait = retry_after_seconds(headers or {}) or "30"
+                s["rate_limited_until"] = now + int(wait)
+            remaining = (headers or {}).get("anthropic-ratelimit-requests-remaining") or (
+                headers or {}).get("x-ratelimit-remaining-requests")
+            if remaining and remaining.isdigit():
+                s["rate_limit_remaining"] = int(remaining)
+
+    @staticmethod
+    def _status_word(status):
+        if status == 429:
+            return "rate_limited"
+        if status in (401, 403):
+            return "auth_failed"
+        if isinstance(status, str) or status >= 500:
+            return "disconnected"
+        return "connected"
+
+    def snapshot(self):
+        with self._lock:
+            return {k: dict(v) for k, v in self._stats.items()}
+
+
+# ---- Upstream client -----------------------------------------------------------
+
+class ConnectionPool:
+    """Idle keep-alive connections per (scheme, host, tunnel), shared by all threads."""
+
+    def __init__(self, max_idle=POOL_MAX_IDLE, idle_seconds=POOL_IDLE_SECONDS):
+        self._lock = threading.Lock()
+        self._idle = {}
+        self.max_idle, self.idle_seconds = max_idle, idle_seconds
+        self.opened = 0                      # connections created (tests, benchmarks)
+        self.closed = False
+
+    def get(self, key):
+        """An idle connection still usable for `key`, or None."""
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                conn, since = idle.pop()
+            if time.monotonic() - since < self.idle_seconds and _still_open(conn):
+                return conn
+            conn.close()
+
+    def put(self, key, conn):
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if not self.closed and len(idle) < self.max_idle:
+                idle.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    def close(self):
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c, _ in idle]
+            self._idle.clear()
+            self.closed = True      # a connection still in use closes when it comes back
+        for conn in conns:
+            conn.close()
+
+
+def _still_open(conn):
+    """An idle connection the server has not closed: readable now means EOF or junk."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+class KeepAliveHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """urllib handler that reuses connections (urllib's own sends Connection: close).
+
+    The response carries ._ccproxy_conn; UpstreamClient.release() puts the connection
+    back once the body was read to the end, discard() closes it.
+    """
+
+    def __init__(self, pool, context, connect_timeout, read_timeout):
+        urllib.request.HTTPHandler.__init__(self)
+        urllib.request.HTTPSHandler.__init__(self, context=context)
+        self.pool, self.context = pool, context
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+
+    def http_open(self, req):
+        return self._open(http.client.HTTPConnection, req, {})
+
+    def https_open(self, req):
+        return self._open(http.client.HTTPSConnection, req, {"context": self.context})
+
+    def _open(self, conn_class, req, extra):
+        key = (req.type, req.host, req._tunnel_host)
+        headers = dict(req.unredirected_hdrs)
+        headers.update((k, v) for k, v in req.headers.items() if k not in headers)
+        conn = self.pool.get(key)
+        if conn is not None:
+            try:
+                return self._exchange(conn, key, req, headers)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()    # a stale keep-alive connection: the server never saw it
+        return self._exchange(self._connect(conn_class, req, headers, extra), key, req,
+                              headers)
+
+    def _connect(self, conn_class, req, headers, extra):
+        conn = conn_class(req.host, timeout=self.connect_timeout, **extra)
+        if req._tunnel_host:
+            tunnel = {}
+            if "Proxy-Authorization" in headers:
+                tunnel["Proxy-Authorization"] = headers.pop("Proxy-Authorization")
+            conn.set_tunnel(req._tunnel_host, headers=tunnel)
+        try:
+            conn.connect()
+        except socket.timeout as exc:
+            conn.close()
+            raise UpstreamError("timeout", redact_url(req.full_url), "connect timed out") from exc
+        except OSError as exc:
+            conn.close()
+            raise UpstreamError("connect", redact_url(req.full_url),
+                                _os_error_text(exc)) from exc
+        self.pool.opened += 1
+        return conn
+
+    def _exchange(self, conn, key, req, headers):
+        conn.sock.settimeout(self.read_timeout)
+        try:
+            conn.request(req.get_method(), req.selector, req.data, headers)
+            resp = conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            raise
+        except socket.timeout as exc:
+            conn.close()
+            raise UpstreamError("timeout", redact_url(req.full_url),
+                                "no response within %gs" % self.read_timeout) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise UpstreamError("reset", redact_url(req.full_url),
+                                _os_error_text(exc)) from exc
+        resp._ccproxy_conn, resp._ccproxy_pool_key = conn, key
+        resp.msg = resp.reason        # what urllib's own do_open does
+        return resp
+
+
+def _os_error_text(exc):
+    """A short reason for a socket error, without the traceback noise."""
+    reason = getattr(exc, "reason", None) or exc.strerror if isinstance(exc, OSError) else None
+    return str(reason or exc or type(exc).__name__)
+
+
+class _NoRaise(urllib.request.HTTPErrorProcessor):
+    """Hand every status back to the caller: errors are relayed, not raised."""
+
+    def http_response(self, request, response):
+        return response
+
+    https_response = http_response
+
+
+class UpstreamClient:
+    """One urllib opener per provider (its own TLS context and timeouts), one pool."""
+
+    def __init__(self, provider, pool):
+        context = ssl.create_default_context(cafile=provider.ca_bundle or None)
+        self.pool = pool
+        self.opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler(),      # HTTPS_PROXY / NO_PROXY as urllib does
+            KeepAliveHandler(pool, context, provider.connect_timeout, provider.read_timeout),
+            _NoRaise())
+
+    def open(self, method, url, body, headers):
+        """Send one request; return the response once its head has arrived."""
+        req = urllib.request.Request(url, data=body, method=method)
+        for name, value in headers:
+            req.add_header(name, value)
+        try:
+            return self.opener.open(req)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+            raise UpstreamError("reset", redact_url(url), _os_error_text(exc)) from exc
+        except urllib.error.URLError as exc:     # proxy errors and the like
+            raise UpstreamError("connect", redact_url(url), str(exc.reason)) from exc
+
+    def release(self, resp):
+        """Return a fully read response's connection to the pool, else close it."""
+        conn = resp._ccproxy_conn
+        if resp.isclosed() and not resp.will_close and conn.sock is not None:
+            self.pool.put(resp._ccproxy_pool_key, conn)
+        else:
+            self.discard(resp)
+
+    @staticmethod
+    def discard(resp):
+        """Close the upstream socket now: a client that left must not keep a generation
+        running (and burning tokens) upstream."""
+        resp.close()
+        resp._ccproxy_conn.close()
+
+
+class Upstreams:
+    """The clients for the current config; rebuilt for providers that changed."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._clients = {}
+
+    def client(self, provider):
+        with self._lock:
+            entry = self._clients.get(provider.name)
+            if entry is None or entry[0] != provider:
+                if entry is not None:
+                    entry[1].pool.close()
+                entry = (provider, UpstreamClient(provider, ConnectionPool()))
+                self._clients[provider.name] = entry
+            return entry[1]
+
+    def connections_opened(self):
+        with self._lock:
+            return sum(c.pool.opened for _, c in self._clients.values())
+
+    def close(self):
+        with self._lock:
+            for _, client in self._clients.values():
+                client.pool.close()
+
+
+class Service:
+    """The running daemon's state: the current config, counters, readiness, upstreams.
+
+    Handlers read `config` once per request; reload swaps the reference (never mutates).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.started = self.loaded_at = time.time()
+        self.port = config.port
+        self.reloads = self.reload_failures = 0
+        self.last_reload_error = None
+        self.ready = self.draining = False
+        self.heartbeat = time.monotonic()
+        self.stats = ProviderStats()
+        self.upstreams = Upstreams()
+        self.build = build_info()
+        self.api_key_digest = key_digest(config.api_key)
+        self._idle = threading.Condition()
+        self.in_flight = self.requests_served = 0
+
+    def begin_request(self):
+        with self._idle:
+            self.in_flight += 1
+
+    def end_request(self):
+        with self._idle:
+            self.in_flight -= 1
+            self.requests_served += 1
+            if self.in_flight == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout):
+        """Wait until no request is in flight; return how many are still running."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self.in_flight and time.monotonic() < deadline:
+                self._idle.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            return self.in_flight
+
+    def apply(self, config):
+        """Swap in a new config; return the names of settings that need a restart."""
+        old = self.config
+        fixed = ("host", "port", "pid_file", "status_host", "status_port")
+        changed = [f for f in fixed if getattr(old, f) != getattr(config, f)]
+        keep = {f: getattr(old, f) for f in fixed}
+        self.config = dataclasses.replace(config, **keep)
+        self.api_key_digest = key_digest(config.api_key)
+        self.loaded_at = time.time()
+        self.reloads += 1
+        self.last_reload_error = None
+        return changed
+
+    def alive(self):
+        """Liveness: the serve loop has polled recently."""
+        return time.monotonic() - self.heartbeat < HEARTBEAT_STALE
+
+    def snapshot(self):
+        """Everything status_document() needs, read once."""
+        return {
+            "config": self.config, "now": time.time(), "started": self.started,
+            "pid": os.getpid(), "port": self.port, "draining": self.draining,
+            "ready": self.ready and not self.draining,
+            "requests_served": self.requests_served, "in_flight": self.in_flight,
+            "provider_stats": self.stats.snapshot(), "loaded_at": self.loaded_at,
+            "reloads": self.reloads, "reload_failures": self.reload_failures,
+            "last_reload_error": self.last_reload_error, "build": self.build,
+        }
+
+
+# ---- HTTP server and handler ---------------------------------------------------
+
+#: path -> (endpoint name, methods, auth).  auth: "none", "local" (loopback peer or the
+#: client key), "client" (the client key when one is configured).
+LOCAL_ENDPOINTS = {
+    "/health": ("health", ("GET",), "none"),
+    "/health/ready": ("ready", ("GET",), "none"),
+    "/status/ready": ("ready", ("GET",), "none"),
+    "/health/detailed": ("detailed", ("GET",), "local"),
+    "/status": ("status", ("GET",), "local"),
+    "/": ("hello", ("GET",), "none"),
+    "/api/hello": ("hello", ("GET",), "none"),
+}
+#: Path suffix -> endpoint, so that a base URL with a path prefix works.
+API_ENDPOINTS = (
+    ("/v1/messages/count_tokens", ("count_tokens", ("POST",), "client")),
+    ("/v1/messages", ("messages", ("POST",), "client")),
+    ("/v1/models", ("models", ("GET",), "client")),
+)
+
+
+def resolve_endpoint(path, status_only=False):
+    """(name, methods, auth) for a request path without its query, or None."""
+    if path in LOCAL_ENDPOINTS:
+        return LOCAL_ENDPOINTS[path]
+    if status_only:
+        return None
+    return next((e for suffix, e in API_ENDPOINTS if path.endswith(suffix)), None)
+
+
+def body_length(headers, limit):
+    """The request body length from its headers; HTTPError for framing we refuse."""
+    te, cl = headers.get("transfer-encoding"), headers.get_all("content-length") or []
+    if te and cl:
+        # RFC 9112 §6.1: both together is a request-smuggling vector; reject and close.
+        raise HTTPError(400, "invalid_request_error",
+                        "Content-Length with Transfer-Encoding is not allowed", close=True)
+    if te:
+        raise HTTPError(411, "invalid_request_error",
+                        "a request body needs Content-Length (chunked bodies are not "
+                        "accepted)", close=True)
+    if len(set(v.strip() for v in cl)) > 1 or any(not v.strip().isdigit() for v in cl):
+        raise HTTPError(400, "invalid_request_error", "invalid Content-Length", close=True)
+    length = int(cl[0]) if cl else 0
+    if length > limit:
+        raise HTTPError(413, "request_too_large", "request body of %d bytes exceeds the "
+                        "limit of %d bytes (max_body_bytes)" % (length, limit),
+                        (("x-should-retry", "false"),), close=True)
+    return length
+
+
+def parse_json_object(raw):
+    """A request body as a JSON object; HTTPError 400 with a clear message otherwise."""
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise HTTPError(400, "invalid_request_error", "request body is nested too deeply")
+    except ValueError as exc:
+        raise HTTPError(400, "invalid_request_error", "request body is not valid JSON: %s"
+                        % str(exc)[:200])
+    if not isinstance(doc, dict):
+        raise HTTPError(400, "invalid_request_error", "request body must be a JSON object")
+    return doc
+
+
+class SSEModelRenamer:
+    """Rewrites message.model in the first message_start frame of a relayed stream, then
+    passes every later byte through untouched."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self, model):
+        self.model, self.pending, self.done = model, b"", False
+
+    def feed(self, data):
+        if self.done:
+            return data
+        self.pending += data
+        end = self.pending.find(b"\n\n")
+        if end < 0 and len(self.pending) < self.LIMIT:
+            return b""
+        self.done = True
+        if end < 0:
+            return self.pending
+        head, rest = self.pending[:end], self.pending[end:]
+        return rewrite_message_start(head, self.model) + rest
+
+    def flush(self):
+        out, self.pending, self.done = (b"" if self.done else self.pending), b"", True
+        return out
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with a real backlog, no DNS at bind, and a heartbeat."""
+
+    request_queue_size = LISTEN_BACKLOG      # must be a class attribute: read in __init__
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, handler, service):
+        self.service = service
+        self.address_family = _address_family(address[0])
+        super().__init__(address, handler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind calls socket.getfqdn(), a DNS lookup that stalls start-up
+        # for seconds on hosts without a resolver; we never need the name.
+        http.server.socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def service_actions(self):
+        self.service.heartbeat = time.monotonic()
+
+    def handle_error(self, request, client_address):
+        log.exception("unhandled error serving %s", client_address)
+
+
+def _address_family(host):
+    try:
+        return socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, IndexError):
+        return socket.AF_INET
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One client connection.  Methods read the request, call a pure function, write.
+
+    Every failure goes through _send_error as an Anthropic-shaped JSON error; no
+    exception reaches the socket.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "ccproxy/" + __version__
+    status_only = False          # the optional status listener serves /status* only
+
+    def setup(self):
+        self.timeout = self.server.service.config.idle_timeout
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass                 # not TCP (tests use socketpairs)
+
+    def handle_one_request(self):
+        self.request_id, self.t0, self.sent = new_request_id(), time.monotonic(), False
+        self.fields, self.body_read = {}, False
+        try:
+            super().handle_one_request()
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True      # the client left; nothing to answer
+
+    # -- dispatch -------------------------------------------------------------
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_POST = do_HEAD = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_GET
+
+    def _dispatch(self):
+        service = self.server.service
+        service.begin_request()
+        try:
+            self._route()
+        except HTTPError as exc:
+            self._send_error(exc.status, exc.etype, exc.message, exc.headers, exc.close)
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+        except Exception:
+            log.exception("%s internal error on %s %s", self.request_id, self.command,
+                          escape_log(self.path.partition("?")[0]))
+            if self.sent:
+                self.close_connection = True
+            else:
+                self._send_error(500, "api_error", "internal error in ccproxy (request id "
+                                 "%s)" % self.request_id, close=True)
+        finally:
+            service.end_request()
+            self._log_access()
+
+    def _route(self):
+        path, _, query = self.path.partition("?")
+        endpoint = self._precheck(path)
+        if self.command == "OPTIONS":
+            return self._send(204, self._cors_preflight())
+        name = endpoint[0]
+        if name in ("messages", "count_tokens"):
+            return self._proxy(name, query)
+        getattr(self, "_ep_" + name)(query)
+
+    def _precheck(self, path):
+        """Everything decided before the body is read: endpoint, method, auth, size."""
+        endpoint = resolve_endpoint(path, self.status_only)
+        if endpoint is None:
+            raise HTTPError(404, "not_found_error", "no endpoint %s %s" % (
+                self.command, escape_log(path)[:200]))
+        name, methods, auth = endpoint
+        allowed = methods + ("HEAD",) if "GET" in methods else methods
+        if self.command == "OPTIONS" and self._cors_origin():
+            return endpoint
+        if self.command not in allowed:
+            raise HTTPError(405, "invalid_request_error", "method %s not allowed on %s"
+                            % (self.command, path), (("allow", ", ".join(allowed)),))
+        self._check_auth(auth)
+        if self.command == "POST":
+            self.length = body_length(self.headers, self.server.service.config.max_body_bytes)
+        return endpoint
+
+    def _check_auth(self, auth):
+        service = self.server.service
+        if auth == "none" or (auth == "local" and is_loopback_host(self.client_address[0])):
+            return
+        if auth == "client" and not service.config.api_key:
+            return
+        if service.config.api_key and key_matches(self.headers, service.api_key_digest):
+            return
+        raise HTTPError(401, "authentication_error", "invalid x-api-key"
+                        if service.config.api_key else "this endpoint answers loopback "
+                        "clients only (no api_key is configured)",
+                        (("x-should-retry", "false"),))
+
+    def handle_expect_100(self):
+        """Answer Expect: 100-continue with the final error instead of 100 when the
+        request will be refused anyway (a 413 or 401 before the client sends MBs)."""
+        try:
+            self._precheck(self.path.partition("?")[0])
+        except HTTPError:
+            return True           # no 100; _dispatch re-runs the check and answers
+        return super().handle_expect_100()
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (400, 414, 431, 501) in Anthropic shape."""
+        etype = {413: "request_too_large", 404: "not_found_error"}.get(
+            code, "invalid_request_error")
+        self.fields.setdefault("method", escape_log(self.command or "-"))
+        self._send_error(code, etype, message or http.client.responses.get(code, "error"),
+                         close=True)
+        self._log_access()
+
+    # -- reading and writing ---------------------------------------------------
+
+    def _read_body(self):
+        """Exactly Content-Length bytes (checked against the limit in _precheck)."""
+        data = self.rfile.read(self.length) if self.length else b""
+        if len(data) != self.length:
+            raise ConnectionResetError("client sent %d of %d body bytes"
+                                       % (len(data), self.length))
+        self.body_read = True
+        return data
+
+    def _head(self, status, headers, extra=()):
+        """The status line and headers as bytes, with our own request-id and framing."""
+        lines = ["HTTP/1.1 %d %s" % (status, http.client.responses.get(status, "Unknown")),
+                 "Server: " + self.server_version, "Date: " + _http_date(),
+                 "request-id: " + self.request_id]
+        for name, value in list(headers) + list(extra) + self._cors_headers():
+            if header_value_ok(name) and header_value_ok(str(value)):
+                lines.append("%s: %s" % (name, value))
+        if self._closing():
+            lines.append("Connection: close")
+        self.fields["status"] = status
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+
+    def _closing(self):
+        if self.server.service.draining or (self.command == "POST" and not self.body_read):
+            self.close_connection = True      # Envoy's "discourage" while draining
+        return self.close_connection
+
+    def _write(self, data):
+        self.sent = True
+        self.wfile.write(data)
+
+    def _send(self, status, headers=(), body=b"", close=False):
+        """A complete response in one write (head and body together: no Nagle stall)."""
+        if close:
+            self.close_connection = True
+        if not any(n.lower() == "content-type" for n, _ in headers) and body:
+            headers = list(headers) + [("Content-Type", "application/json")]
+        head = self._head(status, headers, (("Content-Length", str(len(body))),))
+        self._write(head if self.command == "HEAD" else head + body)
+
+    def _send_json(self, status, doc, headers=()):
+        body = json.dumps(doc, indent=None).encode()
+        self._send(status, list(headers) + [("Content-Type", "application/json"),
+                                            ("Cache-Control", "no-store")], body)
+
+    def _send_error(self, status, etype, message, headers=(), close=False):
+        if self.sent:
+            self.close_connection = True
+            return
+        self.fields["error"] = etype
+        body = error_body(etype, message, self.request_id)
+        self._send(status, list(headers) + [("Content-Type", "application/json")], body,
+                   close)
+
+    def _log_access(self):
+        if not hasattr(self, "t0"):
+            return
+        f = self.fields
+        f.update(request_id=self.request_id, client=self.client_address[0],
+                 method=f.get("method") or self.command or "-",
+                 path=(getattr(self, "path", "") or "-").partition("?")[0][:300],
+                 latency_ms=int((time.monotonic() - self.t0) * 1000))
+        f.setdefault("status", "-")
+        log.info(access_record(f), extra={"access": dict(f)})
+        del self.t0
+
+    def log_message(self, format, *args):
+        log.debug("%s %s", self.client_address[0], escape_log(format % args))
+
+    # -- CORS -------------------------------------------------------------------
+
+    def _cors_origin(self):
+        headers = getattr(self, "headers", None)     # unset when the request line failed
+        origin = headers.get("origin") if headers else None
+        return origin if origin and origin in self.server.service.config.cors_origins else ""
+
+    def _cors_headers(self):
+        origin = self._cors_origin()
+        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")] if origin else []
+
+    def _cors_preflight(self):
+        return [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                ("Access-Control-Allow-Headers", self.headers.get(
+                    "access-control-request-headers") or "content-type, x-api-key"),
+                ("Access-Control-Max-Age", "600")]
+
+    # -- local endpoints --------------------------------------------------------
+
+    def _ep_health(self, query):
+        service = self.server.service
+        alive = service.alive()
+        self._send_json(200 if alive else 503, {
+            "status": "healthy" if alive else "unhealthy", "version": __version__,
+            "uptime_seconds": int(time.time() - service.started),
+            "timestamp": iso_time(time.time())})
+
+    def _ep_ready(self, query):
+        service = self.server.service
+        if service.ready and not service.draining:
+            return self._send_json(200, {"status": "ok"})
+        reason = "draining" if service.draining else "starting"
+        self._send_json(503, {"status": "error", "error": reason}, (("Retry-After", "1"),))
+
+    def _ep_status(self, query):
+        self._send_json(200, status_document(self.server.service.snapshot()))
+
+    def _ep_detailed(self, query):
+        snap = self.server.service.snapshot()
+        self._send_json(200 if snap["ready"] else 503, detailed_health_document(snap))
+
+    def _ep_hello(self, query):
+        self._send_json(200, {"service": "ccproxy", "version": __version__})
+
+    def _ep_models(self, query):
+        config = self.server.service.config
+        provider = config.providers[0]
+        if provider.type != "anthropic":
+            return self._send_json(200, models_document(config))
+        self._forward([(provider, "")], "models", query, "GET", None)
+
+    # -- the proxy --------------------------------------------------------------
+
+    def _proxy(self, endpoint, query):
+        raw = self._read_body()
+        body = parse_json_object(raw)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise HTTPError(400, "invalid_request_error", "model: a model name is required")
+        if endpoint == "messages" and not isinstance(body.get("messages"), list):
+            raise HTTPError(400, "invalid_request_error", "messages: a list is required")
+        self.fields["model"] = model
+        plan = plan_route(self.server.service.config, model)
+        bodies = [passthrough_body(raw, body, m) for _, m in plan]
+        self._forward(plan, endpoint, query, "POST", bodies, model)
+
+    def _forward(self, plan, endpoint, query, method, bodies, client_model=""):
+        """Try each (provider, model) in order until one answers; relay that answer.
+
+        A provider that fails before any byte reached the client (connection error, 5xx,
+        429, timeout) passes the request on; once bytes are sent there is no retry.
+        """
+        service = self.server.service
+        for attempt, (provider, model) in enumerate(plan, 1):
+            last = attempt == len(plan)
+            self.fields.update(provider=provider.name, attempts=attempt)
+            resp = self._attempt(provider, endpoint, query, method,
+                                 bodies[attempt - 1] if bodies else None, last)
+            if resp is None:
+                continue
+            client = service.upstreams.client(provider)
+            if resp.status >= 400 and not self._relay_error(client, provider, resp, last):
+                continue
+            if resp.status < 400:
+                rename = client_model if model and model != client_model else ""
+                self._relay(client, resp, rename)
+            return
+
+    def _attempt(self, provider, endpoint, query, method, body, last):
+        """Open one upstream call; None when it failed and the next one should be tried."""
+        service = self.server.service
+        client = service.upstreams.client(provider)
+        url = anthropic_url(provider, endpoint, query)
+        started = time.monotonic()
+        try:
+            resp = client.open(method, url, body,
+                               passthrough_headers(self.headers, provider, service.config))
+        except UpstreamError as exc:
+            service.stats.record(provider.name, exc.kind, time.monotonic() - started)
+            log.warning("%s attempt provider=%s failed: %s", self.request_id, provider.name,
+                        exc)
+            self.fields["upstream_status"] = exc.kind
+            if last:
+                status, etype, message, headers = failure_reply(exc, provider.name)
+                raise HTTPError(status, etype, message, headers) from exc
+            return None
+        latency = time.monotonic() - started
+        service.stats.record(provider.name, resp.status, latency, resp.headers)
+        self.fields.update(upstream_status=resp.status, ttfb_ms=int(
+            (time.monotonic() - self.t0) * 1000))
+        return resp
+
+    def _relay_error(self, client, provider, resp, last):
+        """Relay an upstream error, or return False to let the next provider try."""
+        try:
+            body = resp.read(1 << 20)
+        except (OSError, http.client.HTTPException):
+            body = b""
+        client.release(resp) if resp.isclosed() else client.discard(resp)
+        if fallback_worthy(resp.status) and not last:
+            log.warning("%s attempt provider=%s status=%d, trying the next provider",
+                        self.request_id, provider.name, resp.status)
+            return False
+        status, headers, out = map_upstream_error(resp.status, resp.headers, body,
+                                                  provider.name, provider.type == "anthropic")
+        self._send(status, headers + [("Content-Type", "application/json")], out)
+        return True
+
+    def _relay(self, client, resp, rename):
+        """Relay a successful answer: a stream chunk by chunk, anything else whole."""
+        headers = filter_headers(resp.headers, RESPONSE_DROP | connection_tokens(resp.headers))
+        if "text/event-stream" in (resp.headers.get("content-type") or ""):
+            return self._relay_stream(client, resp, headers, rename)
+        try:
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            client.discard(resp)
+            raise HTTPError(500, "api_error", "upstream response cut short: %s"
+                            % _os_error_text(exc)) from exc
+        client.release(resp)
+        if rename:
+            data = rewrite_model_json(data, rename)
+        self._send(resp.status, headers, data)
+
+    def _relay_stream(self, client, resp, headers, rename):
+        """Write each upstream chunk to the client the moment it is read (never buffer
+        a stream); a client that leaves closes the upstream socket at once."""
+        chunked = self.request_version == "HTTP/1.1"
+        if not chunked:
+            self.close_connection = True      # HTTP/1.0: the body ends with the connection
+        framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
+        renamer = SSEModelRenamer(rename) if rename else None
+        self._write(self._head(resp.status, headers, (framing,)))
+        done = False
+        try:
+            done = self._pump(resp, renamer, chunked)
+        finally:
+            client.release(resp) if done else client.discard(resp)
+
+    def _pump(self, resp, renamer, chunked):
+        """The relay loop; True when the upstream body ended cleanly."""
+        frame = _chunk if chunked else bytes
+        while True:
+            try:
+                data = resp.read1(RELAY_CHUNK)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                self._stream_failed(exc, frame)
+                break
+            if not data:
+                tail = renamer.flush() if renamer else b""
+                self._write((frame(tail) if tail else b"") + (b"0\r\n\r\n" if chunked else b""))
+                return True
+            if renamer:
+                data = renamer.feed(data)
+            if data:
+                self._write(frame(data))
+        if chunked:
+            self._write(b"0\r\n\r\n")
+        return False
+
+    def _stream_failed(self, exc, frame):
+        """Upstream died mid-stream: end the body with an SSE error event so the client
+        retries (translation.md §3.5) rather than waiting on a half-open stream."""
+        kind = "timeout" if isinstance(exc, socket.timeout) else "reset"
+        self.fields["upstream_status"] = "stream_" + kind
+        log.warning("%s upstream stream failed: %s", self.request_id, _os_error_text(exc))
+        event = {"type": "error", "error": {"type": "api_error", "message":
+                 "upstream stream %s: %s" % ("timed out" if kind == "timeout" else "broken",
+                                            _os_error_text(exc))}}
+        self._write(frame(b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"))
+
+
+def _chunk(data):
+    """One HTTP/1.1 chunk (RFC 9112 §7.1), in one buffer so it goes out in one send."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+_DATE_CACHE = [0, ""]
+
+
+def _http_date():
+    """The Date header value, formatted at most once a second."""
+    now = int(time.time())
+    if _DATE_CACHE[0] != now:
+        _DATE_CACHE[:] = [now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))]
+    return _DATE_CACHE[1]
+
+
+class StatusHandler(Handler):
+    """The optional second listener: /status*, /health* only (APISIX status server)."""
+    status_only = True
+
+
+# ---- Lifecycle -----------------------------------------------------------------
+
+class AlreadyRunning(CcproxyError):
+    """The PID file is locked by a live ccproxy."""
+
+    def __init__(self, pid):
+        super().__init__("ccproxy is already running (pid %s)" % (pid or "?"))
+        self.pid = pid
+
+
+class PidFile:
+    """A PID file locked with flock() for the daemon's whole life (reliability.md §1).
+
+    flock, never lockf: a POSIX lock vanishes when the process closes *any* descriptor
+    of the file, for instance after re-reading its own PID file.  No O_TRUNC at open:
+    it would wipe a live daemon's PID before we know we own the lock.
+    """
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+
+    def acquire(self):
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise PidFileError("pid file %s: %s" % (self.path, exc.strerror)) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise AlreadyRunning(read_pid(self.path)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self):
+        """Unlink only our own file (its content is our PID), then drop the lock."""
+        if self.fd is None:
+            return
+        if read_pid(self.path) == os.getpid():
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def read_pid(path):
+    """The PID in a PID file, or None when absent or not a number."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(32).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def probe_pid_file(path):
+    """("running", pid), ("stale", pid) or ("absent", None), decided by the lock alone:
+    a recycled PID can never make a dead daemon look alive."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "absent", None
+    except OSError:
+        return "unknown", None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return "running", _pid_of_locked(path)
+    finally:
+        os.close(fd)
+    return "stale", read_pid(path)
+
+
+def _pid_of_locked(path, wait=1.0):
+    """A locked file's PID; a daemon that just locked it may not have written it yet."""
+    deadline = time.monotonic() + wait
+    pid = read_pid(path)
+    while pid is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        pid = read_pid(path)
+    return pid
+
+
+def sd_notify(message, environ=None):
+    """Send one datagram to $NOTIFY_SOCKET (sd_notify(3)); a no-op without it.
+
+    '@' starts an abstract socket name; vsock: addresses are not supported.
+    """
+    environ = os.environ if environ is None else environ
+    address = environ.get("NOTIFY_SOCKET", "")
+    if not address or address[0] not in "/@":
+        return False
+    if address[0] == "@":
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError:
+        return False
+
+
+def watchdog_interval(environ):
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None."""
+    usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (CCPROXY_LOG_FORMAT=json)."""
+
+    def format(self, record):
+        doc = {"time": iso_time(record.created), "level": record.levelname.lower()}
+        access = getattr(record, "access", None)
+        if access:
+            doc.update(access)
+        else:
+            doc["message"] = record.getMessage()
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(config, log_file=None):
+    """The ccproxy logger: to `log_file` (reopened after logrotate) or stderr."""
+    handler = (logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+               if log_file else logging.StreamHandler(sys.stderr))
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                      "%Y-%m-%dT%H:%M:%SZ")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    for old in list(log.handlers):
+        log.removeHandler(old)
+        old.close()
+    log.addHandler(handler)
+    log.setLevel(config.log_level.upper())
+    log.propagate = False
+
+
+class Daemon:
+    """Serve a Config until told to stop: the one serve path of `run` and `start`."""
+
+    def __init__(self, config, reloader, pid_path, environ=None):
+        self.config, self.reloader, self.pid_path = config, reloader, pid_path
+        self.environ = os.environ if environ is None else environ
+        self.signals, self.wake = [], threading.Event()
+        self.service = Service(config)
+        self.servers, self.threads = [], []
+        self.pidfile = PidFile(pid_path) if pid_path else None
+
+    def open(self):
+        """Lock the PID file and bind every listener; errors say what and where."""
+        if self.pidfile:
+            self.pidfile.acquire()
+        try:
+            for host, port, handler in self._listeners():
+                self.servers.append(_bind(host, port, handler, self.service))
+        except CcproxyError:
+            self.close()
+            raise
+        self.service.port = self.servers[0].server_address[1]
+
+    def _listeners(self):
+        c = self.config
+        yield c.host, c.port, Handler
+        if c.status_port:
+            yield c.status_host or DEFAULT_HOST, c.status_port, StatusHandler
+
+    def run(self, on_ready=None):
+        """Serve until SIGTERM/SIGINT; return the exit code."""
+        self._install_signals()
+        for server in self.servers:
+            thread = threading.Thread(target=server.serve_forever, args=(0.5,),
+                                      name="serve-%d" % server.server_address[1], daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        self.service.ready = True
+        # The sockets listen since bind: a connect succeeds from here on (daemon(7)).
+        sd_notify("READY=1\nSTATUS=serving on %s:%d\nMAINPID=%d"
+                  % (self.config.host, self.service.port, os.getpid()), self.environ)
+        log.info("ccproxy %s serving on http://%s:%d (pid %d, config %s)", __version__,
+                 self.config.host, self.service.port, os.getpid(),
+                 self.config.source or "built-in defaults")
+        if on_ready:
+            on_ready(self.service.port)
+        self._loop()
+        return self.drain()
+
+    def _install_signals(self):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        # Runs in the main thread between bytecodes: only queue and wake, except a
+        # second stop signal while draining, which exits at once.
+        if self.service.draining and signum != signal.SIGHUP:
+            log.warning("second signal: exiting now, %d request(s) abandoned",
+                        self.service.in_flight)
+            os._exit(1)
+        self.signals.append(signum)
+        self.wake.set()
+
+    def _loop(self):
+        interval = watchdog_interval(self.environ)
+        while True:
+            self.wake.wait(interval or 1.0)
+            self.wake.clear()
+            while self.signals:
+                signum = self.signals.pop(0)
+                if signum == signal.SIGHUP:
+                    self.reload()
+                else:
+                    log.info("%s: draining", signal.Signals(signum).name)
+                    return
+            if interval and self.service.alive():
+                sd_notify("WATCHDOG=1", self.environ)   # proof the serve loop runs
+
+    def reload(self):
+        """Validate the new config to the side; keep the old one if it is bad (nginx)."""
+        sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic() * 1e6), self.environ)
+        try:
+            config = self.reloader()
+        except CcproxyError as exc:
+            self.service.reload_failures += 1
+            self.service.last_reload_error = str(exc)
+            log.error("reload failed, keeping the running config: %s", exc)
+        else:
+            for name in self.service.apply(config):
+                log.warning("reload: %s changed; it takes effect after a restart", name)
+            log.setLevel(config.log_level.upper())
+            log.info("reloaded config %s", self.service.config.fingerprint)
+        sd_notify("READY=1\nSTATUS=serving", self.environ)
+
+    def drain(self):
+        """Stop accepting, let in-flight requests finish, release the PID file."""
+        service = self.service
+        service.draining = True
+        sd_notify("STOPPING=1\nSTATUS=draining", self.environ)
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()        # new connections are refused from here on
+        abandoned = service.wait_idle(service.config.drain_timeout)
+        if abandoned:
+            log.warning("drain timeout (%gs): %d request(s) abandoned",
+                        service.config.drain_timeout, abandoned)
+        log.info("stopped (served %d requests)", service.requests_served)
+        self.close()
+        return 0
+
+    def close(self):
+        for server in self.servers:
+            server.server_close()
+        self.service.upstreams.close()
+        if self.pidfile:
+            self.pidfile.release()
+
+
+def _bind(host, port, handler, service):
+    """A bound, listening Server, or CcproxyError with the reason in plain words."""
+    try:
+        return Server((host, port), handler, service)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            reason = "port %d on %s is already in use" % (port, host)
+        elif exc.errno == errno.EACCES:
+            reason = ("permission denied binding %s:%d (ports below 1024 need root or "
+                      "CAP_NET_BIND_SERVICE)" % (host, port))
+        elif exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+            reason = "cannot bind %s:%d: no such local address" % (host, port)
+        else:
+            reason = "cannot bind %s:%d: %s" % (host, port, exc.strerror or exc)
+        raise CcproxyError(reason) from exc
+
+
+def default_pid_file(environ):
+    """systemd's RuntimeDirectory, /run/ccproxy for root, else the user's runtime dir."""
+    if environ.get("RUNTIME_DIRECTORY"):
+        return os.path.join(environ["RUNTIME_DIRECTORY"].split(":")[0], "ccproxy.pid")
+    if os.geteuid() == 0:
+        return "/run/ccproxy/ccproxy.pid"
+    if environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(environ["XDG_RUNTIME_DIR"], "ccproxy", "ccproxy.pid")
+    return os.path.join(_state_dir(environ), "ccproxy.pid")
+
+
+def default_log_file(environ):
+    """Where `start` logs when no log_file is set (`run` logs to stderr/journald)."""
+    if environ.get("LOGS_DIRECTORY"):
+        return os.path.join(environ["LOGS_DIRECTORY"].split(":")[0], "ccproxy.log")
+    if os.geteuid() == 0:
+        return "/var/log/ccproxy/ccproxy.log"
+    return os.path.join(_state_dir(environ), "ccproxy.log")
+
+
+def _state_dir(environ):
+    base = environ.get("XDG_STATE_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "ccproxy")
+
+
+# ---- Command line --------------------------------------------------------------
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+STATUS_RUNNING, STATUS_DEAD, STATUS_STOPPED, STATUS_UNKNOWN = 0, 1, 3, 4
+START_WAIT = 15.0
+
+
+def _parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="JSON config file (also CCPROXY_CONFIG)")
+    common.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    common.add_argument("--port", help="port to bind (default 3456)")
+    common.add_argument("--pid-file", dest="pid_file", help="PID file path")
+    common.add_argument("--log-file", dest="log_file", help="log file path")
+    common.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
+    common.add_argument("--allow-remote", dest="allow_remote", action="store_const",
+                        const=True, help="bind beyond loopback without CCPROXY_API_KEY")
+    parser = argparse.ArgumentParser(
+        prog="ccproxy.py", description="Proxy daemon for Claude Code and Anthropic "
+        "Messages API clients.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, text in (("run", "serve in the foreground (systemd)"),
+                       ("start", "start in the background"), ("restart", "stop, then start"),
+                       ("reload", "re-read the config without dropping connections")):
+        sub.add_parser(name, parents=[common], help=text)
+    stop = sub.add_parser("stop", parents=[common], help="stop, finishing running requests")
+    stop.add_argument("--force", action="store_true", help="SIGKILL after the timeout")
+    stop.add_argument("--timeout", type=float, help="seconds to wait (default drain + 10)")
+    status = sub.add_parser("status", parents=[common], help="is it running? (LSB codes)")
+    status.add_argument("--json", action="store_true", help="print the /status document")
+    sub.add_parser("version", help="print version and build")
+    return parser
+
+
+def _cli_options(args):
+    return {k: getattr(args, k, None) for k in
+            ("host", "port", "pid_file", "log_file", "log_level", "allow_remote")}
+
+
+def _load(args, environ):
+    return load_config(args.config, environ, _cli_options(args))
+
+
+def _pid_path(config, environ):
+    return config.pid_file or default_pid_file(environ)
+
+
+def cmd_run(args, environ, on_ready=None, log_file=None):
+    """Serve in the foreground until SIGTERM; used by `run` and by `start`'s daemon."""
+    config = _load(args, environ)
+    configure_logging(config, log_file or config.log_file or None)
+    daemon = Daemon(config, lambda: _load(args, environ), _pid_path(config, environ),
+                    environ)
+    daemon.open()
+    return daemon.run(on_ready)
+
+
+def cmd_start(args, environ):
+    """Daemonise (daemon(7)): exit 0 only once the port accepts, else 1 with the reason."""
+    config = _load(args, environ)
+    path = _pid_path(config, environ)
+    state, pid = probe_pid_file(path)
+    if state == "running":
+        print("ccproxy is already running (pid %s)" % pid)
+        return EXIT_OK
+    log_file = config.log_file or default_log_file(environ)
+    try:
+        os.makedirs(os.path.dirname(log_file), exist_ok=True)
+        open(log_file, "a").close()
+    except OSError as exc:
+        print("ccproxy: cannot write the log file %s: %s" % (log_file, exc.strerror),
+              file=sys.stderr)
+        return EXIT_FAIL
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read_end)
+        _daemon_child(args, environ, write_end, log_file)   # never returns
+    os.close(write_end)
+    os.waitpid(child, 0)
+    return _report_start(read_end, config, log_file)
+
+
+def _daemon_child(args, environ, write_end, log_file):
+    """The double-forked daemon: new session, stdio to /dev/null (stderr to the log)."""
+    code = EXIT_FAIL
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        _redirect_stdio(log_file)
+
+        def ready(port):
+            os.write(write_end, b"ready %d %d\n" % (os.getpid(), port))
+            os.close(write_end)
+        code = cmd_run(args, environ, on_ready=ready, log_file=log_file)
+    except BaseException as exc:      # any start-up failure goes back to `start`
+        message = str(exc) if isinstance(exc, CcproxyError) else repr(exc)
+        try:
+            os.write(write_end, b"error " + message.encode("utf-8", "replace") + b"\n")
+        except OSError:
+            pass
+        log.error("start-up failed: %s", message)
+    finally:
+        os._exit(code)
+
+
+def _redirect_stdio(log_file):
+    null = os.open(os.devnull, os.O_RDWR)
+    err = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(err, 2)
+    os.close(null)
+    os.close(err)
+
+
+def _report_start(read_end, config, log_file):
+    """Wait for the daemon's word on the pipe and say it in one line."""
+    deadline, data = time.monotonic() + START_WAIT, b""
+    while b"\n" not in data and time.monotonic() < deadline:
+        ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(read_end, 4096)
+        if not chunk:
+            break
+        data += chunk
+    os.close(read_end)
+    word, _, rest = data.decode("utf-8", "replace").strip().partition(" ")
+    if word == "ready":
+        pid, port = rest.split()
+        print("ccproxy started (pid %s) on http://%s:%s, log %s"
+              % (pid, config.host, port, log_file))
+        return EXIT_OK
+    if word == "error":
+        print("ccproxy: start failed: %s" % rest, file=sys.stderr)
+    else:
+        print("ccproxy: the daemon exited during start-up; see %s" % log_file,
+              file=sys.stderr)
+    return EXIT_FAIL
+
+
+def cmd_stop(args, environ):
+    """SIGTERM the lock holder and wait for the lock to go (never trust the PID alone)."""
+    config = _load(args, environ)
+    path = _pid_path(config, environ)
+    state, pid = probe_pid_file(path)
+    if state != "running" or not pid:
+        if state == "stale":
+            _unlink_quietly(path)
+        print("ccproxy is not running")
+        return EXIT_OK
+    timeout = args.timeout if args.timeout is not None else config.drain_timeout + 10
+    os.kill(pid, signal.SIGTERM)
+    if _wait_unlocked(path, timeout):
+        print("ccproxy stopped (pid %d)" % pid)
+        return EXIT_OK
+    if args.force:
+        os.kill(pid, signal.SIGKILL)
+        if _wait_unlocked(path, 5.0):
+            _unlink_quietly(path)
+            print("ccproxy killed (pid %d) after %gs" % (pid, timeout))
+            return EXIT_OK
+    print("ccproxy: pid %d still running after %gs (use --force to kill it)"
+          % (pid, timeout), file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _wait_unlocked(path, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if probe_pid_file(path)[0] != "running":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def fetch_status(config, timeout=2.0):
+    """GET /status from the running daemon over loopback, or None."""
+    host = config.host if is_loopback_host(config.host) else (
+        "::1" if ":" in config.host else "127.0.0.1")
+    conn = http.client.HTTPConnection(host, config.port, timeout=timeout)
+    headers = {"x-api-key": config.api_key} if config.api_key else {}
+    try:
+        conn.request("GET", "/status", headers=headers)
+        resp = conn.getresponse()
+        return json.loads(resp.read()) if resp.status == 200 else None
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def status_summary(doc, pid):
+    """A few lines for a terminal: state, pid, address, uptime, health, providers."""
+    if not doc:
+        return "ccproxy is running (pid %s); /status did not answer" % pid
+    lines = ["ccproxy %s is %s (pid %s) on http://%s:%s, up %s, health %s" % (
+        doc["version"], doc["status"], doc["pid"], doc["host"], doc["port"], doc["uptime"],
+        doc["health"])]
+    for item in doc["providers"]["items"]:
+        lines.append("  %-12s %-10s %-13s %s" % (item["name"], item["type"], item["status"],
+                                                item.get("base_url") or ""))
+    return "\n".join(lines)
+
+
+def cmd_status(args, environ):
+    """LSB status: 0 running, 1 dead with PID file, 3 not running, 4 unknown."""
+    config = _load(args, environ)
+    state, pid = probe_pid_file(_pid_path(config, environ))
+    code = {"running": STATUS_RUNNING, "stale": STATUS_DEAD,
+            "absent": STATUS_STOPPED}.get(state, STATUS_UNKNOWN)
+    doc = fetch_status(config) if state == "running" else None
+    if args.json:
+        print(json.dumps(doc or {"service": "ccproxy", "status": {
+            0: "running", 1: "dead", 3: "stopped"}.get(code, "unknown"), "pid": pid},
+            indent=2))
+    elif state == "running":
+        print(status_summary(doc, pid))
+    elif state == "stale":
+        print("ccproxy is not running, but its PID file %s is left (pid %s)"
+              % (_pid_path(config, environ), pid))
+    else:
+        print("ccproxy is not running")
+    return code
+
+
+def cmd_reload(args, environ):
+    """SIGHUP the daemon, then report whether the new config was taken."""
+    config = _load(args, environ)
+    state, pid = probe_pid_file(_pid_path(config, environ))
+    if state != "running" or not pid:
+        print("ccproxy is not running", file=sys.stderr)
+        return EXIT_FAIL
+    before = (fetch_status(config) or {}).get("config") or {}
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + 5.0
+    while before and time.monotonic() < deadline:
+        after = (fetch_status(config) or {}).get("config") or {}
+        if after.get("reload_failures", 0) > before.get("reload_failures", 0):
+            print("ccproxy: reload failed, still serving the old config: %s"
+                  % after.get("last_reload_error"), file=sys.stderr)
+            return EXIT_FAIL
+        if after.get("reloads", 0) > before.get("reloads", 0):
+            print("ccproxy reloaded (pid %d, config %s)" % (pid, after.get("fingerprint")))
+            return EXIT_OK
+        time.sleep(0.05)
+    print("ccproxy: sent SIGHUP to pid %d" % pid)
+    return EXIT_OK
+
+
+def cmd_restart(args, environ):
+    stop_args = argparse.Namespace(**vars(args), force=False, timeout=None)
+    if cmd_stop(stop_args, environ) != EXIT_OK:
+        return EXIT_FAIL
+    return cmd_start(args, environ)
+
+
+def cmd_version(args, environ):
+    info = build_info()
+    print("ccproxy %s (commit %s, built %s)" % (info["version"], info["commit"], info["date"]))
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
+            "reload": cmd_reload, "status": cmd_status, "version": cmd_version}
+
+
+def main(argv=None, environ=None):
+    """Parse the command line and run one command; return the exit code."""
+    args = _parser().parse_args(argv)
+    environ = os.environ if environ is None else environ
+    try:
+        return COMMANDS[args.command](args, environ)
+    except ConfigError as exc:
+        print("ccproxy: %s" % exc, file=sys.stderr)
+        return EXIT_USAGE
+    except AlreadyRunning as exc:
+        print("ccproxy: %s" % exc, file=sys.stderr)
+        return EXIT_FAIL
+    except CcproxyError as exc:
+        print("ccproxy: %s" % exc, file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

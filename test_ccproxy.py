@@ -1,0 +1,670 @@
+"""Tests for ccproxy.py, one TestCase class per section of the program.
+
+Run: `make test` (pytest) or, with nothing but the system python3, `python3 -m unittest
+test_ccproxy`.  Servers bind 127.0.0.1 port 0; every wait has a deadline; nothing leaves
+loopback.  Tests that read ../shared (captured Claude Code bodies) skip when it is absent.
+"""
+import contextlib
+import dataclasses
+import email.message
+import glob
+import http.client
+import http.server
+import io
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import zlib
+
+import ccproxy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "ccproxy.py")
+SAMPLES = os.path.join(HERE, "..", "shared", "claude-code-wire", "samples")
+TIMEOUT = 10.0          # every wait in this file is bounded by this (CPython's LOOPBACK_TIMEOUT)
+
+
+def headers_of(pairs):
+    """An email.message.Message, as http.server and http.client hand headers over."""
+    msg = email.message.Message()
+    for name, value in pairs:
+        msg[name] = value
+    return msg
+
+
+def free_port():
+    """A port that was free a moment ago (for subprocesses that must be told a port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=TIMEOUT, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met within %gs" % timeout)
+
+
+def config(**kw):
+    """A Config built the real way, then with test-only overrides (port 0)."""
+    cfg = ccproxy.build_config(kw.pop("data", {}), kw.pop("environ", {}), {})
+    return dataclasses.replace(cfg, **kw)
+
+
+def provider_cfg(name, url, **kw):
+    return ccproxy.ProviderConfig(name=name, type="anthropic", base_url=url, **kw)
+
+
+# ---- Fakes ---------------------------------------------------------------------
+
+class FakeUpstream:
+    """A loopback HTTP/1.1 server whose answers come from `behave(handler, body)`.
+
+    It records every request and counts accepted connections (for connection reuse).
+    """
+
+    def __init__(self, behave=None):
+        self.behave = behave or (lambda h, body: h.reply(200, MESSAGE_JSON))
+        self.requests, self.connections, self.closed = [], 0, threading.Event()
+        fake = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n)
+                fake.requests.append({"path": self.path, "headers": self.headers,
+                                      "body": body, "method": self.command})
+                fake.behave(self, body)
+
+            do_GET = do_POST
+
+            def reply(self, status, body, headers=()):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def start_stream(self, headers=()):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+
+            def chunk(self, data):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+            def finish(self):
+                super().finish()
+                fake.closed.set()
+
+        class S(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def get_request(self):
+                conn = super().get_request()
+                fake.connections += 1
+                return conn
+
+        self.server = S(("127.0.0.1", 0), H)
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(TIMEOUT)
+
+
+MESSAGE_JSON = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+                "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+                "usage": {"input_tokens": 5, "output_tokens": 1}}
+
+
+def sse(event, data):
+    return b"event: %s\ndata: %s\n\n" % (event.encode(), json.dumps(data).encode())
+
+
+STREAM = [
+    sse("message_start", {"type": "message_start", "message": dict(
+        MESSAGE_JSON, content=[], stop_reason=None, model="upstream-model")}),
+    sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                "content_block": {"type": "text", "text": ""}}),
+    sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                "delta": {"type": "text_delta", "text": "hi"}}),
+    sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                          "usage": {"output_tokens": 1}}),
+    sse("message_stop", {"type": "message_stop"}),
+]
+
+
+class Proxy:
+    """ccproxy's Server in-process on 127.0.0.1 port 0, for end-to-end tests."""
+
+    def __init__(self, cfg):
+        self.service = ccproxy.Service(cfg)
+        self.server = ccproxy.Server(("127.0.0.1", 0), ccproxy.Handler, self.service)
+        self.port = self.server.server_address[1]
+        self.service.port, self.service.ready = self.port, True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.service.upstreams.close()
+        self.thread.join(TIMEOUT)
+
+    def conn(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
+
+    def call(self, method, path, body=None, headers=None):
+        conn = self.conn()
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        conn.request(method, path, data, headers or {})
+        resp = conn.getresponse()
+        out = resp.read()
+        conn.close()
+        return resp, out
+
+
+BODY = {"model": "claude-sonnet-5-5", "max_tokens": 10, "stream": False,
+        "messages": [{"role": "user", "content": "hi"}]}
+
+
+# ---- Configuration -------------------------------------------------------------
+
+class TestConfig(unittest.TestCase):
+
+    def test_zero_config_is_a_loopback_anthropic_passthrough(self):
+        cfg = ccproxy.build_config({}, {}, {})
+        self.assertEqual((cfg.host, cfg.port), ("127.0.0.1", 3456))
+        self.assertEqual([(p.name, p.type, p.base_url, p.api_key) for p in cfg.providers],
+                         [("anthropic", "anthropic", "https://api.anthropic.com", "")])
+
+    def test_precedence_defaults_file_env_cli(self):
+        data = {"port": 4000, "log_level": "debug", "host": "127.0.0.2"}
+        env = {"CCPROXY_PORT": "5000", "CCPROXY_HOST": "127.0.0.3"}
+        cfg = ccproxy.build_config(data, env, {"port": "6000"})
+        self.assertEqual((cfg.port, cfg.host, cfg.log_level), (6000, "127.0.0.3", "debug"))
+        self.assertEqual(ccproxy.build_config(data, env, {}).port, 5000)
+        self.assertEqual(ccproxy.build_config(data, {}, {}).port, 4000)
+
+    def test_bad_values_name_the_key(self):
+        cases = [
+            ({"CCPROXY_PORT": "abc"}, {}, 'CCPROXY_PORT must be 1-65535, got "abc"'),
+            ({}, {"port": 70000}, "port must be 1-65535, got 70000"),
+            ({}, {"port": True}, "port must be 1-65535"),
+            ({"CCPROXY_METRICS": "maybe"}, {}, "CCPROXY_METRICS must be true or false"),
+            ({"CCPROXY_LOG_LEVEL": "loud"}, {}, "CCPROXY_LOG_LEVEL must be one of"),
+            ({"CCPROXY_LOG_FORMAT": "xml"}, {}, "CCPROXY_LOG_FORMAT must be text or json"),
+            ({"CCPROXY_DRAIN_TIMEOUT": "-1"}, {}, "CCPROXY_DRAIN_TIMEOUT must be a number"),
+            ({"CCPROXY_DRAIN_TIMEOUT": "nan"}, {}, "CCPROXY_DRAIN_TIMEOUT must be a number"),
+            ({"CCPROXY_MAX_BODY_BYTES": "1.5"}, {}, "CCPROXY_MAX_BODY_BYTES must be a whole"),
+            ({}, {"prot": 1}, "unknown key \"prot\""),
+            ({}, {"providers": {}}, "providers must be a list"),
+            ({}, {"providers": [{"type": "nope"}]}, "providers[0].type must be one of"),
+            ({}, {"providers": [{"type": "openai"}]}, "providers[0].type \"openai\" needs"),
+            ({}, {"providers": [{"base_url": "ftp://x"}]}, "providers[0].base_url must be"),
+            ({}, {"providers": [{"base_url": "https://u:p@x"}]}, "must not carry a user"),
+            ({}, {"providers": [{"name": "a b"}]}, "providers[0].name must be"),
+            ({}, {"providers": [{"colour": "red"}]}, "providers[0]: unknown key"),
+            ({}, {"providers": [{}, {}]}, "two providers are named \"anthropic\""),
+            ({}, {"routes": [{"match": "x", "provider": "nobody"}]},
+             "routes[0].provider must name a provider"),
+            ({}, {"routes": [{"provider": "anthropic"}]}, "routes[0].match must be"),
+            ({}, {"fallback": ["ghost"]}, "fallback must be a list of provider names"),
+            ({"CCPROXY_HOST": "0.0.0.0"}, {}, "host 0.0.0.0 is not a loopback address"),
+            ({"CCPROXY_HOST": "a b"}, {}, "CCPROXY_HOST must be a host name"),
+            ({}, [1], "the config file must hold a JSON object"),
+        ]
+        for env, data, expected in cases:
+            with self.subTest(expected=expected):
+                with self.assertRaises(ccproxy.ConfigError) as cm:
+                    ccproxy.build_config(data, env, {})
+                self.assertIn(expected, str(cm.exception))
+                self.assertTrue(str(cm.exception).startswith("config: "))
+
+    def test_remote_bind_needs_a_key_or_explicit_permission(self):
+        self.assertEqual(ccproxy.build_config(
+            {}, {"CCPROXY_HOST": "0.0.0.0", "CCPROXY_API_KEY": "k"}, {}).host, "0.0.0.0")
+        self.assertTrue(ccproxy.build_config({}, {"CCPROXY_HOST": "0.0.0.0"},
+                                             {"allow_remote": True}).allow_remote)
+        with self.assertRaises(ccproxy.ConfigError):
+            ccproxy.build_config({"status_host": "0.0.0.0", "status_port": 9000}, {}, {})
+
+    def test_secrets_never_appear_in_errors_or_repr(self):
+        with self.assertRaises(ccproxy.ConfigError) as cm:
+            ccproxy.build_config({"api_key": 12345678}, {}, {})
+        self.assertNotIn("12345678", str(cm.exception))
+        cfg = ccproxy.build_config({}, {"CCPROXY_API_KEY": "sekrit-1",
+                                        "CCPROXY_UPSTREAM_API_KEY": "sekrit-2"}, {})
+        self.assertNotIn("sekrit", repr(cfg))
+        self.assertNotIn("sekrit", cfg.fingerprint)
+
+    def test_provider_environment_and_usual_key_variables(self):
+        env = {"CCPROXY_BASE_URL": "http://127.0.0.1:9/", "CCPROXY_MODEL": "m",
+               "CCPROXY_BIG_MODEL": "big", "CCPROXY_SMALL_MODEL": "small",
+               "CCPROXY_UPSTREAM_API_KEY": "up"}
+        p = ccproxy.build_config({}, env, {}).providers[0]
+        self.assertEqual((p.base_url, p.model, p.big_model, p.small_model, p.api_key),
+                         ("http://127.0.0.1:9", "m", "big", "small", "up"))
+        data = {"providers": [{"name": "a", "api_key_env": "MY_KEY"}]}
+        self.assertEqual(ccproxy.build_config(data, {"MY_KEY": "v"}, {}).providers[0].api_key,
+                         "v")
+        # The anthropic type never picks up ANTHROPIC_API_KEY: that is the client's key.
+        self.assertEqual(ccproxy.build_config({}, {"ANTHROPIC_API_KEY": "c"}, {})
+                         .providers[0].api_key, "")
+
+    def test_routes_fallback_and_fingerprint(self):
+        data = {"providers": [{"name": "a", "base_url": "http://127.0.0.1:1"},
+                              {"name": "b", "base_url": "http://127.0.0.1:2",
+                               "read_timeout": 5}],
+                "routes": [{"match": "*HAIKU*", "provider": "b", "model": "tiny"}],
+                "fallback": ["a", "b"]}
+        cfg = ccproxy.build_config(data, {}, {})
+        self.assertEqual(cfg.routes[0], ccproxy.RouteConfig("*haiku*", "b", "tiny"))
+        self.assertEqual(cfg.provider("b").read_timeout, 5.0)
+        self.assertEqual(cfg.fallback, ("a", "b"))
+        self.assertTrue(cfg.fingerprint.startswith("sha256:"))
+        self.assertEqual(cfg.fingerprint, ccproxy.build_config(data, {}, {}).fingerprint)
+        self.assertNotEqual(cfg.fingerprint, ccproxy.build_config({}, {}, {}).fingerprint)
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            cfg.port = 1
+
+    def test_load_config_reads_a_file_and_reports_bad_json(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "c.json")
+            with open(path, "w") as f:
+                f.write('{"port": 4444}')
+            cfg = ccproxy.load_config(path, {}, {})
+            self.assertEqual((cfg.port, cfg.source), (4444, path))
+            self.assertEqual(ccproxy.load_config(None, {"CCPROXY_CONFIG": path}, {}).port, 4444)
+            with open(path, "w") as f:
+                f.write("{nope")
+            with self.assertRaisesRegex(ccproxy.ConfigError, "is not valid JSON"):
+                ccproxy.load_config(path, {}, {})
+            with self.assertRaisesRegex(ccproxy.ConfigError, "cannot read"):
+                ccproxy.load_config(path + ".missing", {}, {})
+
+
+# ---- Pure protocol functions ---------------------------------------------------
+
+class TestPureFunctions(unittest.TestCase):
+
+    def test_is_loopback_host(self):
+        for host, expected in [("127.0.0.1", True), ("127.1.2.3", True), ("::1", True),
+                               ("[::1]", True), ("localhost", True), ("0.0.0.0", False),
+                               ("::", False), ("", False), ("10.0.0.1", False),
+                               ("example.com", False)]:
+            with self.subTest(host=host):
+                self.assertEqual(ccproxy.is_loopback_host(host), expected)
+
+    def test_presented_key_and_constant_time_match(self):
+        digest = ccproxy.key_digest("secret")
+        for pairs, ok in [([("x-api-key", "secret")], True),
+                          ([("Authorization", "Bearer secret")], True),
+                          ([("Authorization", "bearer  secret ")], True),
+                          ([("Authorization", "Basic secret")], False),
+                          ([("x-api-key", "wrong")], False), ([], False),
+                          ([("x-api-key", "sécret-ключ")], False)]:
+            with self.subTest(pairs=pairs):
+                self.assertEqual(ccproxy.key_matches(headers_of(pairs), digest), ok)
+
+    def test_hop_by_hop_headers_are_removed_both_ways(self):
+        # Go's TestReverseProxyStripHeadersPresentInConnection (golang/go#16875).
+        h = headers_of([("Connection", "Upgrade, X-Custom"), ("X-Custom", "1"),
+                        ("Upgrade", "h2c"), ("Keep-Alive", "5"), ("TE", "trailers"),
+                        ("Proxy-Authorization", "p"), ("Content-Type", "a/b"),
+                        ("X-Kept", "2"), ("Trailer", "x"), ("Transfer-Encoding", "chunked")])
+        kept = ccproxy.filter_headers(h, ccproxy.HOP_BY_HOP)
+        self.assertEqual(kept, [("Content-Type", "a/b"), ("X-Kept", "2")])
+
+    def test_upstream_error_mapping(self):
+        rows = [  # status, body, passthrough -> status, type, retry header
+            (400, {"error": {"message": "bad"}}, False, 400, "invalid_request_error", None),
+            (422, {"detail": "bad"}, False, 400, "invalid_request_error", None),
+            (401, {"error": {"message": "key"}}, False, 401, "authentication_error", "false"),
+            (402, {"error": {"message": "pay"}}, False, 402, "billing_error", "false"),
+            (403, {"error": "nope"}, False, 403, "permission_error", "false"),
+            (404, {"message": "no model"}, False, 404, "not_found_error", None),
+            (408, b"timeout", False, 504, "timeout_error", None),
+            (413, b"big", False, 413, "request_too_large", "false"),
+            (429, {"error": {"message": "slow"}}, False, 429, "rate_limit_error", None),
+            (500, b"<html>oops</html>", False, 500, "api_error", None),
+            (502, b"bad gateway", False, 500, "api_error", None),
+            (503, b"unavailable", False, 529, "overloaded_error", None),
+            (504, b"gateway timeout", False, 504, "timeout_error", None),
+            (529, {"type": "error", "error": {"type": "overloaded_error", "message": "o"}},
+             True, 529, "overloaded_error", None),
+            (500, [{"error": {"message": "The model is overloaded"}}], False, 529,
+             "overloaded_error", None),
+            (418, b"teapot", False, 400, "invalid_request_error", None),
+            (599, b"weird", False, 500, "api_error", None),
+        ]
+        for status, body, passthrough, out_status, etype, should_retry in rows:
+            with self.subTest(status=status, body=body):
+                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+                got, headers, out = ccproxy.map_upstream_error(
+                    status, headers_of([]), raw, "p", passthrough)
+                self.assertEqual(got, out_status)
+                doc = json.loads(out)
+                self.assertEqual((doc["type"], doc["error"]["type"]), ("error", etype))
+                self.assertEqual(dict(headers).get("x-should-retry"), should_retry)
+
+    def test_passthrough_errors_keep_status_body_and_retry_after(self):
+        body = json.dumps({"type": "error", "error": {"type": "rate_limit_error",
+                                                      "message": "slow down"}}).encode()
+        status, headers, out = ccproxy.map_upstream_error(
+            429, headers_of([("retry-after", "7")]), body, "p", True)
+        self.assertEqual((status, out, dict(headers)["retry-after"]), (429, body, "7"))
+        status, headers, out = ccproxy.map_upstream_error(
+            429, headers_of([("retry-after-ms", "1500")]), b"{}", "p", False)
+        self.assertEqual(dict(headers)["retry-after"], "2")
+        self.assertIn("p upstream 429", json.loads(out)["error"]["message"])
+
+    def test_failure_replies(self):
+        for kind, status, etype, retry in [("connect", 500, "api_error", "false"),
+                                           ("timeout", 504, "timeout_error", None),
+                                           ("reset", 500, "api_error", None)]:
+            with self.subTest(kind=kind):
+                err = ccproxy.UpstreamError(kind, "http://127.0.0.1:9/v1/messages", "why")
+                got = ccproxy.failure_reply(err, "p")
+                self.assertEqual((got[0], got[1], dict(got[3]).get("x-should-retry")),
+                                 (status, etype, retry))
+                self.assertIn("http://127.0.0.1:9/v1/messages", got[2])
+
+    def test_plan_route_and_model_mapping(self):
+        data = {"providers": [
+            {"name": "a", "base_url": "http://127.0.0.1:1", "model": "a-default",
+             "small_model": "a-small"},
+            {"name": "b", "base_url": "http://127.0.0.1:2", "big_model": "b-big"},
+            {"name": "c", "base_url": "http://127.0.0.1:3"}],
+            "routes": [{"match": "claude-*opus*", "provider": "b"},
+                       {"match": "*haiku*", "provider": "a"},
+                       {"match": "exact", "provider": "c", "model": "fixed"},
+                       {"match": "default", "provider": "c"}],
+            "fallback": ["a", "c"]}
+        cfg = ccproxy.build_config(data, {}, {})
+        rows = [("claude-opus-5-5", [("b", "b-big"), ("a", "a-default"), ("c", "claude-opus-5-5")]),
+                ("claude-haiku-5-5", [("a", "a-small"), ("c", "claude-haiku-5-5")]),
+                ("EXACT", [("c", "fixed"), ("a", "a-default")]),
+                ("gpt-x", [("c", "gpt-x"), ("a", "a-default")])]
+        for model, expected in rows:
+            with self.subTest(model=model):
+                plan = ccproxy.plan_route(cfg, model)
+                self.assertEqual([(p.name, m) for p, m in plan], expected)
+        plain = ccproxy.build_config({}, {}, {})
+        self.assertEqual([(p.name, m) for p, m in ccproxy.plan_route(plain, "x")],
+                         [("anthropic", "x")])
+
+    def test_sanitize_for_anthropic(self):
+        body = {"model": "m", "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "t", "signature": "ccproxy:abc"},
+                {"type": "thinking", "thinking": "t", "signature": "EqQBreal"},
+                {"type": "tool_use", "id": "call.1:x", "name": "Bash", "input": {}},
+                {"type": "tool_use", "id": "toolu_ok-1", "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "call.1:x", "content": "r"}]}]}
+        clean, changed = ccproxy.sanitize_for_anthropic(body)
+        self.assertTrue(changed)
+        blocks = clean["messages"][1]["content"]
+        self.assertEqual([b.get("signature") for b in blocks if b["type"] == "thinking"],
+                         ["EqQBreal"])
+        new_id = blocks[1]["id"]
+        self.assertRegex(new_id, r"^[a-zA-Z0-9_-]+$")
+        self.assertEqual(clean["messages"][2]["content"][0]["tool_use_id"], new_id)
+        self.assertEqual(blocks[2]["id"], "toolu_ok-1")
+        self.assertEqual(body["messages"][1]["content"][0]["signature"], "ccproxy:abc")
+        self.assertNotEqual(ccproxy._safe_tool_id("a.b"), ccproxy._safe_tool_id("a:b"))
+        same = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}
+        self.assertEqual(ccproxy.sanitize_for_anthropic(same), (same, False))
+
+    def test_passthrough_body_is_byte_for_byte_unless_changed(self):
+        raw = b'{"model":  "m", "messages": [] }'
+        self.assertIs(ccproxy.passthrough_body(raw, json.loads(raw), "m"), raw)
+        out = json.loads(ccproxy.passthrough_body(raw, json.loads(raw), "other"))
+        self.assertEqual(out["model"], "other")
+
+    def test_passthrough_headers(self):
+        client = headers_of([("x-api-key", "client"), ("anthropic-version", "2023-06-01"),
+                             ("anthropic-beta", "a,b"), ("Connection", "keep-alive, X-Hop"),
+                             ("X-Hop", "1"), ("Accept-Encoding", "gzip"), ("Host", "h"),
+                             ("Content-Length", "5"), ("User-Agent", "claude-cli/2")])
+        free = ccproxy.build_config({}, {}, {})
+        keyed = ccproxy.build_config({}, {"CCPROXY_API_KEY": "proxy"}, {})
+        p = ccproxy.ProviderConfig(name="p", base_url="http://x")
+        pk = ccproxy.ProviderConfig(name="p", base_url="http://x", api_key="route")
+        rows = [(p, free, "client"), (pk, free, "route"), (p, keyed, None), (pk, keyed, "route")]
+        for provider, cfg, key in rows:
+            with self.subTest(provider=provider.api_key, proxy_key=cfg.api_key):
+                out = ccproxy.passthrough_headers(client, provider, cfg)
+                names = [n.lower() for n, _ in out]
+                self.assertEqual(dict((n.lower(), v) for n, v in out).get("x-api-key"), key)
+                self.assertEqual(names.count("x-api-key"), 1 if key else 0)
+                for gone in ("connection", "x-hop", "host", "content-length"):
+                    self.assertNotIn(gone, names)
+                self.assertIn(("anthropic-beta", "a,b"), out)
+                self.assertIn(("accept-encoding", "identity"), out)
+
+    def test_urls(self):
+        p = ccproxy.ProviderConfig(name="p", base_url="https://h/prefix/v1")
+        self.assertEqual(ccproxy.anthropic_url(p, "messages", "beta=true"),
+                         "https://h/prefix/v1/messages?beta=true")
+        self.assertEqual(ccproxy.redact_url("https://u:p@h:8/x?key=s"), "https://h:8/x")
+
+    def test_body_length(self):
+        limit = 100
+        rows = [([("Content-Length", "10")], 10, None),
+                ([], 0, None),
+                ([("Content-Length", "10"), ("Content-Length", "10")], 10, None),
+                ([("Content-Length", "10"), ("Content-Length", "11")], None, 400),
+                ([("Content-Length", "-1")], None, 400),
+                ([("Content-Length", "1e3")], None, 400),
+                ([("Content-Length", "101")], None, 413),
+                ([("Transfer-Encoding", "chunked")], None, 411),
+                ([("Content-Length", "5"), ("Transfer-Encoding", "chunked")], None, 400)]
+        for pairs, length, status in rows:
+            with self.subTest(pairs=pairs):
+                if status is None:
+                    self.assertEqual(ccproxy.body_length(headers_of(pairs), limit), length)
+                else:
+                    with self.assertRaises(ccproxy.HTTPError) as cm:
+                        ccproxy.body_length(headers_of(pairs), limit)
+                    self.assertEqual((cm.exception.status, cm.exception.close), (status, True))
+
+    def test_parse_json_object(self):
+        self.assertEqual(ccproxy.parse_json_object(b'{"a": 1}'), {"a": 1})
+        for raw in (b"", b"{", b"[1]", b"\xff\xfe", b"[" * 100000, b'"x"'):
+            with self.subTest(raw=raw[:10]):
+                with self.assertRaises(ccproxy.HTTPError) as cm:
+                    ccproxy.parse_json_object(raw)
+                self.assertEqual(cm.exception.status, 400)
+
+    def test_model_rewrites(self):
+        self.assertEqual(json.loads(ccproxy.rewrite_model_json(
+            json.dumps(MESSAGE_JSON).encode(), "asked"))["model"], "asked")
+        self.assertEqual(ccproxy.rewrite_model_json(b"not json", "a"), b"not json")
+        stream = b"".join(STREAM)
+        for seed in range(50):
+            rng = random.Random(seed)
+            renamer, out, i = ccproxy.SSEModelRenamer("asked"), b"", 0
+            while i < len(stream):
+                n = rng.randint(1, 40)
+                out += renamer.feed(stream[i:i + n])
+                i += n
+            out += renamer.flush()
+            self.assertEqual(out.replace(b'"asked"', b'"upstream-model"'), stream)
+            self.assertIn(b'"model": "asked"', out)
+
+    def test_format_duration_and_iso_time(self):
+        for secs, text in [(0, "0s"), (59, "59s"), (60, "1m 0s"), (8130, "2h 15m 30s"),
+                           (90061, "1d 1h 1m 1s")]:
+            self.assertEqual(ccproxy.format_duration(secs), text)
+        self.assertEqual(ccproxy.iso_time(0), "1970-01-01T00:00:00Z")
+        self.assertIsNone(ccproxy.iso_time(None))
+
+    def test_overall_health(self):
+        rows = [([], "healthy"), (["unknown"], "healthy"), (["connected", "connected"], "healthy"),
+                (["connected", "disconnected"], "degraded"), (["rate_limited"], "degraded"),
+                (["connected", "rate_limited"], "degraded"), (["disconnected"], "unhealthy"),
+                (["auth_failed", "disconnected"], "unhealthy")]
+        for statuses, health in rows:
+            with self.subTest(statuses=statuses):
+                self.assertEqual(ccproxy.overall_health(statuses), health)
+
+    def test_access_record_escapes_control_characters(self):
+        line = ccproxy.access_record({"request_id": "r", "client": "c", "method": "GET",
+                                      "path": "/x\r\nFAKE 200", "status": 200,
+                                      "provider": "p", "attempts": 1})
+        self.assertNotIn("\n", line)
+        self.assertIn("\\x0d\\x0a", line)
+        self.assertIn("provider=p attempts=1", line)
+
+    def test_read_git_build(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            self.assertEqual(ccproxy.read_git_build(tmp), ("unknown", "unknown"))
+            git = os.path.join(tmp, ".git")
+            sha = "ab" * 20
+            os.makedirs(os.path.join(git, "refs", "heads"))
+            os.makedirs(os.path.join(git, "objects", sha[:2]))
+            with open(os.path.join(git, "HEAD"), "w") as f:
+                f.write("ref: refs/heads/main\n")
+            with open(os.path.join(git, "packed-refs"), "w") as f:
+                f.write("# pack-refs\n%s refs/heads/main\n" % sha)
+            self.assertEqual(ccproxy.read_git_build(tmp), (sha[:12], "unknown"))
+            commit = b"tree x\nauthor a <a> 0 +0000\ncommitter c <c> 1764000000 +0000\n\nmsg\n"
+            with open(os.path.join(git, "objects", sha[:2], sha[2:]), "wb") as f:
+                f.write(zlib.compress(b"commit %d\0" % len(commit) + commit))
+            self.assertEqual(ccproxy.read_git_build(tmp), (sha[:12], "2025-11-24T16:00:00Z"))
+
+
+class TestStatusDocument(unittest.TestCase):
+
+    def snapshot(self, **kw):
+        cfg = ccproxy.build_config({"providers": [
+            {"name": "groq-like", "base_url": "https://h/x", "api_key": "sk-secret-1",
+             "model": "m"},
+            {"name": "other", "base_url": "http://127.0.0.1:9"}]},
+            {"CCPROXY_API_KEY": "sk-secret-2"}, {})
+        snap = {"config": cfg, "now": 1764000000.0, "started": 1764000000.0 - 8130,
+                "pid": 42, "port": 3456, "draining": False, "ready": True,
+                "requests_served": 7, "in_flight": 1, "provider_stats": {},
+                "loaded_at": 1764000000.0, "reloads": 0, "reload_failures": 0,
+                "last_reload_error": None, "build": ccproxy.build_info()}
+        snap.update(kw)
+        return snap
+
+    def test_every_field_of_product_md_5_with_types(self):
+        doc = ccproxy.status_document(self.snapshot())
+        types = {"service": str, "version": str, "status": str, "health": str,
+                 "timestamp": str, "uptime": str, "uptime_seconds": int, "pid": int,
+                 "host": str, "port": int, "api_key_configured": bool,
+                 "requests_served": int, "requests_in_flight": int, "providers": dict,
+                 "provider": dict, "config": dict, "build": dict}
+        for key, kind in types.items():
+            with self.subTest(key=key):
+                self.assertIsInstance(doc[key], kind)
+        self.assertEqual((doc["service"], doc["status"], doc["uptime"]),
+                         ("ccproxy", "running", "2h 15m 30s"))
+        self.assertRegex(doc["timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        providers = doc["providers"]
+        for key, kind in {"count": int, "active": list, "healthy_count": int,
+                          "healthy_percentage": float, "items": list,
+                          "stats_by_type": dict}.items():
+            self.assertIsInstance(providers[key], kind)
+        item = providers["items"][0]
+        for key in ("name", "type", "status", "health", "model", "last_check",
+                    "response_time_ms", "tokens_per_second", "rate_limit_remaining",
+                    "requests", "errors"):
+            self.assertIn(key, item)
+        self.assertEqual(set(providers["stats_by_type"]["anthropic"]),
+                         {"total_count", "healthy_count", "healthy_percentage", "status"})
+        for key in ("source", "fingerprint", "loaded_at", "reloads", "reload_failures"):
+            self.assertIn(key, doc["config"])
+        self.assertEqual(set(doc["build"]), {"version", "commit", "date"})
+
+    def test_no_key_material(self):
+        text = json.dumps(ccproxy.status_document(self.snapshot()))
+        detailed = json.dumps(ccproxy.detailed_health_document(self.snapshot()))
+        for blob in (text, detailed):
+            self.assertNotIn("sk-secret", blob)
+            self.assertNotIn(ccproxy.key_digest("sk-secret-1").hex(), blob)
+
+    def test_health_words_and_problem_fields(self):
+        now = 1764000000.0
+        rows = [({}, "healthy", 100.0, None),
+                ({"groq-like": {"status": "connected"}, "other": {"status": "disconnected"}},
+                 "degraded", 50.0, None),
+                ({"groq-like": {"status": "auth_failed"}, "other": {"status": "disconnected"}},
+                 "unhealthy", 0.0, "provider_auth_failed"),
+                ({"groq-like": {"status": "disconnected"}, "other": {"status": "auth_failed"}},
+                 "unhealthy", 0.0, "provider_connection_failed"),
+                ({"groq-like": {"status": "rate_limited", "rate_limited_until": now + 30}},
+                 "degraded", 50.0, None),
+                ({"groq-like": {"status": "rate_limited", "rate_limited_until": now - 1}},
+                 "healthy", 100.0, None)]
+        for stats, health, percent, error in rows:
+            with self.subTest(stats=stats):
+                doc = ccproxy.status_document(self.snapshot(provider_stats=stats, now=now))
+                self.assertEqual(doc["health"], health)
+                self.assertEqual(doc["providers"]["healthy_percentage"], percent)
+                self.assertEqual(doc.get("error"), error)
+                if error:
+                    self.assertIn("provider", doc["details"])
+
+    def test_draining(self):
+        self.assertEqual(ccproxy.status_document(self.snapshot(draining=True))["status"],
+                         "draining")
+
+
+class TestProviderStats(unittest.TestCase):
+
+    def test_status_words_from_outcomes(self):
+        rows = [(200, "connected"), (429, "rate_limited"), (401, "auth_failed"),
+                (403, "auth_failed"), (500, "disconnected"), ("connect", "disconnected"),
+                ("timeout", "disconnected"), (404, "connected")]
+        for outcome, word in rows:
+            with self.subTest(outcome=outcome):
+                stats = ccproxy.ProviderStats()
+                stats.record("p", outcome, 0.1, headers_of([("retry-after", "3")]))
+                snap = stats.snapshot()["p"]
+                self.assertEqual(snap["status"], word)
+                self.assertEqual(snap["errors"], 0 if word == "connected" else 1)
+                self.assertEqual(snap["response_time_ms"], 100)
