@@ -817,12 +817,17 @@ def passthrough_headers(client_headers, provider, config):
     return headers
 
 
+#: Endpoint name -> path under {base}/v1/ on an Anthropic upstream.
+ANTHROPIC_PATHS = {"messages": "messages", "count_tokens": "messages/count_tokens",
+                   "models": "models"}
+
+
 def anthropic_url(provider, endpoint, query):
-    """{base}/v1/{endpoint}: a base that already ends in /v1 is accepted."""
+    """{base}/v1/{path}: a base that already ends in /v1 is accepted."""
     base = provider.base_url
     if base.endswith("/v1"):
         base = base[:-3]
-    return base + "/v1/" + endpoint + ("?" + query if query else "")
+    return base + "/v1/" + ANTHROPIC_PATHS[endpoint] + ("?" + query if query else "")
 
 
 def redact_url(url):

@@ -668,3 +668,481 @@ class TestProviderStats(unittest.TestCase):
                 self.assertEqual(snap["status"], word)
                 self.assertEqual(snap["errors"], 0 if word == "connected" else 1)
                 self.assertEqual(snap["response_time_ms"], 100)
+
+
+# ---- HTTP handler without sockets ----------------------------------------------
+
+class _FakeServer:
+    def __init__(self, service):
+        self.service = service
+
+
+class SocketlessHandler(ccproxy.Handler):
+    """A Handler fed raw bytes through BytesIO (CPython's SocketlessRequestHandler)."""
+
+    def __init__(self, raw, service, peer="127.0.0.1"):
+        self.rfile, self.wfile = io.BytesIO(raw), io.BytesIO()
+        self.server, self.client_address = _FakeServer(service), (peer, 50000)
+        self.close_connection = True
+
+    def run(self):
+        self.handle_one_request()
+        return self.wfile.getvalue()
+
+
+class _BytesSocket:
+    def __init__(self, data):
+        self.data = data
+
+    def makefile(self, mode):
+        return io.BytesIO(self.data)
+
+
+def parse_response(raw, method="GET"):
+    """(status, headers, body) of one raw HTTP response."""
+    resp = http.client.HTTPResponse(_BytesSocket(raw), method=method)
+    resp.begin()
+    return resp.status, resp.headers, resp.read()
+
+
+def request_bytes(method, path, headers=(), body=b""):
+    lines = ["%s %s HTTP/1.1" % (method, path), "Host: x"]
+    lines += ["%s: %s" % h for h in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
+
+
+class TestHandlerSocketless(unittest.TestCase):
+
+    def setUp(self):
+        self.service = ccproxy.Service(config(max_body_bytes=1000))
+        self.service.ready = True
+
+    def send(self, raw, peer="127.0.0.1", service=None):
+        handler = SocketlessHandler(raw, service or self.service, peer)
+        with self.assertLogs("ccproxy", "INFO") as logs:
+            out = handler.run()
+        self.logs = "\n".join(logs.output)
+        self.handler = handler
+        return out
+
+    def get(self, path, headers=(), peer="127.0.0.1", method="GET", service=None):
+        return parse_response(self.send(request_bytes(method, path, headers), peer, service),
+                              method)
+
+    def assertAnthropicError(self, body, etype):
+        doc = json.loads(body)
+        self.assertEqual((doc["type"], doc["error"]["type"]), ("error", etype))
+        self.assertTrue(doc["request_id"].startswith("req_"))
+
+    def test_health_endpoints(self):
+        for path in ("/health", "/health/ready", "/status/ready", "/status",
+                     "/health/detailed"):
+            with self.subTest(path=path):
+                status, headers, body = self.get(path)
+                self.assertEqual(status, 200)
+                self.assertEqual(headers["Cache-Control"], "no-store")
+                self.assertEqual(headers["Content-Type"], "application/json")
+                self.assertTrue(headers["request-id"].startswith("req_"))
+                json.loads(body)
+                status, headers, body = self.get(path, method="HEAD")
+                self.assertEqual((status, body), (200, b""))
+                self.assertGreater(int(headers["Content-Length"]), 0)
+
+    def test_preconnect_head(self):
+        for path in ("/", "/api/hello"):
+            self.assertEqual(self.get(path, method="HEAD")[0], 200)
+
+    def test_readiness_follows_start_and_drain_liveness_does_not(self):
+        self.service.ready = False
+        status, _, body = self.get("/status/ready")
+        self.assertEqual((status, json.loads(body)["error"]), (503, "starting"))
+        self.service.ready, self.service.draining = True, True
+        status, headers, body = self.get("/health/ready")
+        self.assertEqual((status, json.loads(body)["error"]), (503, "draining"))
+        self.assertEqual(headers["Connection"], "close")
+        self.assertEqual(self.get("/health")[0], 200)
+        self.service.heartbeat -= ccproxy.HEARTBEAT_STALE + 1
+        status, _, body = self.get("/health")
+        self.assertEqual((status, json.loads(body)["status"]), (503, "unhealthy"))
+
+    def test_unknown_path_and_wrong_method(self):
+        status, _, body = self.get("/nope")
+        self.assertEqual(status, 404)
+        self.assertAnthropicError(body, "not_found_error")
+        status, headers, body = self.get("/health", method="POST")
+        self.assertEqual((status, headers["Allow"]), (405, "GET, HEAD"))
+        status, headers, _ = self.get("/v1/messages")
+        self.assertEqual((status, headers["Allow"]), (405, "POST"))
+
+    def test_status_auth_loopback_key_and_spoofed_forwarded_for(self):
+        keyed = ccproxy.Service(config(api_key="k-123", allow_remote=True))
+        keyed.ready = True
+        rows = [("127.0.0.1", (), 200), ("::1", (), 200), ("10.1.2.3", (), 401),
+                ("10.1.2.3", (("X-Forwarded-For", "127.0.0.1"),), 401),
+                ("10.1.2.3", (("X-Real-IP", "127.0.0.1"), ("Forwarded", "for=127.0.0.1")), 401),
+                ("10.1.2.3", (("x-api-key", "k-123"),), 200),
+                ("10.1.2.3", (("Authorization", "Bearer k-123"),), 200),
+                ("10.1.2.3", (("x-api-key", "k-124"),), 401)]
+        for path in ("/status", "/health/detailed"):
+            for peer, headers, expected in rows:
+                with self.subTest(path=path, peer=peer, headers=headers):
+                    status, h, body = self.get(path, headers, peer, service=keyed)
+                    self.assertEqual(status, expected)
+                    if expected == 401:
+                        self.assertAnthropicError(body, "authentication_error")
+                        self.assertEqual(h["x-should-retry"], "false")
+        # No key configured: status stays loopback-only, the health probe stays open.
+        self.assertEqual(self.get("/status", peer="10.1.2.3")[0], 401)
+        self.assertEqual(self.get("/health", peer="10.1.2.3")[0], 200)
+
+    def test_non_ascii_key_is_401_not_500_and_never_logged(self):
+        keyed = ccproxy.Service(config(api_key="correct-key"))
+        raw = request_bytes("POST", "/v1/messages", [("Content-Length", "2")], b"{}")
+        raw = raw.replace(b"Host: x", "Host: x\r\nx-api-key: ключ-sécret".encode("utf-8"))
+        status, _, body = parse_response(self.send(raw, service=keyed))
+        self.assertEqual(status, 401)
+        self.assertAnthropicError(body, "authentication_error")
+        status, _, _ = self.get("/v1/models", [("x-api-key", "wrong-key-xyz")], service=keyed)
+        self.assertEqual(status, 401)
+        self.assertNotIn("wrong-key-xyz", self.logs)
+        self.assertNotIn("correct-key", self.logs)
+
+    def test_limits_of_the_request_head(self):
+        many = request_bytes("GET", "/health", [("X-H%d" % i, "v") for i in range(101)])
+        status, _, body = parse_response(self.send(many))
+        self.assertEqual(status, 431)
+        self.assertAnthropicError(body, "invalid_request_error")
+        long_header = request_bytes("GET", "/health", [("X-Long", "a" * 65537)])
+        self.assertEqual(parse_response(self.send(long_header))[0], 431)
+        long_line = request_bytes("GET", "/" + "a" * 65537)
+        self.assertEqual(parse_response(self.send(long_line))[0], 414)
+
+    def test_oversized_body_is_refused_unread(self):
+        head = request_bytes("POST", "/v1/messages", [("Content-Length", "1001")])
+        status, headers, body = parse_response(self.send(head + b"x" * 1001))
+        self.assertEqual((status, headers["Connection"]), (413, "close"))
+        self.assertAnthropicError(body, "request_too_large")
+        self.assertEqual(self.handler.rfile.tell(), len(head))     # body never read
+
+    def test_expect_100_is_answered_with_the_refusal(self):
+        head = request_bytes("POST", "/v1/messages", [("Content-Length", "5000"),
+                                                      ("Expect", "100-continue")])
+        out = self.send(head)
+        self.assertNotIn(b"100 Continue", out)
+        self.assertEqual(parse_response(out)[0], 413)
+        keyed = ccproxy.Service(config(api_key="k"))
+        head = request_bytes("POST", "/v1/messages", [("Content-Length", "10"),
+                                                      ("Expect", "100-continue")])
+        out = self.send(head, service=keyed)
+        self.assertNotIn(b"100 Continue", out)
+        self.assertEqual(parse_response(out)[0], 401)
+
+    def test_content_length_with_transfer_encoding_closes(self):
+        raw = request_bytes("POST", "/v1/messages", [("Content-Length", "2"),
+                                                     ("Transfer-Encoding", "chunked")], b"{}")
+        status, headers, _ = parse_response(self.send(raw))
+        self.assertEqual((status, headers["Connection"]), (400, "close"))
+        self.assertTrue(self.handler.close_connection)
+
+    def test_bad_bodies_are_400_with_a_clear_message(self):
+        rows = [(b"{nope", "not valid JSON"), (b"[]", "must be a JSON object"),
+                (b'{"messages": []}', "model"), (b'{"model": 5, "messages": []}', "model"),
+                (b'{"model": "m"}', "messages"), (b"\xff\xfe\x00", "not valid JSON"),
+                (b"[" * 450 + b"]" * 450, "")]
+        for body, text in rows:
+            with self.subTest(body=body[:20]):
+                raw = request_bytes("POST", "/v1/messages",
+                                    [("Content-Length", str(len(body)))], body)
+                status, _, out = parse_response(self.send(raw))
+                self.assertEqual(status, 400)
+                self.assertAnthropicError(out, "invalid_request_error")
+                self.assertIn(text, json.loads(out)["error"]["message"])
+
+    def test_access_log_line_has_the_request_id(self):
+        status, headers, _ = self.get("/health")
+        self.assertIn(headers["request-id"], self.logs)
+        self.assertIn("GET /health 200", self.logs)
+
+    def test_cors_preflight_only_for_configured_origins(self):
+        service = ccproxy.Service(config(cors_origins=("http://app.local",)))
+        status, headers, _ = self.get("/v1/messages", [("Origin", "http://app.local")],
+                                      method="OPTIONS", service=service)
+        self.assertEqual((status, headers["Access-Control-Allow-Origin"]),
+                         (204, "http://app.local"))
+        status, headers, _ = self.get("/v1/messages", [("Origin", "http://evil.local")],
+                                      method="OPTIONS", service=service)
+        self.assertEqual(status, 405)
+        self.assertIsNone(headers["Access-Control-Allow-Origin"])
+
+
+# ---- The proxy, end to end on loopback ------------------------------------------
+
+def one_provider(url, **kw):
+    return config(providers=(provider_cfg("up", url, **kw),))
+
+
+class TestProxyEndToEnd(unittest.TestCase):
+
+    def test_non_streaming_passthrough(self):
+        with FakeUpstream() as up, Proxy(one_provider(up.url)) as px:
+            resp, out = px.call("POST", "/some/prefix/v1/messages?beta=true", BODY,
+                                {"x-api-key": "client-key", "anthropic-version": "2023-06-01",
+                                 "anthropic-beta": "b1,b2", "Content-Type": "application/json"})
+            self.assertEqual((resp.status, json.loads(out)), (200, MESSAGE_JSON))
+            req = up.requests[0]
+            self.assertEqual(req["path"], "/v1/messages?beta=true")
+            self.assertEqual(json.loads(req["body"]), BODY)
+            for name, value in (("x-api-key", "client-key"), ("anthropic-beta", "b1,b2"),
+                                ("anthropic-version", "2023-06-01"),
+                                ("accept-encoding", "identity")):
+                self.assertEqual(req["headers"][name], value)
+            self.assertTrue(resp.getheader("request-id").startswith("req_ccp_"))
+
+    def test_stream_is_relayed_chunk_by_chunk(self):
+        gates = [threading.Event() for _ in STREAM]
+        failures = []
+
+        def behave(h, body):
+            h.start_stream()
+            for i, frame in enumerate(STREAM):
+                h.chunk(frame)
+                if not gates[i].wait(TIMEOUT):
+                    failures.append(i)      # the proxy held frame i back
+                    break
+            h.chunk(b"")
+
+        with FakeUpstream(behave) as up, Proxy(one_provider(up.url)) as px:
+            conn = px.conn()
+            conn.request("POST", "/v1/messages", json.dumps(dict(BODY, stream=True)),
+                         {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            self.assertEqual(resp.status, 200)
+            self.assertEqual(resp.getheader("Transfer-Encoding"), "chunked")
+            self.assertEqual(resp.getheader("Content-Type"), "text/event-stream")
+            received = b""
+            for i, frame in enumerate(STREAM):
+                while frame not in received:
+                    data = resp.read1(65536)
+                    self.assertTrue(data, "stream ended before frame %d" % i)
+                    received += data
+                gates[i].set()         # only now may the fake send frame i+1
+            self.assertEqual(resp.read(), b"")
+            conn.close()
+        self.assertEqual(failures, [])
+        self.assertEqual(received, b"".join(STREAM))
+
+    def test_hop_by_hop_headers_filtered_both_ways(self):
+        def behave(h, body):
+            h.reply(200, MESSAGE_JSON, [("Connection", "X-Up-Hop"), ("X-Up-Hop", "1"),
+                                        ("Keep-Alive", "timeout=5"), ("X-Up-Kept", "1"),
+                                        ("request-id", "req_upstream")])
+        with FakeUpstream(behave) as up, Proxy(one_provider(up.url)) as px:
+            resp, _ = px.call("POST", "/v1/messages", BODY, {
+                "Connection": "keep-alive, X-Client-Hop", "X-Client-Hop": "1",
+                "Keep-Alive": "300", "TE": "trailers", "X-Client-Kept": "1",
+                "Proxy-Authorization": "Basic cA=="})
+            sent = up.requests[0]["headers"]
+            for name in ("X-Client-Hop", "Keep-Alive", "TE", "Proxy-Authorization"):
+                self.assertIsNone(sent[name], name)
+            self.assertEqual(sent["X-Client-Kept"], "1")
+            self.assertIsNone(resp.getheader("X-Up-Hop"))
+            self.assertIsNone(resp.getheader("Keep-Alive"))
+            self.assertEqual(resp.getheader("X-Up-Kept"), "1")
+            self.assertTrue(resp.getheader("request-id").startswith("req_ccp_"))
+
+    def test_error_rows(self):
+        anthropic_529 = {"type": "error", "error": {"type": "overloaded_error",
+                                                    "message": "Overloaded"}}
+        rows = [  # upstream status, body, headers -> client status, type, header checks
+            (429, {"error": {"message": "slow"}}, [("retry-after", "7")], 429,
+             "rate_limit_error", {"retry-after": "7"}),
+            (503, b"<html>busy</html>", [], 529, "overloaded_error", {}),
+            (529, anthropic_529, [("retry-after", "2")], 529, "overloaded_error",
+             {"retry-after": "2"}),
+            (401, {"type": "error", "error": {"type": "authentication_error",
+                                              "message": "invalid x-api-key"}}, [],
+             401, "authentication_error", {"x-should-retry": "false"}),
+            (403, b"forbidden", [], 403, "permission_error", {"x-should-retry": "false"}),
+            (500, b"boom", [], 500, "api_error", {}),
+        ]
+        for status, body, headers, out_status, etype, checks in rows:
+            with self.subTest(status=status):
+                def behave(h, _, status=status, body=body, headers=headers):
+                    h.reply(status, body, headers)
+                with FakeUpstream(behave) as up, Proxy(one_provider(up.url)) as px:
+                    resp, out = px.call("POST", "/v1/messages", BODY)
+                    self.assertEqual(resp.status, out_status)
+                    self.assertEqual(json.loads(out)["error"]["type"], etype)
+                    for name, value in checks.items():
+                        self.assertEqual(resp.getheader(name), value)
+                    if status == 529:
+                        self.assertEqual(json.loads(out), anthropic_529)   # passed through
+
+    def test_connection_refused_is_a_fast_non_retryable_500_naming_the_url(self):
+        url = "http://127.0.0.1:%d" % free_port()
+        with Proxy(one_provider(url)) as px:
+            started = time.monotonic()
+            resp, out = px.call("POST", "/v1/messages", BODY)
+            self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual((resp.status, resp.getheader("x-should-retry")), (500, "false"))
+        self.assertEqual(json.loads(out)["error"]["type"], "api_error")
+        self.assertIn(url + "/v1/messages", json.loads(out)["error"]["message"])
+
+    def test_upstream_timeout_is_504(self):
+        release = threading.Event()
+
+        def behave(h, body):
+            release.wait(TIMEOUT)
+            h.reply(200, MESSAGE_JSON)
+        with FakeUpstream(behave) as up, Proxy(one_provider(up.url, read_timeout=0.3)) as px:
+            resp, out = px.call("POST", "/v1/messages", BODY)
+            release.set()
+        self.assertEqual(resp.status, 504)
+        self.assertEqual(json.loads(out)["error"]["type"], "timeout_error")
+
+    def fallback_config(self, first_url, second_url):
+        return config(providers=(provider_cfg("first", first_url),
+                                 provider_cfg("second", second_url)),
+                      fallback=("first", "second"))
+
+    def test_fallback_on_refused_connection_and_on_503(self):
+        refused = "http://127.0.0.1:%d" % free_port()
+        with FakeUpstream() as second:
+            with Proxy(self.fallback_config(refused, second.url)) as px:
+                with self.assertLogs("ccproxy", "INFO") as logs:
+                    resp, out = px.call("POST", "/v1/messages", BODY)
+                self.assertEqual((resp.status, json.loads(out)), (200, MESSAGE_JSON))
+                self.assertIn("provider=first failed", "\n".join(logs.output))
+                self.assertIn("provider=second upstream_status=200 attempts=2",
+                              "\n".join(logs.output))
+            with FakeUpstream(lambda h, b: h.reply(503, b"down")) as first:
+                with Proxy(self.fallback_config(first.url, second.url)) as px:
+                    resp, out = px.call("POST", "/v1/messages", BODY)
+                    self.assertEqual(resp.status, 200)
+                    self.assertEqual(len(first.requests), 1)
+                    stats = px.service.stats.snapshot()
+                    self.assertEqual(stats["first"]["status"], "disconnected")
+                    self.assertEqual(stats["second"]["status"], "connected")
+        self.assertEqual(len(second.requests), 2)
+
+    def test_no_fallback_on_401_nor_after_the_first_byte(self):
+        def truncated(h, body):
+            h.start_stream()
+            h.chunk(STREAM[0])
+            h.wfile.flush()
+            h.close_connection = True      # ends without the terminating chunk
+        with FakeUpstream(truncated) as first, FakeUpstream() as second:
+            with Proxy(self.fallback_config(first.url, second.url)) as px:
+                resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True))
+                self.assertEqual(resp.status, 200)
+                self.assertTrue(out.startswith(STREAM[0]))
+                self.assertIn(b"event: error\ndata: ", out)
+                self.assertEqual(json.loads(out.split(b"data: ")[-1])["error"]["type"],
+                                 "api_error")
+            self.assertEqual(second.requests, [])
+        with FakeUpstream(lambda h, b: h.reply(401, b"no")) as first, FakeUpstream() as second:
+            with Proxy(self.fallback_config(first.url, second.url)) as px:
+                resp, _ = px.call("POST", "/v1/messages", BODY)
+                self.assertEqual(resp.status, 401)
+            self.assertEqual(second.requests, [])
+
+    def test_one_upstream_connection_for_sequential_calls(self):
+        with FakeUpstream() as up, Proxy(one_provider(up.url)) as px:
+            for _ in range(20):
+                resp, _ = px.call("POST", "/v1/messages", BODY)
+                self.assertEqual(resp.status, 200)
+            for _ in range(5):
+                resp, _ = px.call("POST", "/v1/messages", dict(BODY, stream=True))
+            self.assertEqual(len(up.requests), 25)
+            self.assertEqual(up.connections, 1)
+            self.assertEqual(px.service.upstreams.connections_opened(), 1)
+
+    def test_client_disconnect_closes_the_upstream_within_a_second(self):
+        upstream_gone = threading.Event()
+
+        def behave(h, body):
+            h.start_stream()
+            try:
+                for _ in range(400):
+                    h.chunk(STREAM[2])
+                    h.wfile.flush()
+                    time.sleep(0.02)
+            except OSError:
+                upstream_gone.set()
+        with FakeUpstream(behave) as up, Proxy(one_provider(up.url)) as px:
+            sock = socket.create_connection(("127.0.0.1", px.port), timeout=TIMEOUT)
+            body = json.dumps(dict(BODY, stream=True)).encode()
+            sock.sendall(request_bytes("POST", "/v1/messages",
+                                       [("Content-Length", str(len(body)))], body))
+            self.assertIn(b"200 OK", sock.recv(65536))
+            sock.close()
+            closed_at = time.monotonic()
+            self.assertTrue(upstream_gone.wait(TIMEOUT))
+            self.assertLess(time.monotonic() - closed_at, 1.0)
+
+    def test_model_mapping_renames_the_reply(self):
+        def behave(h, body):
+            if json.loads(body).get("stream"):
+                h.start_stream()
+                for frame in STREAM:
+                    h.chunk(frame)
+                h.chunk(b"")
+            else:
+                h.reply(200, dict(MESSAGE_JSON, model="upstream-model"))
+        with FakeUpstream(behave) as up, Proxy(one_provider(up.url, model="upstream-model")) as px:
+            resp, out = px.call("POST", "/v1/messages", BODY)
+            self.assertEqual(json.loads(up.requests[0]["body"])["model"], "upstream-model")
+            self.assertEqual(json.loads(out)["model"], BODY["model"])
+            resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True))
+            self.assertIn(b'"model": "%s"' % BODY["model"].encode(), out)
+            self.assertNotIn(b"upstream-model", out)
+
+    def test_count_tokens_and_models_are_forwarded(self):
+        def behave(h, body):
+            h.reply(200, {"input_tokens": 42} if h.command == "POST" else {"data": []})
+        with FakeUpstream(behave) as up, Proxy(one_provider(up.url)) as px:
+            resp, out = px.call("POST", "/v1/messages/count_tokens?beta=true",
+                                {"model": "claude-x", "messages": []})
+            self.assertEqual((resp.status, json.loads(out)), (200, {"input_tokens": 42}))
+            resp, out = px.call("GET", "/v1/models")
+            self.assertEqual((resp.status, json.loads(out)), (200, {"data": []}))
+            self.assertEqual([r["path"] for r in up.requests],
+                             ["/v1/messages/count_tokens?beta=true", "/v1/models"])
+
+    def test_client_key_guards_the_api_and_is_not_forwarded(self):
+        cfg = config(api_key="proxy-key", providers=(provider_cfg(
+            "up", "", api_key="route-key"),))
+        with FakeUpstream() as up:
+            cfg = dataclasses.replace(cfg, providers=(dataclasses.replace(
+                cfg.providers[0], base_url=up.url),))
+            with Proxy(cfg) as px:
+                self.assertEqual(px.call("POST", "/v1/messages", BODY)[0].status, 401)
+                resp, _ = px.call("POST", "/v1/messages", BODY, {"x-api-key": "proxy-key"})
+                self.assertEqual(resp.status, 200)
+                resp, _ = px.call("POST", "/v1/messages", BODY,
+                                  {"Authorization": "Bearer proxy-key"})
+                self.assertEqual(resp.status, 200)
+            for req in up.requests:
+                self.assertEqual(req["headers"]["x-api-key"], "route-key")
+                self.assertIsNone(req["headers"]["authorization"])
+
+    @unittest.skipUnless(os.path.isdir(SAMPLES), "../shared/claude-code-wire absent")
+    def test_real_claude_code_body_passes_byte_for_byte(self):
+        for name in ("01-first-turn", "02-tool-result-turn", "07-thinking-roundtrip",
+                     "09-image-tool-result"):
+            with self.subTest(sample=name):
+                with open(os.path.join(SAMPLES, name + ".request.json")) as f:
+                    sample = json.load(f)
+                raw = json.dumps(sample["body"], separators=(",", ":")).encode()
+                headers = {k: v for k, v in sample["headers"]
+                           if k.lower() not in ("host", "content-length", "connection")}
+                with FakeUpstream() as up, Proxy(one_provider(up.url)) as px:
+                    resp, _ = px.call("POST", sample["path"], raw, headers)
+                    self.assertEqual(resp.status, 200)
+                    got = up.requests[0]
+                self.assertEqual(got["body"], raw)
+                self.assertEqual(got["path"], sample["path"])
+                for header in ("anthropic-version", "anthropic-beta", "x-api-key",
+                               "User-Agent", "X-Claude-Code-Session-Id"):
+                    self.assertEqual(got["headers"][header], headers.get(header) or dict(
+                        (k.lower(), v) for k, v in headers.items())[header.lower()])
