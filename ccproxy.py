@@ -2478,8 +2478,14 @@ def cmd_status(args, environ):
 
 
 def cmd_reload(args, environ):
-    """SIGHUP the daemon, then report whether the new config was taken."""
-    config = _load(args, environ)
+    """Validate the new config here first (as `nginx -t` before a reload), then SIGHUP
+    the daemon and report whether it took the new config."""
+    try:
+        config = _load(args, environ)
+    except ConfigError as exc:
+        print("ccproxy: %s; nothing reloaded, the daemon keeps its config" % exc,
+              file=sys.stderr)
+        return EXIT_USAGE
     state, pid = probe_pid_file(_pid_path(config, environ))
     if state != "running" or not pid:
         print("ccproxy is not running", file=sys.stderr)

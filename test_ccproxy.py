@@ -87,6 +87,10 @@ class FakeUpstream:
             def log_message(self, *a):
                 pass
 
+            def setup(self):
+                super().setup()      # head and body go out in two writes: no Nagle stall
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def do_POST(self):
                 n = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(n)
@@ -1146,3 +1150,428 @@ class TestProxyEndToEnd(unittest.TestCase):
                                "User-Agent", "X-Claude-Code-Session-Id"):
                     self.assertEqual(got["headers"][header], headers.get(header) or dict(
                         (k.lower(), v) for k, v in headers.items())[header.lower()])
+
+
+# ---- Lifecycle -------------------------------------------------------------------
+
+class TestPidFile(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self.tmp.name, "sub", "ccproxy.pid")
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def write(self, text):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def test_read_pid_cases(self):
+        # gunicorn's test_pidfile cases: no file, garbage, a number.
+        self.assertIsNone(ccproxy.read_pid(self.path))
+        self.write("a")
+        self.assertIsNone(ccproxy.read_pid(self.path))
+        self.write("123\n")
+        self.assertEqual(ccproxy.read_pid(self.path), 123)
+
+    def test_probe_trusts_the_lock_not_the_number(self):
+        self.assertEqual(ccproxy.probe_pid_file(self.path), ("absent", None))
+        self.write("%d\n" % os.getpid())      # a live PID, but nobody holds the lock
+        self.assertEqual(ccproxy.probe_pid_file(self.path), ("stale", os.getpid()))
+        pidfile = ccproxy.PidFile(self.path)
+        pidfile.acquire()
+        try:
+            self.assertEqual(ccproxy.probe_pid_file(self.path), ("running", os.getpid()))
+            ccproxy.read_pid(self.path)       # re-reading our own file keeps the lock
+            with self.assertRaises(ccproxy.AlreadyRunning) as cm:
+                ccproxy.PidFile(self.path).acquire()
+            self.assertEqual(cm.exception.pid, os.getpid())
+            self.assertEqual(ccproxy.read_pid(self.path), os.getpid())
+        finally:
+            pidfile.release()
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_release_leaves_a_foreign_pid_alone(self):
+        pidfile = ccproxy.PidFile(self.path)
+        pidfile.acquire()
+        self.write("999999\n")
+        pidfile.release()
+        self.assertEqual(ccproxy.read_pid(self.path), 999999)
+
+    def test_unwritable_location_is_a_clear_error(self):
+        self.write("")
+        bad = ccproxy.PidFile(os.path.join(self.path, "ccproxy.pid"))   # under a file
+        with self.assertRaisesRegex(ccproxy.PidFileError, "pid file .*ccproxy.pid"):
+            bad.acquire()
+
+    def test_default_locations(self):
+        env = {"RUNTIME_DIRECTORY": "/run/ccproxy", "HOME": "/home/u"}
+        self.assertEqual(ccproxy.default_pid_file(env), "/run/ccproxy/ccproxy.pid")
+        if os.geteuid() != 0:
+            self.assertEqual(ccproxy.default_pid_file({"XDG_RUNTIME_DIR": "/run/user/1"}),
+                             "/run/user/1/ccproxy/ccproxy.pid")
+            self.assertEqual(ccproxy.default_log_file({"HOME": "/home/u"}),
+                             "/home/u/.local/state/ccproxy/ccproxy.log")
+        else:
+            self.assertEqual(ccproxy.default_pid_file({}), "/run/ccproxy/ccproxy.pid")
+        self.assertEqual(ccproxy.default_log_file({"LOGS_DIRECTORY": "/var/log/x"}),
+                         "/var/log/x/ccproxy.log")
+
+
+class NotifyReceiver:
+    """A SOCK_DGRAM socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, address):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address.replace("@", "\0", 1) if address.startswith("@") else address)
+        self.sock.settimeout(TIMEOUT)
+        self.address = address
+
+    def next(self):
+        return self.sock.recv(4096).decode()
+
+    def close(self):
+        self.sock.close()
+
+
+class TestSdNotify(unittest.TestCase):
+
+    def test_path_and_abstract_sockets(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            for address in (os.path.join(tmp, "notify"), "@ccproxy-test-%d" % os.getpid()):
+                with self.subTest(address=address):
+                    rx = NotifyReceiver(address)
+                    try:
+                        self.assertTrue(ccproxy.sd_notify("READY=1", {"NOTIFY_SOCKET": address}))
+                        self.assertEqual(rx.next(), "READY=1")
+                    finally:
+                        rx.close()
+
+    def test_absent_or_unusable_socket_is_a_no_op(self):
+        for env in ({}, {"NOTIFY_SOCKET": ""}, {"NOTIFY_SOCKET": "vsock:2:123"},
+                    {"NOTIFY_SOCKET": "/nonexistent/notify"}):
+            self.assertFalse(ccproxy.sd_notify("READY=1", env))
+
+    def test_watchdog_interval(self):
+        pid = str(os.getpid())
+        rows = [({}, None), ({"WATCHDOG_USEC": "200000"}, 0.1),
+                ({"WATCHDOG_USEC": "200000", "WATCHDOG_PID": pid}, 0.1),
+                ({"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}, None),
+                ({"WATCHDOG_USEC": "0"}, None), ({"WATCHDOG_USEC": "x"}, None)]
+        for env, expected in rows:
+            self.assertEqual(ccproxy.watchdog_interval(env), expected)
+
+
+class LifecycleCase(unittest.TestCase):
+    """Runs the real CLI as subprocesses in a temp dir, on a free loopback port."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.dir = self.tmp.name
+        self.port = free_port()
+        self.pid_file = os.path.join(self.dir, "ccproxy.pid")
+        self.log_file = os.path.join(self.dir, "ccproxy.log")
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("CCPROXY_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+        self.env.update(CCPROXY_PID_FILE=self.pid_file, CCPROXY_LOG_FILE=self.log_file,
+                        CCPROXY_PORT=str(self.port), HOME=self.dir,
+                        CCPROXY_DRAIN_TIMEOUT="5")
+        self.procs = []
+
+    def tearDown(self):
+        self.cli("stop", "--force", "--timeout", "5")
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(TIMEOUT)
+        self.tmp.cleanup()
+
+    def cli(self, *args, env=None, timeout=30):
+        return subprocess.run([sys.executable, SCRIPT] + list(args), env=env or self.env,
+                              capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def run_foreground(self, env=None):
+        proc = subprocess.Popen([sys.executable, SCRIPT, "run"], env=env or self.env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def get(self, path, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
+        try:
+            conn.request("GET", path, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read() or b"null")
+        finally:
+            conn.close()
+
+    def accepts(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def write_config(self, doc):
+        path = os.path.join(self.dir, "ccproxy.json")
+        with open(path, "w") as f:
+            f.write(doc if isinstance(doc, str) else json.dumps(doc))
+        return path
+
+
+class TestLifecycleSubprocess(LifecycleCase):
+
+    def test_start_status_stop(self):
+        self.env["CCPROXY_API_KEY"] = "sk-never-logged-123"
+        started = time.monotonic()
+        out = self.cli("start")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertLess(time.monotonic() - started, 5.0)
+        self.assertRegex(out.stdout, r"ccproxy started \(pid \d+\) on http://127.0.0.1:%d"
+                         % self.port)
+        self.assertTrue(self.accepts())               # 0 means the port accepts
+        pid = ccproxy.read_pid(self.pid_file)
+        status = self.cli("status")
+        self.assertEqual(status.returncode, 0, status.stdout)
+        self.assertIn("pid %d" % pid, status.stdout)
+        as_json = json.loads(self.cli("status", "--json").stdout)
+        self.assertEqual((as_json["pid"], as_json["status"]), (pid, "running"))
+        code, doc = self.get("/status")
+        self.assertEqual((code, doc["pid"], doc["port"]), (200, pid, self.port))
+        self.get("/v1/models", {"x-api-key": "sk-never-logged-123"})
+        self.get("/v1/models", {"x-api-key": "sk-wrong-key-456"})
+        stop = self.cli("stop")
+        self.assertEqual(stop.returncode, 0, stop.stderr)
+        self.assertFalse(self.accepts())
+        self.assertEqual(self.cli("status").returncode, 3)
+        self.assertFalse(os.path.exists(self.pid_file))
+        with open(self.log_file) as f:
+            logged = f.read()
+        self.assertIn("GET /status 200", logged)
+        self.assertNotIn("sk-never-logged-123", logged)
+        self.assertNotIn("sk-wrong-key-456", logged)
+
+    def test_second_start_reports_the_running_pid_and_changes_nothing(self):
+        self.assertEqual(self.cli("start").returncode, 0)
+        pid = ccproxy.read_pid(self.pid_file)
+        again = self.cli("start")
+        self.assertEqual(again.returncode, 0)
+        self.assertIn("already running (pid %d)" % pid, again.stdout)
+        self.assertEqual(ccproxy.read_pid(self.pid_file), pid)
+        self.assertEqual(self.get("/status")[1]["pid"], pid)
+
+    def test_kill_9_leaves_a_stale_file_that_never_blocks_start(self):
+        self.assertEqual(self.cli("start").returncode, 0)
+        pid = ccproxy.read_pid(self.pid_file)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: ccproxy.probe_pid_file(self.pid_file)[0] == "stale")
+        status = self.cli("status")
+        self.assertEqual(status.returncode, 1, status.stdout)
+        self.assertIn("PID file", status.stdout)
+        out = self.cli("start")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertNotEqual(ccproxy.read_pid(self.pid_file), pid)
+        self.assertEqual(self.cli("status").returncode, 0)
+
+    def test_stop_when_not_running_is_success(self):
+        out = self.cli("stop")
+        self.assertEqual((out.returncode, out.stdout.strip()), (0, "ccproxy is not running"))
+        self.assertEqual(self.cli("status").returncode, 3)
+
+    def test_busy_port_fails_start_fast_with_the_reason(self):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", self.port))
+            busy.listen()
+            started = time.monotonic()
+            out = self.cli("start")
+            run = self.cli("run", timeout=10)
+        self.assertEqual(out.returncode, 1)
+        self.assertLess(time.monotonic() - started, 5.0)
+        self.assertIn("port %d on 127.0.0.1 is already in use" % self.port, out.stderr)
+        self.assertEqual(self.cli("status").returncode, 3)
+        self.assertEqual(run.returncode, 1)
+        self.assertIn("already in use", run.stderr)
+
+    def test_bad_config_fails_start_with_exit_2_naming_the_key(self):
+        self.env["CCPROXY_PORT"] = "abc"
+        out = self.cli("start")
+        self.assertEqual(out.returncode, 2)
+        self.assertEqual(out.stderr.strip(),
+                         'ccproxy: config: CCPROXY_PORT must be 1-65535, got "abc"')
+        self.env["CCPROXY_PORT"] = str(self.port)
+        out = self.cli("start", "-c", self.write_config('{"providers": [{"type": "x"}]}'))
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("providers[0].type must be one of", out.stderr)
+
+    def test_version(self):
+        out = self.cli("version")
+        self.assertEqual(out.returncode, 0)
+        self.assertRegex(out.stdout, r"^ccproxy %s \(commit \S+, built \S+\)"
+                         % ccproxy.__version__)
+
+    def test_reload_good_and_bad_config(self):
+        upstream = "http://127.0.0.1:%d" % free_port()
+        path = self.write_config({"providers": [{"name": "a", "base_url": upstream}]})
+        self.assertEqual(self.cli("start", "-c", path).returncode, 0)
+        before = self.get("/status")[1]["config"]
+        self.write_config({"providers": [{"name": "b", "base_url": upstream}]})
+        out = self.cli("reload", "-c", path)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("reloaded", out.stdout)
+        doc = self.get("/status")[1]
+        self.assertEqual(doc["providers"]["active"], ["b"])
+        self.assertEqual(doc["config"]["reloads"], 1)
+        self.assertNotEqual(doc["config"]["fingerprint"], before["fingerprint"])
+        self.write_config('{"providers": [{"name": "c", "base_url": "nope"}]}')
+        out = self.cli("reload", "-c", path)       # checked before the daemon is signalled
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("providers[0].base_url must be", out.stderr)
+        self.assertIn("nothing reloaded", out.stderr)
+        self.assertEqual(self.get("/status")[1]["config"]["reload_failures"], 0)
+        os.kill(ccproxy.read_pid(self.pid_file), signal.SIGHUP)    # systemd's ExecReload
+        wait_for(lambda: self.get("/status")[1]["config"]["reload_failures"] == 1)
+        doc = self.get("/status")[1]
+        self.assertEqual(doc["providers"]["active"], ["b"])       # the old config serves
+        self.assertEqual(doc["config"]["reload_failures"], 1)
+        self.assertIn("base_url", doc["config"]["last_reload_error"])
+
+
+class TestDrainAndSignals(LifecycleCase):
+
+    def slow_upstream(self, delay_event):
+        def behave(h, body):
+            h.server.got_request.set()
+            delay_event.wait(TIMEOUT)
+            h.reply(200, MESSAGE_JSON)
+        fake = FakeUpstream(behave)
+        fake.server.got_request = threading.Event()
+        return fake
+
+    def start_with(self, upstream_url, **env):
+        self.env.update(CCPROXY_BASE_URL=upstream_url, **env)
+        proc = self.run_foreground()
+        wait_for(self.accepts)
+        return proc
+
+    def post_in_thread(self):
+        result = {}
+
+        def go():
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
+            try:
+                conn.request("POST", "/v1/messages", json.dumps(BODY))
+                resp = conn.getresponse()
+                result["status"], result["body"] = resp.status, resp.read()
+            except OSError as exc:
+                result["error"] = exc
+        thread = threading.Thread(target=go, daemon=True)
+        thread.start()
+        return thread, result
+
+    def test_sigterm_lets_the_slow_request_finish_and_refuses_new_ones(self):
+        release = threading.Event()
+        with self.slow_upstream(release) as up:
+            proc = self.start_with(up.url)
+            thread, result = self.post_in_thread()
+            self.assertTrue(up.server.got_request.wait(TIMEOUT))
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: not self.accepts())      # new connections refused
+            self.assertIsNone(proc.poll())            # still draining the slow request
+            release.set()
+            thread.join(TIMEOUT)
+            self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertEqual(result.get("status"), 200, result)
+        self.assertEqual(json.loads(result["body"]), MESSAGE_JSON)
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_hung_upstream_exits_within_the_drain_timeout(self):
+        release = threading.Event()
+        with self.slow_upstream(release) as up:
+            proc = self.start_with(up.url, CCPROXY_DRAIN_TIMEOUT="1")
+            self.post_in_thread()
+            self.assertTrue(up.server.got_request.wait(TIMEOUT))
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(TIMEOUT), 0)
+            self.assertLess(time.monotonic() - started, 3.0)
+            release.set()
+        with open(self.log_file) as f:
+            self.assertIn("1 request(s) abandoned", f.read())
+
+    def test_second_signal_exits_at_once(self):
+        release = threading.Event()
+        with self.slow_upstream(release) as up:
+            proc = self.start_with(up.url, CCPROXY_DRAIN_TIMEOUT="30")
+            self.post_in_thread()
+            self.assertTrue(up.server.got_request.wait(TIMEOUT))
+            proc.send_signal(signal.SIGINT)
+            wait_for(lambda: not self.accepts())
+            started = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            self.assertEqual(proc.wait(TIMEOUT), 1)
+            self.assertLess(time.monotonic() - started, 2.0)
+            release.set()
+
+    def test_sd_notify_ready_only_once_the_port_accepts_then_stopping(self):
+        for address in (os.path.join(self.dir, "notify"), "@ccproxy-test-%d" % os.getpid()):
+            with self.subTest(address=address):
+                rx = NotifyReceiver(address)
+                try:
+                    env = dict(self.env, NOTIFY_SOCKET=address)
+                    proc = self.run_foreground(env)
+                    first = rx.next()
+                    self.assertIn("READY=1", first.split("\n"))
+                    self.assertTrue(self.accepts())    # READY came after the listen()
+                    proc.send_signal(signal.SIGTERM)
+                    self.assertIn("STOPPING=1", rx.next().split("\n"))
+                    self.assertEqual(proc.wait(TIMEOUT), 0)
+                finally:
+                    rx.close()
+
+    def test_watchdog_pings_only_for_our_pid(self):
+        for name, pid_env, at_least, at_most in (("ours", {}, 3, None),
+                                                 ("foreign", {"WATCHDOG_PID": "1"}, 0, 0)):
+            with self.subTest(name):
+                address = os.path.join(self.dir, "notify-" + name)
+                rx = NotifyReceiver(address)
+                try:
+                    proc = self.run_foreground(dict(self.env, NOTIFY_SOCKET=address,
+                                                    WATCHDOG_USEC="200000", **pid_env))
+                    self.assertIn("READY=1", rx.next())
+                    rx.sock.settimeout(0.3)
+                    started, pings = time.monotonic(), 0
+                    while time.monotonic() - started < 1.0:
+                        try:
+                            pings += rx.next() == "WATCHDOG=1"
+                        except socket.timeout:
+                            pass
+                    self.assertGreaterEqual(pings, at_least)
+                    if at_most is not None:
+                        self.assertLessEqual(pings, at_most)
+                    proc.send_signal(signal.SIGTERM)
+                    self.assertEqual(proc.wait(TIMEOUT), 0)
+                finally:
+                    rx.close()
+
+
+class TestModule(unittest.TestCase):
+
+    def test_all(self):
+        for name in ccproxy.__all__:
+            self.assertTrue(hasattr(ccproxy, name), name)
+
+    def test_main_returns_exit_codes(self):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(ccproxy.main(["status"], {"CCPROXY_PORT": "x"}), 2)
+        self.assertIn("CCPROXY_PORT", err.getvalue())
+        with contextlib.redirect_stderr(io.StringIO()), self.assertRaises(SystemExit) as cm:
+            ccproxy.main(["frobnicate"])
+        self.assertEqual(cm.exception.code, 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
