@@ -17,7 +17,7 @@ lint:  ## compile, check the 3.9 floor with vermin, print the file's shape
 	$(PYTHON) -m py_compile ccproxy.py test_ccproxy.py
 	@$(PYTHON) -c 'import vermin' 2>/dev/null || \
 	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(PYDEPS) vermin
-	$(PYTHON) -m vermin --no-tips -t=3.9- --violations ccproxy.py
+	$(PYTHON) -c 'import sys; from vermin.main import main; sys.exit(main())' --no-tips -t=3.9- --violations ccproxy.py
 	@$(PYTHON) -c 'import ast,statistics,sys; t=ast.parse(open("ccproxy.py").read()); \
 	  n=sorted(f.end_lineno-f.lineno+1 for f in ast.walk(t) if isinstance(f,ast.FunctionDef)); \
 	  print("functions: %d, median %s lines, max %d" % (len(n), statistics.median(n), n[-1])); \

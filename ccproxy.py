@@ -1883,8 +1883,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             try:
                 data = resp.read1(RELAY_CHUNK)
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                self._stream_failed(exc, frame)
-                break
+                self._stream_failed(exc, chunked)
+                return False
             if not data:
                 tail = renamer.flush() if renamer else b""
                 self._write((frame(tail) if tail else b"") + (b"0\r\n\r\n" if chunked else b""))
@@ -1893,20 +1893,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 data = renamer.feed(data)
             if data:
                 self._write(frame(data))
-        if chunked:
-            self._write(b"0\r\n\r\n")
-        return False
 
-    def _stream_failed(self, exc, frame):
-        """Upstream died mid-stream: end the body with an SSE error event so the client
-        retries (translation.md §3.5) rather than waiting on a half-open stream."""
+    def _stream_failed(self, exc, chunked):
+        """The upstream stream broke: break ours the same way (no terminating chunk), so
+        the client sees exactly what a direct connection would and retries the stream.
+        Seen with Claude Code 2.1.330: an SSE error event instead makes it give up on
+        streaming and re-send the turn as stream:false.  HTTP/1.0 has no way to signal
+        a cut in a close-delimited body, so there an error event ends it."""
         kind = "timeout" if isinstance(exc, socket.timeout) else "reset"
         self.fields["upstream_status"] = "stream_" + kind
-        log.warning("%s upstream stream failed: %s", self.request_id, _os_error_text(exc))
-        event = {"type": "error", "error": {"type": "api_error", "message":
-                 "upstream stream %s: %s" % ("timed out" if kind == "timeout" else "broken",
-                                            _os_error_text(exc))}}
-        self._write(frame(b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"))
+        self.close_connection = True
+        log.warning("%s upstream stream %s: %s", self.request_id, kind, _os_error_text(exc))
+        if not chunked:
+            event = {"type": "error", "error": {"type": "api_error", "message":
+                     "upstream stream %s: %s" % (kind, _os_error_text(exc))}}
+            self._write(b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n")
 
 
 def _chunk(data):
