@@ -2509,6 +2509,7 @@ def cmd_reload(args, environ):
 
 
 def cmd_restart(args, environ):
+    """stop (waiting for the drain), then start with the same options."""
     stop_args = argparse.Namespace(**vars(args), force=False, timeout=None)
     if cmd_stop(stop_args, environ) != EXIT_OK:
         return EXIT_FAIL
@@ -2516,6 +2517,7 @@ def cmd_restart(args, environ):
 
 
 def cmd_version(args, environ):
+    """Print the version and the build stamp."""
     info = build_info()
     print("ccproxy %s (commit %s, built %s)" % (info["version"], info["commit"], info["date"]))
     return EXIT_OK
