@@ -1272,11 +1272,33 @@ class _NoRaise(urllib.request.HTTPErrorProcessor):
     https_response = http_response
 
 
+def tls_context(ca_bundle=""):
+    """The system CA store, plus `ca_bundle` when given.  (create_default_context(cafile=)
+    would load the bundle *instead of* the system store.)"""
+    context = ssl.create_default_context()
+    if ca_bundle:
+        context.load_verify_locations(cafile=ca_bundle)
+    return context
+
+
+def check_tls_files(config):
+    """Load every provider's ca_bundle now, so a bad one fails start-up (or a reload)
+    with the key named, not the first request."""
+    for index, provider in enumerate(config.providers):
+        if provider.ca_bundle:
+            try:
+                tls_context(provider.ca_bundle)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError("providers[%d].ca_bundle: cannot load %s: %s" % (
+                    index, provider.ca_bundle, getattr(exc, "strerror", None) or exc)) from exc
+    return config
+
+
 class UpstreamClient:
     """One urllib opener per provider (its own TLS context and timeouts), one pool."""
 
     def __init__(self, provider, pool):
-        context = ssl.create_default_context(cafile=provider.ca_bundle or None)
+        context = tls_context(provider.ca_bundle)
         self.pool = pool
         self.opener = urllib.request.build_opener(
             urllib.request.ProxyHandler(),      # HTTPS_PROXY / NO_PROXY as urllib does
@@ -2283,7 +2305,7 @@ def _cli_options(args):
 
 
 def _load(args, environ):
-    return load_config(args.config, environ, _cli_options(args))
+    return check_tls_files(load_config(args.config, environ, _cli_options(args)))
 
 
 def _pid_path(config, environ):

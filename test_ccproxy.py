@@ -15,14 +15,17 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import zlib
 
 import ccproxy
@@ -1156,6 +1159,106 @@ class TestProxyEndToEnd(unittest.TestCase):
                                "User-Agent", "X-Claude-Code-Session-Id"):
                     self.assertEqual(got["headers"][header], headers.get(header) or dict(
                         (k.lower(), v) for k, v in headers.items())[header.lower()])
+
+
+class TestUpstreamClient(unittest.TestCase):
+    """The urllib side: proxies from the environment, TLS with a private CA, reuse."""
+
+    def test_http_proxy_from_the_environment_and_no_proxy(self):
+        with FakeUpstream() as proxy, FakeUpstream() as direct:
+            target = "http://upstream.invalid:80/v1/messages"
+            env = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "NO_PROXY": "",
+                   "no_proxy": ""}
+            with unittest.mock.patch.dict(os.environ, env):
+                client = ccproxy.UpstreamClient(provider_cfg("p", "http://x"),
+                                                ccproxy.ConnectionPool())
+                resp = client.open("POST", target, b"{}", [("content-type", "a/b")])
+                resp.read()
+                client.release(resp)
+            self.assertEqual(proxy.requests[0]["path"], target)   # absolute-form via proxy
+            env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1"
+            with unittest.mock.patch.dict(os.environ, env):
+                client = ccproxy.UpstreamClient(provider_cfg("p", "http://x"),
+                                                ccproxy.ConnectionPool())
+                resp = client.open("POST", direct.url + "/v1/messages", b"{}", [])
+                self.assertEqual(resp.status, 200)
+                resp.read()
+            self.assertEqual(len(proxy.requests), 1)
+            self.assertEqual(direct.requests[0]["path"], "/v1/messages")
+
+    @unittest.skipUnless(shutil.which("openssl"), "openssl not installed")
+    def test_tls_with_a_private_ca_reuses_one_connection(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                            "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                            "-addext", "subjectAltName=IP:127.0.0.1"],
+                           check=True, capture_output=True, timeout=60)
+            with FakeUpstream() as up:
+                server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                server_ctx.load_cert_chain(cert, key)
+                up.server.socket = server_ctx.wrap_socket(up.server.socket, server_side=True)
+                url = "https://127.0.0.1:%d" % up.port
+                with Proxy(one_provider(url)) as px:        # system store only: refused
+                    resp, out = px.call("POST", "/v1/messages", BODY)
+                    self.assertEqual(resp.status, 500)
+                    self.assertIn("CERTIFICATE_VERIFY_FAILED", json.loads(out)["error"]["message"])
+                with Proxy(one_provider(url, ca_bundle=cert)) as px:
+                    for _ in range(5):
+                        resp, out = px.call("POST", "/v1/messages", BODY)
+                        self.assertEqual((resp.status, json.loads(out)), (200, MESSAGE_JSON))
+                    self.assertEqual(px.service.upstreams.connections_opened(), 1)
+
+    def test_a_bad_ca_bundle_fails_start_naming_the_key(self):
+        cfg = ccproxy.build_config({"providers": [{"ca_bundle": "/nonexistent/ca.pem"}]}, {}, {})
+        with self.assertRaisesRegex(ccproxy.ConfigError,
+                                    r"providers\[0\]\.ca_bundle: cannot load /nonexistent"):
+            ccproxy.check_tls_files(cfg)
+
+    def test_pool_drops_connections_the_server_closed(self):
+        with FakeUpstream() as up:
+            pool = ccproxy.ConnectionPool()
+            client = ccproxy.UpstreamClient(provider_cfg("p", up.url), pool)
+            resp = client.open("POST", up.url + "/v1/messages", b"{}", [])
+            resp.read()
+            client.release(resp)
+            conn = pool._idle[next(iter(pool._idle))][0][0]
+            conn.sock.shutdown(socket.SHUT_RDWR)     # as if the server had timed it out
+            resp = client.open("POST", up.url + "/v1/messages", b"{}", [])
+            self.assertEqual(resp.status, 200)
+            resp.read()
+            self.assertEqual(pool.opened, 2)
+
+    def test_status_listener_serves_only_status_and_health(self):
+        cfg = config()
+        service = ccproxy.Service(cfg)
+        service.ready = True
+        server = ccproxy.Server(("127.0.0.1", 0), ccproxy.StatusHandler, service)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
+                                              timeout=TIMEOUT)
+            for method, path, expected in (("GET", "/status", 200), ("GET", "/health", 200),
+                                           ("GET", "/status/ready", 200),
+                                           ("POST", "/v1/messages", 404),
+                                           ("GET", "/v1/models", 404)):
+                conn.request(method, path, b"{}" if method == "POST" else None)
+                resp = conn.getresponse()
+                resp.read()
+                self.assertEqual(resp.status, expected, path)
+            conn.close()
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(TIMEOUT)
+
+    def test_install_stamping_lines_exist(self):
+        # `make install` rewrites these two lines with sed; keep them greppable.
+        with open(SCRIPT) as f:
+            lines = f.read().splitlines()
+        self.assertIn("BUILD_COMMIT = None", lines)
+        self.assertIn("BUILD_DATE = None", lines)
 
 
 # ---- Lifecycle -------------------------------------------------------------------
