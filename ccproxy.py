@@ -67,6 +67,8 @@ __all__ = [
 ]
 
 import argparse
+import base64
+import collections
 import dataclasses
 import datetime
 import errno
@@ -141,9 +143,52 @@ PROVIDER_TYPES = {
     "ollama": ("http://127.0.0.1:11434/v1", ()),
     "openai-compatible": ("", ("OPENAI_API_KEY",)),
 }
-#: Types this build can route to.  The OpenAI translation layer is a separate step;
-#: until it lands, such types fail at start-up rather than on every request.
-ROUTABLE_TYPES = ("anthropic",)
+
+#: Every quirk flag with its default (translation.md §6).  A provider type is a row of
+#: overrides below; a config file can override any flag per provider under "quirks".
+#: Adding a provider is adding a row, never a branch in the code.
+QUIRK_DEFAULTS = {
+    "token_param": "max_tokens",       # or max_completion_tokens (OpenAI, Azure)
+    "max_output": 0,                   # clamp max_tokens to this (0: no clamp)
+    "mid_system": "merge_user",        # a role:"system" inside messages: inplace | merge_user
+    "developer_role": False,           # the leading system message as role "developer"
+    "no_vision": False,                # images become "[image omitted]"
+    "supports_pdf": False,             # PDFs as file parts, else "[PDF document omitted]"
+    "supports_top_k": False,
+    "stream_options": True,            # stream_options.include_usage on streams
+    "reasoning": "",                   # reasoning_effort | openrouter | deepseek | "" (none)
+    "reasoning_models": "",            # regex on the upstream model; "" = every model
+    "reasoning_echo": "",              # history thinking -> reasoning_content | reasoning
+    "schema_dialect": "openai",        # or gemini
+    "think_tags": False,               # a leading <think>…</think> in content is reasoning
+    "stream_tools": True,              # False: call non-streaming when tools are present
+    "empty_content_as_string": False,  # assistant tool calls with content "" (not null)
+    "tool_id_style": "",               # alnum9 (Mistral): ids of 9 alphanumerics
+    "auth": "bearer",                  # or api-key (Azure)
+    "no_required": False,              # tool_choice "required" unsupported: send "auto"
+    "no_parallel_flag": False,         # drop parallel_tool_calls
+    "gemini_signatures": False,        # keep and replay extra_content.google.thought_signature
+}
+_OPENAI_REASONING = r"^(o\d|gpt-5)"
+PROVIDER_QUIRKS = {
+    "openai": {"token_param": "max_completion_tokens", "mid_system": "inplace",
+               "supports_pdf": True, "reasoning": "reasoning_effort",
+               "reasoning_models": _OPENAI_REASONING},
+    "azure": {"token_param": "max_completion_tokens", "mid_system": "inplace",
+              "auth": "api-key", "reasoning": "reasoning_effort",
+              "reasoning_models": _OPENAI_REASONING},
+    "groq": {"reasoning": "reasoning_effort", "reasoning_models": r"(gpt-oss|qwen3)",
+             "reasoning_echo": ""},
+    "openrouter": {"supports_pdf": True, "reasoning": "openrouter",
+                   "reasoning_models": r"(o\d|gpt-5|claude|gemini-2\.5|gemini-3|deepseek-r|"
+                                       r"reasoner|thinking|qwen3|grok)"},
+    "deepseek": {"no_vision": True, "max_output": 8192, "reasoning": "deepseek",
+                 "reasoning_models": r"reasoner", "reasoning_echo": "reasoning_content"},
+    "gemini": {"schema_dialect": "gemini", "reasoning": "reasoning_effort",
+               "reasoning_models": r"(2\.5|gemini-3)", "gemini_signatures": True},
+    "ollama": {"stream_tools": False, "think_tags": True, "no_parallel_flag": True},
+    "openai-compatible": {"think_tags": True},
+}
 
 STATUS_WORDS = ("connected", "rate_limited", "disconnected", "auth_failed", "unknown")
 TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
@@ -209,6 +254,8 @@ class ProviderConfig:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     ca_bundle: str = ""
+    api_version: str = ""          # Azure: sent as ?api-version=
+    quirks: tuple = ()             # (flag, value) overrides of the type's preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +322,8 @@ PROVIDER_ENV = (
 )
 FILE_ONLY_KEYS = ("providers", "routes", "fallback")
 PROVIDER_KEYS = ("name", "type", "base_url", "api_key", "api_key_env", "model", "big_model",
-                 "small_model", "connect_timeout", "read_timeout", "ca_bundle")
+                 "small_model", "connect_timeout", "read_timeout", "ca_bundle", "api_version",
+                 "quirks")
 ROUTE_KEYS = ("match", "provider", "model")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
@@ -373,10 +421,6 @@ def _provider(index, raw, environ):
     if ptype not in PROVIDER_TYPES:
         raise ConfigError("%s.type must be one of %s, got %s"
                           % (where, ", ".join(PROVIDER_TYPES), _shown(ptype)))
-    if ptype not in ROUTABLE_TYPES:
-        raise ConfigError("%s.type %s needs the OpenAI translation layer, which this build "
-                          "(%s) does not have yet; use type \"anthropic\" (any Anthropic-"
-                          "compatible base_url works)" % (where, _shown(ptype), __version__))
     name = raw.get("name", ptype)
     if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
         raise ConfigError("%s.name must be 1-64 letters, digits, '_', '.' or '-', got %s"
@@ -398,12 +442,28 @@ def _provider_fields(where, name, ptype, raw, environ):
     fields = {"name": name, "type": ptype,
               "base_url": _check_url(where + ".base_url", str(url)),
               "api_key": _convert(where + ".api_key", "secret", key)}
-    for field in ("model", "big_model", "small_model", "ca_bundle"):
+    for field in ("model", "big_model", "small_model", "ca_bundle", "api_version"):
         fields[field] = _convert(where + "." + field, "str", raw.get(field, ""))
+    fields["quirks"] = _quirks(where + ".quirks", raw.get("quirks", {}))
     for field in ("connect_timeout", "read_timeout"):
         if field in raw:
             fields[field] = _convert(where + "." + field, "seconds", raw[field])
     return ProviderConfig(**fields)
+
+
+def _quirks(where, raw):
+    """Per-provider quirk overrides, checked against the flag table (translation.md §6)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("%s must be an object of flags" % where)
+    for flag, value in raw.items():
+        if flag not in QUIRK_DEFAULTS:
+            raise ConfigError("%s: unknown flag %s (known: %s)"
+                              % (where, _shown(flag), ", ".join(sorted(QUIRK_DEFAULTS))))
+        want = type(QUIRK_DEFAULTS[flag])
+        if type(value) is not want:
+            raise ConfigError("%s.%s must be a %s, got %s" % (where, flag, want.__name__,
+                                                               _shown(value)))
+    return tuple(sorted(raw.items()))
 
 
 def _routes(raw_routes, names):
@@ -646,8 +706,23 @@ def upstream_message(body):
         for candidate in ((err or {}).get("message") if isinstance(err, dict) else err,
                           doc.get("detail"), doc.get("message")):
             if isinstance(candidate, str) and candidate:
-                return candidate
+                return candidate + _openrouter_detail(err)
     return body[:300].decode("utf-8", "replace").strip()
+
+
+def _openrouter_detail(err):
+    """OpenRouter hides the real provider's words in error.metadata."""
+    meta = err.get("metadata") if isinstance(err, dict) else None
+    if not isinstance(meta, dict):
+        return ""
+    extra = [str(meta[k]) for k in ("provider_name", "raw") if meta.get(k)]
+    return (" (" + ": ".join(extra)[:500] + ")") if extra else ""
+
+
+#: Upstream wording for a prompt over the model's context (OpenAI, vLLM, Groq, …).
+CONTEXT_OVERFLOW = re.compile(r"context_length_exceeded|maximum context length|reduce the "
+                              r"length|context window|too many tokens|prompt is too long",
+                              re.I)
 
 
 def is_anthropic_error(body):
@@ -694,6 +769,13 @@ def map_upstream_error(status, headers, body, label, passthrough):
         return status, extra, body
     text = "%s upstream %d: %s" % (label, status, message or http.client.responses.get(
         status, "error"))
+    if out_status in (400, 413) and (CONTEXT_OVERFLOW.search(message) or CONTEXT_OVERFLOW
+                                     .search(body[:2000].decode("utf-8", "replace"))):
+        # Anthropic's wording, which Claude Code's overflow handling (compact) knows.
+        out_status, etype, text = 400, "invalid_request_error", "prompt is too long: " + text
+    if out_status == 400 and not passthrough and ("x-should-retry", "false") not in extra:
+        # A translated 400 will not heal on a re-send (Claude Code would send six).
+        extra.append(("x-should-retry", "false"))
     return out_status, extra, error_body(etype, text)
 
 
@@ -1090,6 +1172,1249 @@ def access_record(fields):
     return (head + " " + tail).strip()
 
 
+# ---- Translation: provider quirks ----------------------------------------------
+
+def quirks_for(provider):
+    """The effective quirk flags of a provider: defaults < its type's row < config."""
+    flags = dict(QUIRK_DEFAULTS)
+    flags.update(PROVIDER_QUIRKS.get(provider.type, {}))
+    flags.update(dict(provider.quirks))
+    return flags
+
+
+# ---- Translation: Anthropic request -> OpenAI request (translation.md §1) ---------
+
+TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+BILLING_PREFIX = "x-anthropic-billing-header:"
+GEMINI_SCHEMA_KEYS = frozenset((
+    "type", "format", "description", "nullable", "enum", "items", "properties", "required",
+    "minItems", "maxItems", "minimum", "maximum", "minLength", "maxLength", "pattern",
+    "anyOf", "title"))
+SCHEMA_META_KEYS = ("$schema", "$id", "$comment")
+
+
+@dataclasses.dataclass
+class Translation:
+    """What one translated request needs to remember for its reply."""
+    route: str
+    client_model: str
+    upstream_model: str
+    quirks: dict
+    names: dict = dataclasses.field(default_factory=dict)   # upstream name -> original
+    estimate: int = 1                                        # input tokens, §5, calibrated
+    raw_estimate: int = 1                                    # before calibration
+    signatures: object = None                                # ThoughtSignatures or None
+
+
+def upstream_tool_name(name):
+    """A tool name OpenAI accepts (§1.4): bad characters become _, long names are cut
+    to 55 characters plus a hash, so distinct names stay distinct."""
+    if TOOL_NAME_RE.match(name):
+        return name
+    clean = re.sub(r"[^a-zA-Z0-9_-]", "_", name) or "tool"
+    if len(clean) > 64 or clean != name:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        clean = clean[:55] + "_" + digest if len(clean) > 64 else clean
+    return clean
+
+
+def alnum9(tool_id):
+    """A deterministic 9-character alphanumeric id (Mistral's rule, via OpenRouter)."""
+    number = int(hashlib.sha256(tool_id.encode()).hexdigest(), 16)
+    alphabet = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    out = ""
+    while len(out) < 9:
+        number, digit = divmod(number, 62)
+        out += alphabet[digit]
+    return out
+
+
+def _tool_id(tool_id, quirks):
+    return alnum9(tool_id) if quirks["tool_id_style"] == "alnum9" else tool_id
+
+
+def clean_schema(schema, dialect):
+    """A tool's input_schema for an OpenAI upstream: meta keys removed at every depth,
+    an object root, and Gemini's much smaller dialect when the route speaks it."""
+    if not isinstance(schema, dict):
+        schema = {}
+    if dialect == "gemini":
+        defs = dict(schema.get("$defs") or {}, **(schema.get("definitions") or {}))
+        out = _gemini_node(schema, defs, 0)
+    else:
+        out = _strip_meta(schema)
+    out.setdefault("type", "object")
+    if out.get("type") == "object":
+        out.setdefault("properties", {})
+    return out
+
+
+def _strip_meta(node):
+    if isinstance(node, dict):
+        return {k: _strip_meta(v) for k, v in node.items() if k not in SCHEMA_META_KEYS}
+    if isinstance(node, list):
+        return [_strip_meta(v) for v in node]
+    return node
+
+
+def _gemini_node(node, defs, depth):
+    """One schema node in Gemini's dialect (§1.4): allow-listed keys and rewrites."""
+    if not isinstance(node, dict) or depth > 8:
+        return {"type": "object"}
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        target = defs.get(ref.rsplit("/", 1)[-1])
+        return _gemini_node(target, defs, depth + 1) if target is not None else {
+            "type": "object"}
+    node = _gemini_rewrite(dict(node))
+    out = {}
+    for key, value in node.items():
+        if key not in GEMINI_SCHEMA_KEYS:
+            continue
+        if key == "properties" and isinstance(value, dict):
+            value = {k: _gemini_node(v, defs, depth + 1) for k, v in value.items()}
+        elif key == "items":
+            value = _gemini_node(value, defs, depth + 1)
+        elif key == "anyOf" and isinstance(value, list):
+            value = [_gemini_node(v, defs, depth + 1) for v in value]
+        out[key] = value
+    return _gemini_tidy(out)
+
+
+def _gemini_rewrite(node):
+    if "const" in node:
+        node["enum"] = [str(node.pop("const"))]
+    kind = node.get("type")
+    if isinstance(kind, list):
+        rest = [t for t in kind if t != "null"]
+        node["type"] = rest[0] if rest else "string"
+        if "null" in kind:
+            node["nullable"] = True
+    for src, dst in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(src), (int, float)) and not isinstance(node[src], bool):
+            node.setdefault(dst, node[src])
+    if "oneOf" in node and "anyOf" not in node:
+        node["anyOf"] = node.pop("oneOf")
+    return node
+
+
+def _gemini_tidy(out):
+    if "enum" in out and out.get("type") not in (None, "string"):
+        del out["enum"]                                  # enum only on strings
+    elif "enum" in out:
+        out["enum"] = [str(v) for v in out["enum"]]
+    if out.get("format") not in (None, "enum", "date-time"):
+        del out["format"]
+    if isinstance(out.get("required"), list):
+        props = out.get("properties") or {}
+        out["required"] = [r for r in out["required"] if r in props]
+        if not out["required"]:
+            del out["required"]
+    return out
+
+
+def system_text(system):
+    """The system prompt as one string, without Claude Code's billing block (it changes
+    with every version and defeats prefix caching)."""
+    if isinstance(system, str):
+        return "" if system.startswith(BILLING_PREFIX) else system
+    if not isinstance(system, list):
+        return ""
+    texts = [b.get("text") for b in system if isinstance(b, dict)]
+    return "\n\n".join(t for t in texts if isinstance(t, str) and t.strip()
+                       and not t.startswith(BILLING_PREFIX))
+
+
+def _text_of_blocks(blocks, joiner="\n"):
+    return joiner.join(b.get("text", "") for b in blocks
+                       if isinstance(b, dict) and b.get("type") == "text" and b.get("text"))
+
+
+def _image_part(block, quirks):
+    """An image block as an image_url part, or the text that stands in for it."""
+    src = block.get("source") or {}
+    if quirks["no_vision"]:
+        return {"type": "text", "text": "[image omitted]"}
+    if src.get("type") == "base64" and src.get("data"):
+        url = "data:%s;base64,%s" % (src.get("media_type") or "image/png", src["data"])
+        return {"type": "image_url", "image_url": {"url": url}}
+    if src.get("type") == "url" and src.get("url"):
+        return {"type": "image_url", "image_url": {"url": src["url"]}}
+    return {"type": "text", "text": "[image file %s omitted]" % src.get("file_id", "")}
+
+
+def _document_part(block, quirks):
+    """A document block as a file part (PDF routes) or as text."""
+    src = block.get("source") or {}
+    kind = src.get("type")
+    if kind == "base64" and "pdf" in str(src.get("media_type", "pdf")):
+        if not quirks["supports_pdf"]:
+            return {"type": "text", "text": "[PDF document omitted]"}
+        return {"type": "file", "file": {"filename": "document.pdf", "file_data":
+                "data:application/pdf;base64,%s" % src.get("data", "")}}
+    title = (block.get("title") + "\n") if isinstance(block.get("title"), str) else ""
+    if kind == "text":
+        return {"type": "text", "text": title + str(src.get("data", ""))}
+    if kind == "content":
+        return {"type": "text", "text": title + _text_of_blocks(src.get("content") or [])}
+    if kind == "url":
+        return {"type": "text", "text": "[document: %s]" % src.get("url", "")}
+    return {"type": "text", "text": "[document omitted]"}
+
+
+def _user_part(block, quirks):
+    """One non-tool_result user block as an O content part, or None to drop it."""
+    kind = block.get("type")
+    if kind == "text":
+        text = block.get("text")
+        return {"type": "text", "text": text} if isinstance(text, str) and text.strip() else None
+    if kind == "image":
+        return _image_part(block, quirks)
+    if kind == "document":
+        return _document_part(block, quirks)
+    if kind == "search_result":
+        text = "\n".join([str(block.get("title", "")), str(block.get("source", "")),
+                          _text_of_blocks(block.get("content") or [])])
+        return {"type": "text", "text": text}
+    return None       # thinking, redacted_thinking, unknown blocks
+
+
+def _collapse(parts):
+    """All-text parts become one string (some upstreams reject arrays); arrays only
+    when an image or file part is there."""
+    if all(p["type"] == "text" for p in parts):
+        return "\n\n".join(p["text"] for p in parts)
+    return parts
+
+
+def tool_result_text(block, images, quirks):
+    """A tool_result's content as the string an O tool message carries (§1.3); image
+    parts are collected into `images` for one user message after the tool messages."""
+    content = block.get("content")
+    if isinstance(content, str):
+        text = content
+    else:
+        pieces = []
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                pieces.append(part.get("text", ""))
+            elif kind == "tool_reference":
+                pieces.append("[tool_reference: %s]" % part.get("tool_name", ""))
+            elif kind == "document":
+                pieces.append(_document_part(part, dict(quirks, supports_pdf=False))["text"])
+            elif kind == "image":
+                if quirks["no_vision"]:
+                    pieces.append("[image omitted]")
+                else:
+                    images.append(_image_part(part, quirks))
+                    pieces.append("[image %d attached below]" % len(images))
+        text = "\n".join(pieces)
+    text = text if text.strip() else "(no output)"
+    return "[ERROR] " + text if block.get("is_error") else text
+
+
+def _user_messages(content, quirks):
+    """One A user message -> tool messages first, then the images they returned, then
+    one user message with the rest (O needs tool messages right after the calls)."""
+    if isinstance(content, str):
+        return [{"role": "user", "content": content}] if content.strip() else []
+    out, images, parts = [], [], []
+    for block in content if isinstance(content, list) else []:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "tool_result":
+            out.append({"role": "tool", "tool_call_id": _tool_id(
+                str(block.get("tool_use_id", "")), quirks),
+                "content": tool_result_text(block, images, quirks)})
+        else:
+            part = _user_part(block, quirks)
+            if part:
+                parts.append(part)
+    if images:
+        out.append({"role": "user", "content": [
+            {"type": "text", "text": "Images returned by tool calls:"}] + images})
+    if parts:
+        out.append({"role": "user", "content": _collapse(parts)})
+    return out
+
+
+def _assistant_message(content, quirks, tr):
+    """One A assistant message -> one O assistant message (or None when empty)."""
+    if isinstance(content, str):
+        return {"role": "assistant", "content": content} if content else None
+    texts, calls, thinking = [], [], []
+    for block in content if isinstance(content, list) else []:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and block.get("text"):
+            texts.append(block["text"])
+        elif kind == "thinking" and block.get("thinking"):
+            thinking.append(block["thinking"])
+        elif kind == "tool_use":
+            calls.append(_tool_call(block, quirks, tr))
+    if not texts and not calls:
+        return None            # thinking-only turns are omitted
+    msg = {"role": "assistant", "content": "\n\n".join(texts) if texts else (
+        "" if quirks["empty_content_as_string"] else None)}
+    if calls:
+        msg["tool_calls"] = calls
+    if thinking and quirks["reasoning_echo"]:
+        # DeepSeek 400s unless tool-calling turns carry their reasoning back.
+        msg[quirks["reasoning_echo"]] = "\n\n".join(thinking)
+    return msg
+
+
+def _tool_call(block, quirks, tr):
+    name = str(block.get("name", ""))
+    mapped = upstream_tool_name(name)
+    tr.names[mapped] = name
+    args = block.get("input")
+    call = {"id": _tool_id(str(block.get("id", "")), quirks), "type": "function",
+            "function": {"name": mapped, "arguments": json.dumps(
+                args if args else {}, separators=(",", ":"), ensure_ascii=False)}}
+    if quirks["gemini_signatures"] and tr.signatures is not None:
+        sig = tr.signatures.get(str(block.get("id", "")))
+        if sig:
+            call["extra_content"] = {"google": {"thought_signature": sig}}
+    return call
+
+
+def _system_message(text, quirks, leading):
+    role = "developer" if quirks["developer_role"] and leading else "system"
+    return {"role": role, "content": text}
+
+
+def convert_messages(body, quirks, tr):
+    """system + messages -> O messages, then the repair pass (§1.2, §1.3)."""
+    out = []
+    system = system_text(body.get("system"))
+    if system:
+        out.append(_system_message(system, quirks, True))
+    for message in body.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        role, content = message.get("role"), message.get("content")
+        if role == "assistant":
+            out.extend(m for m in [_assistant_message(content, quirks, tr)] if m)
+        elif role == "system":
+            out.extend(_mid_system(content, quirks))
+        else:
+            out.extend(_user_messages(content, quirks))
+    return repair_messages(out)
+
+
+def _mid_system(content, quirks):
+    text = content if isinstance(content, str) else _text_of_blocks(content or [], "\n\n")
+    if not text.strip():
+        return []
+    if quirks["mid_system"] == "inplace":
+        return [_system_message(text, quirks, False)]
+    # Many chat templates reject a system message after the first: hand it to the
+    # model as the user turn it belongs to (merged in the repair pass).
+    return [{"role": "user", "content": "<system-reminder>%s</system-reminder>" % text}]
+
+
+def repair_messages(msgs):
+    """Make the message list one an OpenAI upstream accepts (§1.3 repair pass):
+    tool messages right after their calls, a stand-in result for an interrupted call,
+    orphan results as user text, consecutive user messages merged, empties dropped."""
+    out, pending, held = [], [], []
+
+    def settle():
+        out.extend({"role": "tool", "tool_call_id": call_id,
+                    "content": "[no result: tool call was interrupted]"} for call_id in pending)
+        pending.clear()
+        out.extend(held)
+        held.clear()
+
+    for msg in msgs:
+        if msg["role"] == "tool" and msg["tool_call_id"] in pending:
+            pending.remove(msg["tool_call_id"])
+            out.append(msg)
+            if not pending:
+                settle()
+            continue
+        if msg["role"] == "tool":          # answers no call we know of
+            msg = {"role": "user", "content": "[orphan tool result %s]\n%s"
+                   % (msg["tool_call_id"], msg["content"])}
+        if msg["role"] == "assistant":
+            settle()
+            out.append(msg)
+            pending[:] = [c["id"] for c in msg.get("tool_calls") or []]
+        elif pending:
+            held.append(msg)               # e.g. "[Request interrupted by user]"
+        else:
+            out.append(msg)
+    settle()
+    return _merge_users(out)
+
+
+def _merge_users(msgs):
+    out = []
+    for msg in msgs:
+        if msg.get("content") in ("", None, []) and not msg.get("tool_calls"):
+            continue                       # Gemini rejects empty parts
+        if out and msg["role"] == "user" and out[-1]["role"] == "user":
+            out[-1] = {"role": "user", "content": _join_content(out[-1]["content"],
+                                                               msg["content"])}
+        else:
+            out.append(msg)
+    return out
+
+
+def _join_content(a, b):
+    if isinstance(a, str) and isinstance(b, str):
+        return a + "\n\n" + b
+    as_parts = lambda c: [{"type": "text", "text": c}] if isinstance(c, str) else c  # noqa
+    return as_parts(a) + as_parts(b)
+
+
+def convert_tools(tools, quirks, tr):
+    """A tools -> O function tools; server tools (web_search_*, bash_*, …) dropped."""
+    out = []
+    for tool in tools if isinstance(tools, list) else []:
+        if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
+            log.warning("dropping server tool %s: OpenAI routes have no equivalent",
+                        escape_log(tool.get("name") if isinstance(tool, dict) else tool))
+            continue
+        name = str(tool.get("name", ""))
+        mapped = upstream_tool_name(name)
+        tr.names[mapped] = name
+        out.append({"type": "function", "function": {
+            "name": mapped, "description": tool.get("description") or "",
+            "parameters": clean_schema(tool.get("input_schema"), quirks["schema_dialect"])}})
+    return out
+
+
+def convert_tool_choice(choice, quirks):
+    """A tool_choice -> (O tool_choice or None, parallel_tool_calls or None)."""
+    if not isinstance(choice, dict):
+        return None, None
+    kind = choice.get("type")
+    parallel = False if choice.get("disable_parallel_tool_use") else None
+    if kind == "any":
+        return ("auto" if quirks["no_required"] else "required"), parallel
+    if kind == "tool" and choice.get("name"):
+        return {"type": "function", "function": {
+            "name": upstream_tool_name(str(choice["name"]))}}, parallel
+    if kind in ("auto", "none"):
+        return kind, parallel
+    return None, parallel
+
+
+def is_reasoning_model(quirks, model):
+    pattern = quirks["reasoning_models"]
+    return bool(quirks["reasoning"]) and (not pattern or re.search(pattern, model or "") is not None)
+
+
+def reasoning_effort(body):
+    """The effort the client asked for (§1.6), or None for no reasoning."""
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    kind = thinking.get("type")
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        budget = budget if isinstance(budget, int) and not isinstance(budget, bool) else 8192
+        return "low" if budget <= 1024 else "medium" if budget <= 8192 else "high"
+    if kind == "adaptive":
+        effort = (body.get("output_config") or {}).get("effort") if isinstance(
+            body.get("output_config"), dict) else None
+        return {"low": "low", "medium": "medium"}.get(effort, "high" if effort else "medium")
+    return None
+
+
+def _reasoning_fields(body, quirks, model):
+    """The reasoning knob in the place the route expects it, or nothing."""
+    effort = reasoning_effort(body)
+    if not effort or not is_reasoning_model(quirks, model):
+        return {}
+    placement = quirks["reasoning"]
+    if placement == "openrouter":
+        return {"reasoning": {"effort": effort}}
+    if placement == "deepseek":
+        return {"thinking": {"type": "enabled"}}
+    return {"reasoning_effort": effort}
+
+
+def anthropic_to_openai(body, tr):
+    """An Anthropic Messages body -> an OpenAI Chat Completions body, built from an
+    allow-list: a field the upstream does not know is never copied (Claude Code answers
+    a 400 with six downgraded re-sends)."""
+    quirks, model = tr.quirks, tr.upstream_model
+    out = {"model": model, "messages": convert_messages(body, quirks, tr)}
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0:
+        if quirks["max_output"]:
+            max_tokens = min(max_tokens, quirks["max_output"])
+        out[quirks["token_param"]] = max_tokens
+    reasoning = is_reasoning_model(quirks, model)
+    for key in ("temperature", "top_p"):
+        if isinstance(body.get(key), (int, float)) and not reasoning:
+            out[key] = body[key]
+    if quirks["supports_top_k"] and isinstance(body.get("top_k"), int):
+        out["top_k"] = body["top_k"]
+    stops = body.get("stop_sequences")
+    if isinstance(stops, list) and stops and not reasoning:
+        out["stop"] = [str(s) for s in stops[:4]]
+    out.update(_reasoning_fields(body, quirks, model))
+    _add_tools(out, body, quirks, tr)
+    fmt = (body.get("output_config") or {}).get("format") if isinstance(
+        body.get("output_config"), dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        out["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "output", "schema": fmt.get("schema") or {}, "strict": False}}
+    if body.get("stream") is True:
+        out["stream"] = True
+        if quirks["stream_options"]:
+            out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def _add_tools(out, body, quirks, tr):
+    tools = convert_tools(body.get("tools"), quirks, tr)
+    if not tools:
+        return                           # OpenAI 400s on tool_choice without tools
+    out["tools"] = tools
+    choice, parallel = convert_tool_choice(body.get("tool_choice"), quirks)
+    if choice is not None:
+        out["tool_choice"] = choice
+    if parallel is not None and not quirks["no_parallel_flag"]:
+        out["parallel_tool_calls"] = parallel
+
+
+def openai_url(provider):
+    """{base}/chat/completions (Azure: plus ?api-version=)."""
+    query = "?api-version=" + urllib.parse.quote(provider.api_version) if (
+        provider.api_version) else ""
+    return provider.base_url + "/chat/completions" + query
+
+
+def openai_headers(provider, stream):
+    """Headers for an OpenAI upstream: nothing of the client's is forwarded (no
+    x-api-key, anthropic-*, x-stainless-*, x-claude-code-*)."""
+    headers = [("content-type", "application/json"), ("accept-encoding", "identity"),
+               ("accept", "text/event-stream" if stream else "application/json")]
+    if provider.api_key:
+        quirks = quirks_for(provider)
+        headers.append(("api-key", provider.api_key) if quirks["auth"] == "api-key" else
+                       ("authorization", "Bearer " + provider.api_key))
+    return headers
+
+
+def translated_request(body, tr):
+    """(upstream body bytes, wants a stream from upstream) for a translated call; routes
+    that lose streamed tool calls (Ollama) are asked without streaming (§3.2)."""
+    doc = anthropic_to_openai(body, tr)
+    if doc.get("stream") and doc.get("tools") and not tr.quirks["stream_tools"]:
+        doc.pop("stream")
+        doc.pop("stream_options", None)
+    return json.dumps(doc, ensure_ascii=False).encode(), bool(doc.get("stream"))
+
+
+# ---- Translation: OpenAI reply -> Anthropic reply (translation.md §2) -------------
+
+FINISH_TO_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                  "function_call": "tool_use", "content_filter": "refusal"}
+
+
+class UpstreamReplyError(CcproxyError):
+    """The upstream answered 200 but the reply says it failed (finish_reason "error",
+    an error object in the body or stream)."""
+
+    def __init__(self, etype, message):
+        super().__init__(message)
+        self.etype = etype
+
+
+def new_message_id():
+    return "msg_" + uuid.uuid4().hex[:24]
+
+
+def thinking_signature(route, text):
+    """A signature ccproxy recognises on the way back (pass-through strips it)."""
+    digest = hashlib.sha256((route + "\0" + text).encode("utf-8", "surrogateescape"))
+    return "%s%s:%s" % (CCPROXY_SIGNATURE_PREFIX, route, digest.hexdigest()[:16])
+
+
+def _close_json(text):
+    """Close the strings, objects and arrays a cut-off JSON text left open."""
+    stack, in_string, escaped = [], False, False
+    for ch in text:
+        if in_string:
+            escaped = ch == "\\" and not escaped
+            if ch == '"' and not escaped:
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]" and stack:
+            stack.pop()
+    return text + ('"' if in_string else "") + "".join(reversed(stack))
+
+
+def parse_tool_arguments(args):
+    """Tool-call arguments as an input object, repaired where models break them (§2.2)."""
+    if isinstance(args, dict):
+        return args
+    if args is None or (isinstance(args, str) and not args.strip()):
+        return {}
+    value = _loads(args) if isinstance(args, str) else args
+    if value is _INVALID:
+        text = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", args)
+        text = re.sub(r",\s*([}\]])", r"\1", text)
+        value = _loads(_close_json(text.rstrip().rstrip(",")))
+    if isinstance(value, str):
+        inner = _loads(value)               # a JSON string holding the object
+        value = inner if isinstance(inner, dict) else value
+    if value is _INVALID:
+        return {"_ccproxy_invalid_arguments": args}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+_INVALID = object()
+
+
+def _loads(text):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return _INVALID
+
+
+def _first_positive(*values):
+    return next((v for v in values if isinstance(v, int) and not isinstance(v, bool)
+                 and v > 0), 0)
+
+
+def anthropic_usage(usage, estimate, output_estimate):
+    """O usage -> the four A usage keys (§2.4): A's input excludes cache hits, O's
+    includes them; missing numbers come from the estimator."""
+    usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("prompt_tokens_details") or {}
+    details = details if isinstance(details, dict) else {}
+    read = _first_positive(details.get("cached_tokens"), usage.get("prompt_cache_hit_tokens"),
+                           usage.get("cache_read_input_tokens"))
+    write = _first_positive(details.get("cache_write_tokens"),
+                            usage.get("cache_creation_input_tokens"))
+    prompt = _first_positive(usage.get("prompt_tokens"), usage.get("input_tokens"))
+    output = _first_positive(usage.get("completion_tokens"), usage.get("output_tokens"))
+    return {"input_tokens": max(prompt - read - write, 0) if prompt else max(estimate, 1),
+            "output_tokens": output or max(output_estimate, 1),
+            "cache_creation_input_tokens": write, "cache_read_input_tokens": read}
+
+
+def stop_reason(finish, had_tool_use, refusal=False):
+    """finish_reason -> stop_reason with the tool override (§2.3): Gemini, Ollama and
+    gpt-4o under forced tool_choice say "stop" with tool calls, and Claude Code skips
+    the tools unless it sees tool_use (anthropics/claude-code#16785)."""
+    if finish == "error":
+        raise UpstreamReplyError("api_error", "upstream reported finish_reason error")
+    reason = FINISH_TO_STOP.get(finish, "end_turn")
+    if finish not in FINISH_TO_STOP and finish is not None:
+        log.debug("unknown finish_reason %s taken as end_turn", escape_log(finish))
+    if refusal and reason != "max_tokens":
+        return "refusal"
+    if had_tool_use and reason != "max_tokens":
+        return "tool_use"
+    return reason
+
+
+def reasoning_of(obj):
+    """Reasoning text from a message or a delta: reasoning_content, reasoning, or the
+    text entries of reasoning_details, whichever comes first."""
+    for key in ("reasoning_content", "reasoning"):
+        if isinstance(obj.get(key), str) and obj[key]:
+            return obj[key]
+    details = obj.get("reasoning_details")
+    if isinstance(details, list):
+        return "".join(d.get("text") or "" for d in details
+                       if isinstance(d, dict) and isinstance(d.get("text"), str))
+    return ""
+
+
+def split_think_tags(text):
+    """A leading <think>…</think> (Ollama, vLLM, generic) -> (reasoning, rest)."""
+    match = re.match(r"^\s*<think>(.*?)</think>\s*", text, re.S)
+    return (match.group(1).strip(), text[match.end():]) if match else ("", text)
+
+
+class ToolIds:
+    """Anthropic-safe tool ids for one message: sanitised, minted when missing, and
+    made unique (Groq repeats ids across parallel calls)."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def make(self, upstream_id):
+        base = re.sub(r"[^A-Za-z0-9_-]", "_", upstream_id) if upstream_id else ""
+        base = base or "toolu_" + uuid.uuid4().hex[:24]
+        tool_id, n = base, 1
+        while tool_id in self.seen:
+            n += 1
+            tool_id = "%s_%d" % (base, n)
+        self.seen.add(tool_id)
+        return tool_id
+
+
+def _message_parts(message, tr):
+    """(thinking, text, refusal) of a non-streamed O message."""
+    thinking = reasoning_of(message)
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    text = content if isinstance(content, str) else ""
+    if tr.quirks["think_tags"] and not thinking:
+        thinking, text = split_think_tags(text)
+    refusal = message.get("refusal") if isinstance(message.get("refusal"), str) else ""
+    return thinking, text, refusal
+
+
+def openai_to_anthropic(doc, tr):
+    """A non-streamed O reply -> an A message (§2)."""
+    if not isinstance(doc, dict) or doc.get("error"):
+        err = (doc or {}).get("error") if isinstance(doc, dict) else None
+        raise UpstreamReplyError("api_error", "%s upstream error: %s" % (
+            tr.route, upstream_message(json.dumps(doc).encode()) if err else "no reply"))
+    choices = doc.get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message") or {}
+    thinking, text, refusal = _message_parts(message, tr)
+    content = []
+    if thinking:
+        content.append({"type": "thinking", "thinking": thinking,
+                        "signature": thinking_signature(tr.route, thinking)})
+    for piece in (text, refusal):
+        if piece:
+            content.append({"type": "text", "text": piece})
+    content.extend(_tool_uses(message, tr))
+    out_bytes = len(text.encode()) + sum(len(json.dumps(b.get("input", "")))
+                                         for b in content if b["type"] == "tool_use")
+    upstream_id = str(doc.get("id") or "")
+    return {"id": upstream_id if upstream_id.startswith("msg_") else new_message_id(),
+            "type": "message", "role": "assistant", "model": tr.client_model,
+            "content": content,
+            "stop_reason": stop_reason(choice.get("finish_reason"),
+                                       any(b["type"] == "tool_use" for b in content),
+                                       bool(refusal)),
+            "stop_sequence": None,
+            "usage": anthropic_usage(_usage_of(doc), tr.estimate, -(-out_bytes // 4))}
+
+
+def _usage_of(chunk):
+    usage = chunk.get("usage")
+    if not isinstance(usage, dict):
+        usage = (chunk.get("x_groq") or {}).get("usage") if isinstance(
+            chunk.get("x_groq"), dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+def _tool_uses(message, tr):
+    calls = message.get("tool_calls") or []
+    if not calls and isinstance(message.get("function_call"), dict):
+        calls = [{"type": "function", "function": message["function_call"]}]
+    ids, out = ToolIds(), []
+    for call in calls if isinstance(calls, list) else []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not fn.get("name"):
+            continue
+        tool_id = ids.make(str(call.get("id") or ""))
+        _remember_signature(tr, tool_id, call)
+        out.append({"type": "tool_use", "id": tool_id,
+                    "name": tr.names.get(fn["name"], fn["name"]),
+                    "input": parse_tool_arguments(fn.get("arguments"))})
+    return out
+
+
+def _remember_signature(tr, tool_id, call):
+    sig = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+    if sig and tr.signatures is not None:
+        tr.signatures.put(tool_id, sig)
+
+
+def sse_event(name, data):
+    """One Anthropic SSE frame: the event line is mandatory (without it Claude Code's
+    SDK ignores the frame and silently re-sends the turn as stream:false)."""
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(
+        data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def synthesize_stream(message):
+    """A complete A message as the SSE event sequence of a stream (§3.2): each block as
+    start, one full delta, stop; tool input only as input_json_delta."""
+    start = dict(message, content=[], stop_reason=None,
+                 usage=dict(message["usage"], output_tokens=1))
+    events = [sse_event("message_start", {"type": "message_start", "message": start}),
+              sse_event("ping", {"type": "ping"})]
+    for index, block in enumerate(message["content"]):
+        events.extend(_block_events(index, block))
+    events.append(sse_event("message_delta", {"type": "message_delta", "delta": {
+        "stop_reason": message["stop_reason"], "stop_sequence": None},
+        "usage": message["usage"]}))
+    events.append(sse_event("message_stop", {"type": "message_stop"}))
+    return b"".join(events)
+
+
+def _block_events(index, block):
+    kind = block["type"]
+    empty = {"text": {"type": "text", "text": ""},
+             "thinking": {"type": "thinking", "thinking": "", "signature": ""},
+             "tool_use": {"type": "tool_use", "id": block.get("id"),
+                          "name": block.get("name"), "input": {}}}[kind]
+    deltas = {"text": [{"type": "text_delta", "text": block.get("text")}],
+              "thinking": [{"type": "thinking_delta", "thinking": block.get("thinking")},
+                           {"type": "signature_delta", "signature": block.get("signature")}],
+              "tool_use": [{"type": "input_json_delta", "partial_json": json.dumps(
+                  block.get("input"), ensure_ascii=False, separators=(",", ":"))}]}[kind]
+    out = [sse_event("content_block_start", {"type": "content_block_start", "index": index,
+                                             "content_block": empty})]
+    out.extend(sse_event("content_block_delta", {"type": "content_block_delta",
+                                                 "index": index, "delta": d}) for d in deltas)
+    out.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+    return out
+
+
+# ---- Translation: the streaming state machine (translation.md §3) -----------------
+
+class SSEParser:
+    """Upstream SSE bytes -> the data payload of each event (§3.2).  Lines may end in
+    \\r\\n; comments (OpenRouter's ": OPENROUTER PROCESSING"), event:, id: and retry:
+    lines are ignored."""
+
+    def __init__(self):
+        self.partial, self.data = b"", []
+
+    def feed(self, chunk):
+        lines = (self.partial + chunk).split(b"\n")
+        self.partial = lines.pop()
+        out = []
+        for line in lines:
+            self._line(line.rstrip(b"\r"), out)
+        return out
+
+    def close(self):
+        out = []
+        if self.partial:
+            self._line(self.partial.rstrip(b"\r"), out)
+            self.partial = b""
+        self._line(b"", out)
+        return out
+
+    def _line(self, line, out):
+        if not line:
+            if self.data:
+                out.append(b"\n".join(self.data).decode("utf-8", "replace"))
+                self.data = []
+        elif line.startswith(b"data:"):
+            self.data.append(line[6:] if line[5:6] == b" " else line[5:])
+
+
+def stream_error_type(error):
+    """overloaded_error when an error says 429/503/529, overloaded or rate (Claude Code
+    then treats it as a 529); api_error otherwise (§3.5)."""
+    text = json.dumps(error).lower() if not isinstance(error, str) else error.lower()
+    if any(word in text for word in ("429", "503", "529", "overloaded", "rate")):
+        return "overloaded_error"
+    return "api_error"
+
+
+class StreamTranslator:
+    """O stream chunks -> A SSE events, one upstream event at a time (§3.3–§3.4).
+
+    Grammar kept for every upstream chunking: one message_start, at most one open
+    block, indices 0,1,2…, tool input only in input_json_delta, every block stopped
+    before the one message_delta, then message_stop; or an error event and nothing more.
+    Interleaved parallel tool calls are serialised losslessly: a call that arrives while
+    another tool block is open is buffered and emitted whole at the end.
+    """
+
+    def __init__(self, tr):
+        self.tr, self.msg_id = tr, new_message_id()
+        self.open, self.next_index, self.tools, self.deferred = None, 0, {}, []
+        self.finish, self.usage, self.done, self.refusal = None, None, False, False
+        self.last_key, self.ids, self.out_bytes, self.had_tool = None, ToolIds(), 0, False
+        self.think_buffer, self.in_think = "", None
+        self.thinking_text = ""
+
+    def start(self):
+        """message_start (with the estimated input tokens, which Claude Code shows) and
+        one ping."""
+        usage = {"input_tokens": max(self.tr.estimate, 1), "output_tokens": 1,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        return sse_event("message_start", {"type": "message_start", "message": {
+            "id": self.msg_id, "type": "message", "role": "assistant",
+            "model": self.tr.client_model, "content": [], "stop_reason": None,
+            "stop_sequence": None, "usage": usage}}) + sse_event("ping", {"type": "ping"})
+
+    def feed(self, payload):
+        """One upstream data payload -> the A events it produces (bytes, maybe empty).
+        Raises UpstreamReplyError for an error chunk."""
+        if payload.strip() == "[DONE]":
+            self.done = True
+            return b""
+        chunk = _loads(payload)
+        if not isinstance(chunk, dict):
+            log.debug("skipping an unparsable upstream event")
+            return b""
+        if chunk.get("error"):
+            raise UpstreamReplyError(stream_error_type(chunk["error"]), "%s upstream error: %s"
+                                     % (self.tr.route, upstream_message(payload.encode())))
+        self.usage = _usage_of(chunk) or self.usage
+        choices = chunk.get("choices")
+        if not choices or not isinstance(choices[0], dict):
+            return b""          # usage-only, or Azure's prompt_filter_results
+        return b"".join(self._choice(choices[0]))
+
+    def _choice(self, choice):
+        delta = choice.get("delta") or choice.get("message") or {}
+        out = []
+        reasoning = reasoning_of(delta)
+        if reasoning:
+            out += self._thinking(reasoning)
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            out += self._content(content)
+        if isinstance(delta.get("refusal"), str) and delta["refusal"]:
+            self.refusal = True
+            out += self._text(delta["refusal"])
+        for call in delta.get("tool_calls") or []:
+            if isinstance(call, dict):
+                out += self._tool_delta(call)
+        if choice.get("finish_reason"):
+            self.finish = choice["finish_reason"]
+            if self.finish == "error":
+                raise UpstreamReplyError("api_error", "%s upstream stream failed "
+                                         "(finish_reason error)" % self.tr.route)
+        return out
+
+    # -- blocks ------------------------------------------------------------------
+
+    def _open_block(self, kind, block, key=None):
+        out = self._close_open()
+        index, self.next_index = self.next_index, self.next_index + 1
+        self.open = (kind, index, key)
+        out.append(sse_event("content_block_start", {"type": "content_block_start",
+                                                     "index": index, "content_block": block}))
+        return out
+
+    def _delta(self, delta):
+        return sse_event("content_block_delta", {"type": "content_block_delta",
+                                                 "index": self.open[1], "delta": delta})
+
+    def _close_open(self):
+        if not self.open:
+            return []
+        kind, index, key = self.open
+        out = []
+        if kind == "thinking":
+            # Claude Code stores and echoes thinking with its signature; ours lets the
+            # pass-through strip it and the DeepSeek round trip find it.
+            out.append(self._delta({"type": "signature_delta", "signature":
+                                    thinking_signature(self.tr.route, self.thinking_text)}))
+            self.thinking_text = ""
+        elif kind == "tool":
+            tool = self.tools[key]
+            if not tool["args"]:
+                out.append(self._delta({"type": "input_json_delta", "partial_json": "{}"}))
+            tool["closed"] = True
+        out.append(sse_event("content_block_stop", {"type": "content_block_stop",
+                                                    "index": index}))
+        self.open = None
+        return out
+
+    def _thinking(self, text):
+        out = []
+        if not self.open or self.open[0] != "thinking":
+            out += self._open_block("thinking", {"type": "thinking", "thinking": "",
+                                                 "signature": ""})
+        self.thinking_text += text
+        out.append(self._delta({"type": "thinking_delta", "thinking": text}))
+        return out
+
+    def _text(self, text):
+        out = []
+        if not self.open or self.open[0] != "text":
+            out += self._open_block("text", {"type": "text", "text": ""})
+        self.out_bytes += len(text.encode("utf-8", "surrogateescape"))
+        out.append(self._delta({"type": "text_delta", "text": text}))
+        return out
+
+    def _content(self, text):
+        if not self.tr.quirks["think_tags"] or self.in_think is False:
+            return self._text(text)
+        return self._think_tags(text)
+
+    def _think_tags(self, text):
+        """Route a leading <think>…</think> in streamed content to a thinking block,
+        holding back only the few characters that may be half a tag."""
+        buf, out = self.think_buffer + text, []
+        if self.in_think is None:
+            stripped = buf.lstrip()
+            if len(stripped) < 7 and "<think>".startswith(stripped):
+                self.think_buffer = buf
+                return out
+            self.in_think = stripped.startswith("<think>")
+            buf = stripped[7:] if self.in_think else buf
+            if not self.in_think:
+                self.think_buffer = ""
+                return self._text(buf)
+        end = buf.find("</think>")
+        if end >= 0:
+            if buf[:end].strip():
+                out += self._thinking(buf[:end])
+            self.in_think, self.think_buffer = False, ""
+            rest = buf[end + 8:].lstrip()
+            return out + (self._text(rest) if rest else [])
+        keep = next((n for n in range(min(7, len(buf)), 0, -1)
+                     if "</think>".startswith(buf[-n:])), 0)
+        self.think_buffer = buf[len(buf) - keep:] if keep else ""
+        body = buf[:len(buf) - keep] if keep else buf
+        return out + (self._thinking(body) if body else [])
+
+    # -- tools -------------------------------------------------------------------
+
+    def _tool_key(self, call):
+        index = call.get("index")
+        if isinstance(index, int) and not isinstance(index, bool):
+            key = "i:%d" % index
+        elif call.get("id"):
+            key = "id:%s" % call["id"]
+        else:
+            key = self.last_key or "i:0"
+        self.last_key = key
+        return key
+
+    def _tool_delta(self, call):
+        key = self._tool_key(call)
+        tool = self.tools.setdefault(key, {"id": "", "name": "", "args": "", "started": False,
+                                           "closed": False, "sig": None})
+        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+        tool["id"] = tool["id"] or str(call.get("id") or "")
+        tool["name"] = tool["name"] or str(fn.get("name") or "")
+        sig = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+        tool["sig"] = tool["sig"] or sig
+        fragment = self._fragment(tool, fn.get("arguments"))
+        if tool["closed"]:
+            log.warning("dropping arguments for a closed tool call (%d bytes)", len(fragment))
+            return []
+        tool["args"] += fragment
+        if not tool["started"]:
+            if not tool["name"]:
+                return []                          # buffered until the name is known
+            if self.open and self.open[0] == "tool":
+                if key not in self.deferred:
+                    self.deferred.append(key)      # another tool is open: emit it later
+                return []
+            return self._start_tool(key)
+        if fragment and self.open and self.open[2] == key:
+            return [self._delta({"type": "input_json_delta", "partial_json": fragment})]
+        return []
+
+    @staticmethod
+    def _fragment(tool, args):
+        if isinstance(args, dict):                 # Ollama sends whole objects
+            return json.dumps(args, separators=(",", ":"), ensure_ascii=False)
+        if not isinstance(args, str):
+            return ""
+        if tool["args"] and len(args) > len(tool["args"]) and args.startswith(tool["args"]):
+            return args[len(tool["args"]):]        # a snapshot, not a delta
+        return args
+
+    def _start_tool(self, key):
+        tool = self.tools[key]
+        tool["started"], self.had_tool = True, True
+        tool_id = self.ids.make(tool["id"])
+        if tool["sig"] and self.tr.signatures is not None:
+            self.tr.signatures.put(tool_id, tool["sig"])
+        out = self._open_block("tool", {"type": "tool_use", "id": tool_id, "name":
+                                        self.tr.names.get(tool["name"], tool["name"]),
+                                        "input": {}}, key)
+        if tool["args"]:
+            out.append(self._delta({"type": "input_json_delta", "partial_json": tool["args"]}))
+        return out
+
+    # -- the end -----------------------------------------------------------------
+
+    def end(self):
+        """The closing events after the upstream ended: an error event when it stopped
+        with neither [DONE] nor a finish_reason (truncation never looks finished)."""
+        if self.think_buffer:
+            pending, self.think_buffer, self.in_think = self.think_buffer, "", False
+            tail = b"".join(self._text(pending))
+        else:
+            tail = b""
+        if not self.done and not self.finish:
+            return tail + self.error("api_error", "%s upstream stream ended early"
+                                     % self.tr.route)
+        out = self._close_open()
+        for key in self.deferred + [k for k, t in self.tools.items()
+                                    if t["name"] and not t["started"] and k not in self.deferred]:
+            out += self._start_tool(key)
+            out += self._close_open()
+        self.out_bytes += sum(len(t["args"]) for t in self.tools.values())
+        usage = anthropic_usage(self.usage, self.tr.estimate, -(-self.out_bytes // 4))
+        out.append(sse_event("message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": stop_reason(self.finish, self.had_tool, self.refusal),
+            "stop_sequence": None}, "usage": usage}))
+        out.append(sse_event("message_stop", {"type": "message_stop"}))
+        return tail + b"".join(out)
+
+    @staticmethod
+    def error(etype, message):
+        return sse_event("error", {"type": "error", "error": {"type": etype,
+                                                              "message": message}})
+
+
+# ---- Translation: token estimation (translation.md §5) ----------------------------
+
+TOOLS_OVERHEAD = 300        # Anthropic's hidden tool-use system prompt
+UNKNOWN_IMAGE_TOKENS = 1600
+PDF_PAGE_TOKENS = 2000
+
+
+def image_size(data):
+    """(width, height) from the first bytes of a PNG, GIF, WebP or JPEG, else None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:4] == b"GIF8" and len(data) >= 10:
+        return int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_size(data)
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    return None
+
+
+def _webp_size(data):
+    kind = data[12:16]
+    if kind == b"VP8 " and len(data) >= 30:
+        return (int.from_bytes(data[26:28], "little") & 0x3FFF,
+                int.from_bytes(data[28:30], "little") & 0x3FFF)
+    if kind == b"VP8L" and len(data) >= 25:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if kind == b"VP8X" and len(data) >= 30:
+        return (int.from_bytes(data[24:27], "little") + 1,
+                int.from_bytes(data[27:30], "little") + 1)
+    return None
+
+
+def _jpeg_size(data):
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return (int.from_bytes(data[i + 7:i + 9], "big"),
+                    int.from_bytes(data[i + 5:i + 7], "big"))
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _b64_prefix(text, limit=65536):
+    """The first `limit` decoded bytes of base64 text (bounded work for any size)."""
+    chunk = text[:limit * 4 // 3 + 4]
+    chunk = chunk[:len(chunk) - len(chunk) % 4]
+    try:
+        return base64.b64decode(chunk)
+    except (ValueError, TypeError):
+        return b""
+
+
+def image_tokens(source):
+    """Anthropic's image cost: long edge ≤ 1568, ≤ 1.15 MP, then w·h/750."""
+    if not isinstance(source, dict) or source.get("type") != "base64":
+        return UNKNOWN_IMAGE_TOKENS
+    size = image_size(_b64_prefix(str(source.get("data", ""))))
+    if not size or not all(size):
+        return UNKNOWN_IMAGE_TOKENS
+    w, h = size
+    scale = min(1.0, 1568.0 / max(w, h))
+    w, h = w * scale, h * scale
+    if w * h > 1.15e6:
+        scale = (1.15e6 / (w * h)) ** 0.5
+        w, h = w * scale, h * scale
+    return int(-(-(int(w) * int(h)) // 750))
+
+
+def pdf_tokens(source):
+    if not isinstance(source, dict) or source.get("type") != "base64":
+        return PDF_PAGE_TOKENS
+    try:
+        data = base64.b64decode(str(source.get("data", "")))
+    except (ValueError, TypeError):
+        data = b""
+    pages = len(re.findall(rb"/Type\s*/Page(?![s\w])", data))
+    return PDF_PAGE_TOKENS * max(pages, 1)
+
+
+def _compact(value):
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _block_cost(block):
+    """(text bytes, fixed tokens) of one content block."""
+    if not isinstance(block, dict):
+        return len(str(block).encode()), 0
+    kind = block.get("type")
+    if kind == "text":
+        return len(str(block.get("text", "")).encode()), 0
+    if kind == "thinking":
+        return len(str(block.get("thinking", "")).encode()), 0
+    if kind == "tool_use":
+        return len((str(block.get("name", "")) + _compact(block.get("input", {}))).encode()), 0
+    if kind == "tool_result":
+        content = block.get("content")
+        if isinstance(content, list):
+            return _blocks_cost(content)
+        return len(str(content or "").encode()), 0
+    if kind == "image":
+        return 0, image_tokens(block.get("source"))
+    if kind == "document":
+        src = block.get("source") or {}
+        if src.get("type") == "text":
+            return len(str(src.get("data", "")).encode()), 0
+        return 0, pdf_tokens(src) if src.get("type") == "base64" else UNKNOWN_IMAGE_TOKENS
+    if kind == "tool_reference":
+        return 0, 10
+    return len(_compact(block).encode()), 0
+
+
+def _blocks_cost(blocks):
+    total_bytes = fixed = 0
+    for block in blocks:
+        b, f = _block_cost(block)
+        total_bytes, fixed = total_bytes + b, fixed + f
+    return total_bytes, fixed
+
+
+def estimate_input_tokens(body, tools_overhead=TOOLS_OVERHEAD):
+    """Input tokens of an A request without a tokenizer (§5): UTF-8 bytes ÷ 4 (measured
+    +1…+7 % against Claude's tokenizer on Claude Code bodies), 4 per message, images
+    and PDFs by their size, and the tools' hidden prompt."""
+    system = body.get("system")
+    total = len(system.encode()) if isinstance(system, str) else _blocks_cost(
+        system if isinstance(system, list) else [])[0]
+    fixed, messages = 0, body.get("messages") if isinstance(body.get("messages"), list) else []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            b, f = _blocks_cost(content)
+            total, fixed = total + b, fixed + f
+        else:
+            total += len(str(content or "").encode())
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    for tool in tools:
+        if isinstance(tool, dict):
+            total += len(_compact({k: tool.get(k) for k in ("name", "description",
+                                                            "input_schema")}).encode())
+    return -(-total // 4) + 4 * len(messages) + fixed + (tools_overhead if tools else 0)
+
+
 # ---- Registries ----------------------------------------------------------------
 
 class ProviderStats:
@@ -1131,6 +2456,48 @@ class ProviderStats:
     def snapshot(self):
         with self._lock:
             return {k: dict(v) for k, v in self._stats.items()}
+
+
+class Calibration:
+    """Per-route ratio of real prompt_tokens to our estimate (translation.md §5):
+    r <- 0.8 r + 0.2 P/E, clamped to [0.5, 2]; estimates are multiplied by r."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ratio = {}
+
+    def ratio(self, route):
+        with self._lock:
+            return self._ratio.get(route, 1.0)
+
+    def scale(self, route, estimate):
+        return max(1, int(estimate * self.ratio(route) + 0.5))
+
+    def learn(self, route, estimate, prompt_tokens):
+        if estimate <= 0 or not isinstance(prompt_tokens, int) or prompt_tokens <= 0:
+            return
+        with self._lock:
+            r = 0.8 * self._ratio.get(route, 1.0) + 0.2 * prompt_tokens / estimate
+            self._ratio[route] = min(2.0, max(0.5, r))
+
+
+class ThoughtSignatures:
+    """tool_use id -> Gemini thought_signature, bounded LRU (Gemini 3 answers 400
+    "Function call is missing a thought_signature" when history calls lack it)."""
+
+    def __init__(self, size=10000):
+        self._lock, self._map, self.size = threading.Lock(), collections.OrderedDict(), size
+
+    def put(self, tool_id, sig):
+        with self._lock:
+            self._map[tool_id] = sig
+            self._map.move_to_end(tool_id)
+            while len(self._map) > self.size:
+                self._map.popitem(last=False)
+
+    def get(self, tool_id):
+        with self._lock:
+            return self._map.get(tool_id)
 
 
 # ---- Upstream client -----------------------------------------------------------
@@ -1376,6 +2743,8 @@ class Service:
         self.heartbeat = time.monotonic()
         self.stats = ProviderStats()
         self.upstreams = Upstreams()
+        self.calibration = Calibration()
+        self.signatures = ThoughtSignatures()
         self.build = build_info()
         self.api_key_digest = key_digest(config.api_key)
         self._idle = threading.Condition()
@@ -1788,7 +3157,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         provider = config.providers[0]
         if provider.type != "anthropic":
             return self._send_json(200, models_document(config))
-        self._forward([(provider, "")], "models", query, "GET", None)
+        self._forward([(provider, "")], "models", query, "GET", b"", None)
 
     # -- the proxy --------------------------------------------------------------
 
@@ -1798,44 +3167,70 @@ class Handler(http.server.BaseHTTPRequestHandler):
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise HTTPError(400, "invalid_request_error", "model: a model name is required")
-        if endpoint == "messages" and not isinstance(body.get("messages"), list):
+        if not isinstance(body.get("messages"), list):
             raise HTTPError(400, "invalid_request_error", "messages: a list is required")
         self.fields["model"] = model
         plan = plan_route(self.server.service.config, model)
-        bodies = [passthrough_body(raw, body, m) for _, m in plan]
-        self._forward(plan, endpoint, query, "POST", bodies, model)
+        if endpoint == "count_tokens" and plan[0][0].type != "anthropic":
+            return self._count_tokens(plan[0][0], body)
+        self._forward(plan, endpoint, query, "POST", raw, body)
 
-    def _forward(self, plan, endpoint, query, method, bodies, client_model=""):
+    def _count_tokens(self, provider, body):
+        """count_tokens on a translated route: the estimator, calibrated per route."""
+        estimate = estimate_input_tokens(body)
+        tokens = self.server.service.calibration.scale(provider.name, estimate)
+        self.fields["provider"] = provider.name
+        self._send_json(200, {"input_tokens": tokens})
+
+    def _forward(self, plan, endpoint, query, method, raw, body):
         """Try each (provider, model) in order until one answers; relay that answer.
 
         A provider that fails before any byte reached the client (connection error, 5xx,
         429, timeout) passes the request on; once bytes are sent there is no retry.
         """
-        service = self.server.service
+        client_model = body.get("model", "") if body else ""
         for attempt, (provider, model) in enumerate(plan, 1):
             last = attempt == len(plan)
             self.fields.update(provider=provider.name, attempts=attempt)
-            resp = self._attempt(provider, endpoint, query, method,
-                                 bodies[attempt - 1] if bodies else None, last)
+            url, data, headers, tr = self._prepare(provider, model, endpoint, query, raw, body)
+            resp = self._attempt(provider, method, url, data, headers, last)
             if resp is None:
                 continue
-            client = service.upstreams.client(provider)
-            if resp.status >= 400 and not self._relay_error(client, provider, resp, last):
+            client = self.server.service.upstreams.client(provider)
+            if resp.status >= 400:
+                if self._relay_error(client, provider, resp, last):
+                    return
                 continue
-            if resp.status < 400:
-                rename = client_model if model and model != client_model else ""
-                self._relay(client, resp, rename)
-            return
+            if tr is not None:
+                return self._relay_translated(client, resp, tr, body.get("stream") is True)
+            return self._relay(client, resp, client_model if model and
+                               model != client_model else "")
 
-    def _attempt(self, provider, endpoint, query, method, body, last):
+    def _prepare(self, provider, model, endpoint, query, raw, body):
+        """(url, body bytes, headers, Translation or None) for one attempt."""
+        service = self.server.service
+        if provider.type == "anthropic":
+            data = passthrough_body(raw, body, model) if body else None
+            return (anthropic_url(provider, endpoint, query), data,
+                    passthrough_headers(self.headers, provider, service.config), None)
+        raw_estimate = estimate_input_tokens(body)
+        tr = Translation(route=provider.name, client_model=body.get("model", ""),
+                         upstream_model=model, quirks=quirks_for(provider),
+                         estimate=service.calibration.scale(provider.name, raw_estimate),
+                         raw_estimate=raw_estimate, signatures=service.signatures)
+        try:
+            data, stream = translated_request(body, tr)
+        except RecursionError as exc:
+            raise HTTPError(400, "invalid_request_error", "request is nested too deeply") from exc
+        return openai_url(provider), data, openai_headers(provider, stream), tr
+
+    def _attempt(self, provider, method, url, data, headers, last):
         """Open one upstream call; None when it failed and the next one should be tried."""
         service = self.server.service
         client = service.upstreams.client(provider)
-        url = anthropic_url(provider, endpoint, query)
         started = time.monotonic()
         try:
-            resp = client.open(method, url, body,
-                               passthrough_headers(self.headers, provider, service.config))
+            resp = client.open(method, url, data, headers)
         except UpstreamError as exc:
             service.stats.record(provider.name, exc.kind, time.monotonic() - started)
             log.warning("%s attempt provider=%s failed: %s", self.request_id, provider.name,
@@ -1872,6 +3267,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         headers = filter_headers(resp.headers, RESPONSE_DROP | connection_tokens(resp.headers))
         if "text/event-stream" in (resp.headers.get("content-type") or ""):
             return self._relay_stream(client, resp, headers, rename)
+        data = self._read_all(client, resp)
+        if rename:
+            data = rewrite_model_json(data, rename)
+        self._send(resp.status, headers, data)
+
+    def _read_all(self, client, resp):
         try:
             data = resp.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -1879,9 +3280,102 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(500, "api_error", "upstream response cut short: %s"
                             % _os_error_text(exc)) from exc
         client.release(resp)
-        if rename:
-            data = rewrite_model_json(data, rename)
-        self._send(resp.status, headers, data)
+        return data
+
+    # -- translated replies -------------------------------------------------------
+
+    def _relay_translated(self, client, resp, tr, want_stream):
+        """An OpenAI reply to the client in Anthropic form, streamed when it streams."""
+        if "text/event-stream" in (resp.headers.get("content-type") or ""):
+            return self._translate_stream(client, resp, tr)
+        doc = _loads(self._read_all(client, resp))
+        try:
+            message = openai_to_anthropic(doc if isinstance(doc, dict) else None, tr)
+        except UpstreamReplyError as exc:
+            raise HTTPError(529 if exc.etype == "overloaded_error" else 500, exc.etype,
+                            str(exc)) from exc
+        self._learn(tr, _usage_of(doc))
+        self._note_tokens(message["usage"])
+        if want_stream:     # the upstream ignored stream:true, or was asked without it
+            return self._send(200, SSE_HEADERS, synthesize_stream(message))
+        self._send(200, [("Content-Type", "application/json")], json.dumps(
+            message, ensure_ascii=False).encode())
+
+    def _learn(self, tr, usage):
+        prompt = (usage or {}).get("prompt_tokens") if isinstance(usage, dict) else None
+        self.server.service.calibration.learn(tr.route, tr.raw_estimate, prompt)
+
+    def _note_tokens(self, usage):
+        self.fields.update(input_tokens=usage.get("input_tokens"),
+                           output_tokens=usage.get("output_tokens"))
+
+    def _translate_stream(self, client, resp, tr):
+        """S0 (§3.4): wait for the first upstream event; an error there becomes a plain
+        HTTP error (so 429 + retry-after works), anything else commits the stream."""
+        parser, st = SSEParser(), StreamTranslator(tr)
+        try:
+            payloads = self._first_payloads(resp, parser)
+            first = b"".join(st.feed(p) for p in payloads)
+        except UpstreamReplyError as exc:
+            client.discard(resp)
+            status = 529 if exc.etype == "overloaded_error" else 500
+            raise HTTPError(status, exc.etype, str(exc)) from exc
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            client.discard(resp)
+            raise HTTPError(500, "api_error", "%s upstream stream failed before the first "
+                            "event: %s" % (tr.route, _os_error_text(exc))) from exc
+        if not payloads:
+            client.discard(resp)
+            raise HTTPError(500, "api_error", "%s upstream stream was empty" % tr.route)
+        chunked = self.request_version == "HTTP/1.1"
+        self.close_connection = self.close_connection or not chunked
+        framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
+        frame = _chunk if chunked else bytes
+        self._write(self._head(200, SSE_HEADERS, (framing,)) + frame(st.start() + first))
+        done = False
+        try:
+            done = self._pump_translated(resp, parser, st, frame)
+        finally:
+            client.release(resp) if done else client.discard(resp)
+            self._learn(tr, st.usage)
+        if chunked:
+            self._write(b"0\r\n\r\n")
+
+    @staticmethod
+    def _first_payloads(resp, parser):
+        while True:
+            data = resp.read1(RELAY_CHUNK)
+            payloads = parser.feed(data) if data else parser.close()
+            if payloads or not data:
+                return payloads
+
+    def _pump_translated(self, resp, parser, st, frame):
+        """Translate and write each upstream chunk the moment it is read; True when the
+        upstream ended cleanly.  Errors after the commit end in an SSE error event and
+        nothing after it (§3.5)."""
+        while True:
+            try:
+                data = resp.read1(RELAY_CHUNK)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                kind = "timed out" if isinstance(exc, socket.timeout) else "broken"
+                self.fields["upstream_status"] = "stream_error"
+                self._write(frame(st.error("api_error", "%s upstream stream %s: %s" % (
+                    st.tr.route, kind, _os_error_text(exc)))))
+                return False
+            out = []
+            try:
+                for payload in (parser.feed(data) if data else parser.close()):
+                    out.append(st.feed(payload))
+                if not data:
+                    out.append(st.end())
+            except UpstreamReplyError as exc:
+                self.fields["upstream_status"] = "stream_error"
+                self._write(frame(b"".join(out) + st.error(exc.etype, str(exc))))
+                return False
+            if out and any(out):
+                self._write(frame(b"".join(out)))
+            if not data:
+                return True
 
     def _relay_stream(self, client, resp, headers, rename):
         """Write each upstream chunk to the client the moment it is read (never buffer
@@ -1946,6 +3440,11 @@ def _http_date():
     if _DATE_CACHE[0] != now:
         _DATE_CACHE[:] = [now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))]
     return _DATE_CACHE[1]
+
+
+#: The head of a translated stream (translation.md §3.1).
+SSE_HEADERS = (("Content-Type", "text/event-stream; charset=utf-8"),
+               ("Cache-Control", "no-cache"))
 
 
 class StatusHandler(Handler):

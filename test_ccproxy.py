@@ -245,7 +245,13 @@ class TestConfig(unittest.TestCase):
             ({}, {"prot": 1}, "unknown key \"prot\""),
             ({}, {"providers": {}}, "providers must be a list"),
             ({}, {"providers": [{"type": "nope"}]}, "providers[0].type must be one of"),
-            ({}, {"providers": [{"type": "openai"}]}, "providers[0].type \"openai\" needs"),
+            ({}, {"providers": [{"type": "openai", "quirks": {"colour": 1}}]},
+             "providers[0].quirks: unknown flag \"colour\""),
+            ({}, {"providers": [{"type": "openai", "quirks": {"no_vision": "yes"}}]},
+             "providers[0].quirks.no_vision must be a bool"),
+            ({}, {"providers": [{"type": "openai", "quirks": []}]},
+             "providers[0].quirks must be an object"),
+            ({}, {"providers": [{"type": "azure"}]}, "providers[0].base_url is required"),
             ({}, {"providers": [{"base_url": "ftp://x"}]}, "providers[0].base_url must be"),
             ({}, {"providers": [{"base_url": "https://u:p@x"}]}, "must not carry a user"),
             ({}, {"providers": [{"name": "a b"}]}, "providers[0].name must be"),
@@ -363,8 +369,10 @@ class TestPureFunctions(unittest.TestCase):
 
     def test_upstream_error_mapping(self):
         rows = [  # status, body, passthrough -> status, type, retry header
-            (400, {"error": {"message": "bad"}}, False, 400, "invalid_request_error", None),
-            (422, {"detail": "bad"}, False, 400, "invalid_request_error", None),
+            (400, {"error": {"message": "bad"}}, False, 400, "invalid_request_error", "false"),
+            (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "b"}},
+             True, 400, "invalid_request_error", None),     # Anthropic: its downgrade loop
+            (422, {"detail": "bad"}, False, 400, "invalid_request_error", "false"),
             (401, {"error": {"message": "key"}}, False, 401, "authentication_error", "false"),
             (402, {"error": {"message": "pay"}}, False, 402, "billing_error", "false"),
             (403, {"error": "nope"}, False, 403, "permission_error", "false"),
@@ -380,7 +388,7 @@ class TestPureFunctions(unittest.TestCase):
              True, 529, "overloaded_error", None),
             (500, [{"error": {"message": "The model is overloaded"}}], False, 529,
              "overloaded_error", None),
-            (418, b"teapot", False, 400, "invalid_request_error", None),
+            (418, b"teapot", False, 400, "invalid_request_error", "false"),
             (599, b"weird", False, 500, "api_error", None),
         ]
         for status, body, passthrough, out_status, etype, should_retry in rows:
