@@ -4,6 +4,7 @@ Run: `make test` (pytest) or, with nothing but the system python3, `python3 -m u
 test_ccproxy`.  Servers bind 127.0.0.1 port 0; every wait has a deadline; nothing leaves
 loopback.  Tests that read ../shared (captured Claude Code bodies) skip when it is absent.
 """
+import base64
 import contextlib
 import dataclasses
 import email.message
@@ -1267,6 +1268,877 @@ class TestUpstreamClient(unittest.TestCase):
             lines = f.read().splitlines()
         self.assertIn("BUILD_COMMIT = None", lines)
         self.assertIn("BUILD_DATE = None", lines)
+
+
+# ---- Translation: the conformance cases of translation.md §7 ------------------------
+
+def translation(ptype="openai", model="gpt-4o", client_model="claude-sonnet-5-5", **quirks):
+    provider = ccproxy.ProviderConfig(name="r", type=ptype, base_url="http://127.0.0.1:9",
+                                      quirks=tuple(quirks.items()))
+    return ccproxy.Translation(route="r", client_model=client_model, upstream_model=model,
+                               quirks=ccproxy.quirks_for(provider), estimate=100,
+                               raw_estimate=100, signatures=ccproxy.ThoughtSignatures())
+
+
+def to_openai(body, ptype="openai", model="gpt-4o", **quirks):
+    tr = translation(ptype, model, **quirks)
+    body = dict({"model": "claude-sonnet-5-5", "max_tokens": 100}, **body)
+    return ccproxy.anthropic_to_openai(body, tr), tr
+
+
+def user(content):
+    return {"role": "user", "content": content}
+
+
+def assistant(content):
+    return {"role": "assistant", "content": content}
+
+
+PNG_1000 = base64.b64encode(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" +
+                            (1000).to_bytes(4, "big") + (1000).to_bytes(4, "big") +
+                            b"\x08\x02\x00\x00\x00" + b"\x00" * 64).decode()
+IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": PNG_1000}}
+
+
+class TestTranslationRequest(unittest.TestCase):
+    """Cases 1-18: Anthropic request -> OpenAI request."""
+
+    def test_01_system_string(self):
+        out, _ = to_openai({"system": "S", "messages": [user("hi")]})
+        self.assertEqual(out["messages"][0], {"role": "system", "content": "S"})
+
+    def test_02_system_blocks_billing_header_and_cache_control(self):
+        system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1"},
+                  {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}},
+                  {"type": "text", "text": "b"}]
+        out, _ = to_openai({"system": system, "messages": [user([
+            {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}])]})
+        self.assertEqual(out["messages"][0], {"role": "system", "content": "a\n\nb"})
+        self.assertNotIn("cache_control", json.dumps(out))
+
+    def test_03_mid_conversation_system(self):
+        messages = [user("u"), {"role": "system", "content": "r"}, assistant("x"), user("v")]
+        out, _ = to_openai({"messages": messages}, "openai")
+        self.assertEqual([m["role"] for m in out["messages"]],
+                         ["user", "system", "assistant", "user"])
+        out, _ = to_openai({"messages": messages}, "openai-compatible")
+        self.assertEqual(out["messages"][0],
+                         {"role": "user", "content": "u\n\n<system-reminder>r</system-reminder>"})
+        self.assertEqual([m["role"] for m in out["messages"]], ["user", "assistant", "user"])
+
+    def test_04_text_collapses_to_a_string_images_make_an_array(self):
+        out, _ = to_openai({"messages": [user([{"type": "text", "text": "t1"},
+                                               {"type": "text", "text": " "}])]})
+        self.assertEqual(out["messages"][0]["content"], "t1")
+        out, _ = to_openai({"messages": [user([{"type": "text", "text": "t"}, IMAGE])]})
+        parts = out["messages"][0]["content"]
+        self.assertEqual(parts[1]["type"], "image_url")
+        self.assertTrue(parts[1]["image_url"]["url"].startswith("data:image/png;base64,"))
+
+    def test_05_assistant_text_and_tool_calls(self):
+        msg = assistant([{"type": "text", "text": "ok"},
+                         {"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                          "input": {"command": "ls"}},
+                         {"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {}}])
+        out, _ = to_openai({"messages": [user("go"), msg, user([
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a"},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": "b"}])]})
+        o = out["messages"][1]
+        self.assertEqual(o["content"], "ok")
+        self.assertEqual([c["id"] for c in o["tool_calls"]], ["toolu_1", "toolu_2"])
+        self.assertEqual(o["tool_calls"][0]["function"],
+                         {"name": "Bash", "arguments": '{"command":"ls"}'})
+        self.assertEqual(o["tool_calls"][1]["function"]["arguments"], "{}")
+
+    def test_06_tool_results_first_then_the_rest(self):
+        calls = assistant([{"type": "tool_use", "id": i, "name": "T", "input": {}}
+                           for i in ("toolu_1", "toolu_2")])
+        out, _ = to_openai({"messages": [user("go"), calls, user([
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": "B"},
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "A"},
+            {"type": "text", "text": "go on"}])]})
+        tail = out["messages"][2:]
+        self.assertEqual([(m["role"], m.get("tool_call_id"), m["content"]) for m in tail],
+                         [("tool", "toolu_2", "B"), ("tool", "toolu_1", "A"),
+                          ("user", None, "go on")])
+
+    def tool_turn(self, content, **extra):
+        return [user("go"), assistant([{"type": "tool_use", "id": "t1", "name": "Read",
+                                        "input": {}}]),
+                user([dict({"type": "tool_result", "tool_use_id": "t1", "content": content},
+                           **extra)])]
+
+    def test_07_images_in_tool_results_follow_as_a_user_message(self):
+        content = [{"type": "text", "text": "shot"}, IMAGE]
+        out, _ = to_openai({"messages": self.tool_turn(content)})
+        self.assertEqual(out["messages"][2]["content"], "shot\n[image 1 attached below]")
+        self.assertEqual(out["messages"][3]["role"], "user")
+        self.assertEqual(out["messages"][3]["content"][1]["type"], "image_url")
+        out, _ = to_openai({"messages": self.tool_turn(content)}, "deepseek", "deepseek-chat")
+        self.assertNotIn("image_url", json.dumps(out))
+        self.assertEqual(out["messages"][2]["content"], "shot\n[image omitted]")
+
+    def test_08_errors_and_empty_results(self):
+        out, _ = to_openai({"messages": self.tool_turn("boom", is_error=True)})
+        self.assertEqual(out["messages"][2]["content"], "[ERROR] boom")
+        out, _ = to_openai({"messages": self.tool_turn("")})
+        self.assertEqual(out["messages"][2]["content"], "(no output)")
+
+    def test_09_tool_reference(self):
+        out, _ = to_openai({"messages": self.tool_turn(
+            [{"type": "tool_reference", "tool_name": "WebFetch"}])})
+        self.assertEqual(out["messages"][2]["content"], "[tool_reference: WebFetch]")
+
+    def test_10_interrupted_tool_call_gets_a_stand_in_result(self):
+        out, _ = to_openai({"messages": [user("go"), assistant([
+            {"type": "tool_use", "id": "toolu_9", "name": "Bash", "input": {}}]), user("next")]})
+        self.assertEqual(out["messages"][2], {"role": "tool", "tool_call_id": "toolu_9",
+                                              "content": "[no result: tool call was interrupted]"})
+        self.assertEqual(out["messages"][3], {"role": "user", "content": "next"})
+
+    def test_11_tool_result_moves_before_an_interruption(self):
+        out, _ = to_openai({"messages": [user("go"), assistant([
+            {"type": "tool_use", "id": "a", "name": "Bash", "input": {}}]),
+            user("[Request interrupted by user]"),
+            user([{"type": "tool_result", "tool_use_id": "a", "content": "r"}])]})
+        self.assertEqual([m["role"] for m in out["messages"]],
+                         ["user", "assistant", "tool", "user"])
+        orphan, _ = to_openai({"messages": [user([
+            {"type": "tool_result", "tool_use_id": "zz", "content": "r"}])]})
+        self.assertEqual(orphan["messages"], [{"role": "user",
+                                               "content": "[orphan tool result zz]\nr"}])
+
+    SCHEMA = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+              "additionalProperties": False, "propertyNames": {"pattern": "^a"},
+              "properties": {"a": {"type": "string", "default": "x", "$comment": "c"}},
+              "required": ["a", "ghost"]}
+
+    def test_12_schemas_openai_and_gemini(self):
+        tools = [{"name": "T", "description": "d", "input_schema": self.SCHEMA}]
+        out, _ = to_openai({"messages": [user("hi")], "tools": tools})
+        params = out["tools"][0]["function"]["parameters"]
+        expected = {k: v for k, v in self.SCHEMA.items() if k != "$schema"}
+        expected["properties"] = {"a": {"type": "string", "default": "x"}}
+        self.assertEqual(params, expected)
+        out, _ = to_openai({"messages": [user("hi")], "tools": tools}, "gemini", "gemini-2.5-pro")
+        self.assertEqual(out["tools"][0]["function"]["parameters"], {
+            "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]})
+
+    def test_13_gemini_rewrites(self):
+        schema = {"type": "object", "$defs": {"P": {"type": "integer", "exclusiveMinimum": 0}},
+                  "properties": {"c": {"const": "x"}, "n": {"type": ["string", "null"]},
+                                 "p": {"$ref": "#/$defs/P"}, "o": {"oneOf": [{"type": "string"}]},
+                                 "loop": {"$ref": "#/$defs/Missing"}}}
+        got = ccproxy.clean_schema(schema, "gemini")["properties"]
+        self.assertEqual(got["c"], {"enum": ["x"]})
+        self.assertEqual(got["n"], {"type": "string", "nullable": True})
+        self.assertEqual(got["p"], {"type": "integer", "minimum": 0})
+        self.assertEqual(got["o"], {"anyOf": [{"type": "string"}]})
+        self.assertEqual(got["loop"], {"type": "object"})
+
+    def test_14_long_tool_names_map_and_map_back(self):
+        name = "mcp__server__" + "x" * 57
+        out, tr = to_openai({"messages": [user("hi")],
+                             "tools": [{"name": name, "input_schema": {}}]})
+        upstream = out["tools"][0]["function"]["name"]
+        self.assertEqual(len(upstream), 64)
+        self.assertRegex(upstream, r"^[a-zA-Z0-9_-]{55}_[0-9a-f]{8}$")
+        reply = {"choices": [{"message": {"tool_calls": [{"id": "c1", "type": "function",
+                 "function": {"name": upstream, "arguments": "{}"}}]}, "finish_reason": "tool_calls"}]}
+        self.assertEqual(ccproxy.openai_to_anthropic(reply, tr)["content"][0]["name"], name)
+        self.assertEqual(ccproxy.upstream_tool_name("a.b c"), "a_b_c")
+
+    def test_15_tool_choice(self):
+        tools = [{"name": "Read", "input_schema": {}}]
+        rows = [({"type": "any"}, "required", None), ({"type": "auto"}, "auto", None),
+                ({"type": "tool", "name": "Read"},
+                 {"type": "function", "function": {"name": "Read"}}, None),
+                ({"type": "none"}, "none", None),
+                ({"type": "auto", "disable_parallel_tool_use": True}, "auto", False)]
+        for choice, expected, parallel in rows:
+            with self.subTest(choice=choice):
+                out, _ = to_openai({"messages": [user("hi")], "tools": tools,
+                                    "tool_choice": choice})
+                self.assertEqual(out["tool_choice"], expected)
+                self.assertEqual(out.get("parallel_tool_calls"), parallel)
+        out, _ = to_openai({"messages": [user("hi")], "tools": [], "tool_choice": {"type": "any"}})
+        self.assertNotIn("tool_choice", out)
+        self.assertNotIn("parallel_tool_calls", out)
+        out, _ = to_openai({"messages": [user("hi")], "tools": tools,
+                            "tool_choice": {"type": "any"}}, no_required=True)
+        self.assertEqual(out["tool_choice"], "auto")
+
+    def test_16_reasoning(self):
+        body = {"messages": [user("hi")], "temperature": 0.5,
+                "thinking": {"type": "enabled", "budget_tokens": 10000}}
+        out, _ = to_openai(body, "openai", "o3")
+        self.assertEqual(out["reasoning_effort"], "high")
+        self.assertIn("max_completion_tokens", out)
+        self.assertNotIn("temperature", out)
+        out, _ = to_openai({"messages": [user("hi")], "thinking": {"type": "adaptive"},
+                            "output_config": {"effort": "medium"}}, "openai", "gpt-5")
+        self.assertEqual(out["reasoning_effort"], "medium")
+        out, _ = to_openai(body, "openai", "gpt-4o")
+        self.assertNotIn("reasoning_effort", out)
+        self.assertEqual(out["temperature"], 0.5)
+        out, _ = to_openai(body, "openrouter", "openai/o3")
+        self.assertEqual(out["reasoning"], {"effort": "high"})
+        out, _ = to_openai(body, "deepseek", "deepseek-reasoner")
+        self.assertEqual(out["thinking"], {"type": "enabled"})
+        for budget, effort in ((1024, "low"), (8192, "medium"), (8193, "high")):
+            self.assertEqual(ccproxy.reasoning_effort(
+                {"thinking": {"type": "enabled", "budget_tokens": budget}}), effort)
+
+    def test_17_unknown_fields_never_reach_the_upstream(self):
+        body = {"messages": [user("hi")], "context_management": {"edits": []},
+                "output_config": {"effort": "high"}, "metadata": {"user_id": "{}"},
+                "top_k": 5, "betas": ["x"], "container": "c", "mcp_servers": [],
+                "service_tier": "auto", "thinking": {"type": "adaptive", "display": "omitted"}}
+        out, _ = to_openai(body, "groq", "llama-3.3-70b")
+        self.assertLessEqual(set(out), {"model", "messages", "max_tokens"})
+
+    def test_18_max_tokens_clamp_and_token_param(self):
+        out, _ = to_openai({"messages": [user("hi")], "max_tokens": 128000}, "deepseek",
+                           "deepseek-chat")
+        self.assertEqual(out["max_tokens"], 8192)
+        out, _ = to_openai({"messages": [user("hi")], "max_tokens": 128000}, max_output=4096)
+        self.assertEqual(out["max_completion_tokens"], 4096)
+        self.assertNotIn("max_tokens", out)
+
+    def test_deepseek_echo_and_gemini_signature_round_trip(self):
+        history = [user("go"), assistant([
+            {"type": "thinking", "thinking": "hmm", "signature": "ccproxy:r:x"},
+            {"type": "tool_use", "id": "t1", "name": "Bash", "input": {}}]),
+            user([{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}])]
+        out, _ = to_openai({"messages": history}, "deepseek", "deepseek-reasoner")
+        self.assertEqual(out["messages"][1]["reasoning_content"], "hmm")
+        out, _ = to_openai({"messages": history}, "openai", "gpt-4o")
+        self.assertNotIn("reasoning_content", out["messages"][1])
+        out, _ = to_openai({"messages": history}, tool_id_style="alnum9")
+        self.assertRegex(out["messages"][1]["tool_calls"][0]["id"], r"^[A-Za-z0-9]{9}$")
+        self.assertEqual(out["messages"][1]["tool_calls"][0]["id"],
+                         out["messages"][2]["tool_call_id"])
+
+    def test_documents(self):
+        pdf = {"type": "document", "source": {"type": "base64", "media_type":
+                                              "application/pdf", "data": "JVBERi0="}}
+        out, _ = to_openai({"messages": [user([pdf, {"type": "text", "text": "sum"}])]})
+        self.assertEqual(out["messages"][0]["content"][0]["type"], "file")
+        out, _ = to_openai({"messages": [user([pdf])]}, "groq", "llama")
+        self.assertEqual(out["messages"][0]["content"], "[PDF document omitted]")
+        text_doc = {"type": "document", "title": "T", "source": {"type": "text", "data": "D"}}
+        out, _ = to_openai({"messages": [user([text_doc])]})
+        self.assertEqual(out["messages"][0]["content"], "T\nD")
+
+    def test_stream_options_and_headers(self):
+        out, _ = to_openai({"messages": [user("hi")], "stream": True})
+        self.assertEqual(out["stream_options"], {"include_usage": True})
+        azure = ccproxy.ProviderConfig(name="az", type="azure", base_url="https://h/openai/"
+                                       "deployments/d", api_key="k", api_version="2024-10-21")
+        self.assertEqual(ccproxy.openai_url(azure),
+                         "https://h/openai/deployments/d/chat/completions?api-version=2024-10-21")
+        self.assertIn(("api-key", "k"), ccproxy.openai_headers(azure, True))
+        groq = ccproxy.ProviderConfig(name="g", type="groq", base_url="https://h", api_key="k")
+        headers = dict(ccproxy.openai_headers(groq, False))
+        self.assertEqual(headers["authorization"], "Bearer k")
+        self.assertNotIn("x-api-key", headers)
+
+
+def reply(message=None, finish="stop", usage=None, **extra):
+    doc = {"id": "chatcmpl-1", "choices": [{"message": message or {}, "finish_reason": finish}]}
+    if usage is not None:
+        doc["usage"] = usage
+    doc.update(extra)
+    return doc
+
+
+class TestTranslationReply(unittest.TestCase):
+    """Cases 19-24: OpenAI reply -> Anthropic reply."""
+
+    def convert(self, doc, **quirks):
+        return ccproxy.openai_to_anthropic(doc, translation(**quirks))
+
+    def test_19_text(self):
+        msg = self.convert(reply({"content": "hi"}, usage={"prompt_tokens": 10,
+                                                           "completion_tokens": 2}))
+        self.assertRegex(msg["id"], r"^msg_")
+        self.assertEqual((msg["model"], msg["content"], msg["stop_reason"]),
+                         ("claude-sonnet-5-5", [{"type": "text", "text": "hi"}], "end_turn"))
+        self.assertEqual(msg["usage"], {"input_tokens": 10, "output_tokens": 2,
+                                        "cache_creation_input_tokens": 0,
+                                        "cache_read_input_tokens": 0})
+
+    def test_20_cache_hits_leave_input_tokens(self):
+        for usage in ({"prompt_tokens": 1000, "completion_tokens": 5,
+                       "prompt_tokens_details": {"cached_tokens": 800}},
+                      {"prompt_tokens": 1000, "completion_tokens": 5,
+                       "prompt_cache_hit_tokens": 800}):
+            got = self.convert(reply({"content": "x"}, usage=usage))["usage"]
+            self.assertEqual((got["input_tokens"], got["cache_read_input_tokens"]), (200, 800))
+
+    def test_21_tool_calls_and_argument_repair(self):
+        rows = [('{"a":1', {"a": 1}), ('"{\\"a\\":1}"', {"a": 1}), ("", {}), (None, {}),
+                ({"a": 1}, {"a": 1}), ('```json\n{"a": [1, 2,]}\n```', {"a": [1, 2]}),
+                ('{"s": "unterminated', {"s": "unterminated"}), ("[1]", {"value": [1]}),
+                ("{nope", {"_ccproxy_invalid_arguments": "{nope"})]
+        for args, expected in rows:
+            with self.subTest(args=args):
+                self.assertEqual(ccproxy.parse_tool_arguments(args), expected)
+        msg = self.convert(reply({"content": None, "tool_calls": [
+            {"id": "call.1", "type": "function", "function": {"name": "Bash", "arguments": '{"a":1'}},
+            {"id": "call.1", "type": "function", "function": {"name": "Bash", "arguments": "{}"}}]},
+            finish="stop"))
+        self.assertEqual(msg["stop_reason"], "tool_use")
+        self.assertEqual([b["id"] for b in msg["content"]], ["call_1", "call_1_2"])
+        self.assertEqual(msg["content"][0]["input"], {"a": 1})
+
+    def test_22_finish_reasons(self):
+        for finish, reason in (("length", "max_tokens"), ("content_filter", "refusal"),
+                               (None, "end_turn"), ("eos", "end_turn"), ("stop", "end_turn")):
+            with self.subTest(finish=finish):
+                self.assertEqual(self.convert(reply({"content": "x"}, finish))["stop_reason"],
+                                 reason)
+        with self.assertRaises(ccproxy.UpstreamReplyError):
+            self.convert(reply({"content": "x"}, "error"))
+        tools = {"content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                  "function": {"name": "T", "arguments": "{}"}}]}
+        self.assertEqual(self.convert(reply(tools, "length"))["stop_reason"], "max_tokens")
+        refusal = self.convert(reply({"content": None, "refusal": "no"}))
+        self.assertEqual((refusal["stop_reason"], refusal["content"][0]["text"]), ("refusal", "no"))
+
+    def test_23_reasoning_becomes_signed_thinking(self):
+        for message in ({"reasoning_content": "r", "content": "t"},
+                        {"reasoning": "r", "content": "t"},
+                        {"reasoning_details": [{"type": "reasoning.text", "text": "r"}],
+                         "content": "t"}):
+            msg = self.convert(reply(message))
+            self.assertEqual([b["type"] for b in msg["content"]], ["thinking", "text"])
+            self.assertTrue(msg["content"][0]["signature"].startswith("ccproxy:r:"))
+        msg = self.convert(reply({"content": "<think>r</think>\nt"}), ptype="ollama",
+                           model="qwen3")
+        self.assertEqual([(b["type"], b.get("thinking") or b.get("text")) for b in msg["content"]],
+                         [("thinking", "r"), ("text", "t")])
+
+    def test_24_empty_reply(self):
+        msg = self.convert(reply({"content": ""}))
+        self.assertEqual(msg["content"], [])
+        self.assertGreater(msg["usage"]["input_tokens"], 0)
+
+    def test_groq_usage_in_x_groq(self):
+        msg = self.convert(reply({"content": "x"}, x_groq={"usage": {"prompt_tokens": 7,
+                                                                     "completion_tokens": 3}}))
+        self.assertEqual((msg["usage"]["input_tokens"], msg["usage"]["output_tokens"]), (7, 3))
+
+
+def chunk(delta=None, finish=None, usage=None, choices=True):
+    doc = {"id": "c", "choices": [{"index": 0, "delta": delta or {},
+                                   "finish_reason": finish}] if choices else []}
+    if usage is not None:
+        doc["usage"] = usage
+    return "data: " + json.dumps(doc) + "\n\n"
+
+
+def tc(index=None, id=None, name=None, args=None, sig=None):
+    call = {"type": "function", "function": {}}
+    if index is not None:
+        call["index"] = index
+    if id:
+        call["id"] = id
+    if name:
+        call["function"]["name"] = name
+    if args is not None:
+        call["function"]["arguments"] = args
+    if sig:
+        call["extra_content"] = {"google": {"thought_signature": sig}}
+    return call
+
+
+def run_stream(text, tr=None, cuts=None):
+    """Feed an upstream SSE text through SSEParser + StreamTranslator -> A events."""
+    tr = tr or translation()
+    parser, st = ccproxy.SSEParser(), ccproxy.StreamTranslator(tr)
+    raw, out = text.encode(), st.start()
+    pieces = [raw] if cuts is None else [raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])]
+    try:
+        for piece in pieces:
+            for payload in parser.feed(piece):
+                out += st.feed(payload)
+        for payload in parser.close():
+            out += st.feed(payload)
+        out += st.end()
+    except ccproxy.UpstreamReplyError as exc:
+        out += st.error(exc.etype, str(exc))
+    return parse_events(out)
+
+
+def parse_events(raw):
+    events = []
+    for frame in raw.decode().split("\n\n"):
+        if not frame:
+            continue
+        lines = frame.split("\n")
+        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith(
+            "data: "), frame
+        data = json.loads(lines[1][6:])
+        assert data["type"] == lines[0][7:], frame
+        events.append(data)
+    return events
+
+
+def check_grammar(testcase, events):
+    """The §3.1 invariants; returns the blocks' final content."""
+    names = [e["type"] for e in events]
+    testcase.assertEqual(names[:2], ["message_start", "ping"])
+    if names[-1] == "error":
+        testcase.assertNotIn("message_stop", names)
+        testcase.assertNotIn("message_delta", names)
+    else:
+        testcase.assertEqual(names[-2:], ["message_delta", "message_stop"])
+        testcase.assertEqual(names.count("message_delta"), 1)
+        usage = events[-2]["usage"]
+        testcase.assertEqual(set(usage), {"input_tokens", "output_tokens",
+                                          "cache_creation_input_tokens",
+                                          "cache_read_input_tokens"})
+        testcase.assertGreater(usage["input_tokens"], 0)
+    open_block, expected_index, blocks = None, 0, []
+    for e in events:
+        if e["type"] == "content_block_start":
+            testcase.assertIsNone(open_block, "two blocks open")
+            testcase.assertEqual(e["index"], expected_index)
+            open_block, expected_index = e["index"], expected_index + 1
+            block = dict(e["content_block"])
+            if block["type"] == "tool_use":
+                testcase.assertEqual(block["input"], {})
+                block["json"] = ""
+            blocks.append(block)
+        elif e["type"] == "content_block_delta":
+            testcase.assertEqual(e["index"], open_block)
+            d, block = e["delta"], blocks[-1]
+            if d["type"] == "text_delta":
+                block["text"] += d["text"]
+            elif d["type"] == "thinking_delta":
+                block["thinking"] += d["thinking"]
+            elif d["type"] == "signature_delta":
+                block["signature"] = d["signature"]
+            else:
+                testcase.assertEqual(block["type"], "tool_use")
+                block["json"] += d["partial_json"]
+        elif e["type"] == "content_block_stop":
+            testcase.assertEqual(e["index"], open_block)
+            open_block = None
+        elif e["type"] == "message_delta":
+            testcase.assertIsNone(open_block, "a block left open")
+        elif e["type"] == "error":     # as Anthropic's own: may cut a block; nothing after
+            testcase.assertIs(e, events[-1])
+    return blocks
+
+
+TOOL_TRACE = "".join([
+    chunk({"role": "assistant", "content": "Let me"}), chunk({"content": " check."}),
+    chunk({"tool_calls": [tc(0, "a", "Read", '{"fi')]}),
+    chunk({"tool_calls": [tc(1, "b", "Bash", '{"co')]}),
+    chunk({"tool_calls": [tc(0, args='le":"x"}')]}),
+    chunk({"tool_calls": [tc(1, args='mmand":"ls"}')]}),
+    chunk(finish="tool_calls"), chunk(usage={"prompt_tokens": 900, "completion_tokens": 40},
+                                      choices=False),
+    "data: [DONE]\n\n"])
+
+
+class TestTranslationStream(unittest.TestCase):
+    """Cases 25-35 and the random-chunking property."""
+
+    def test_25_text_stream(self):
+        events = run_stream(chunk({"content": "Hel"}) + chunk({"content": "lo"}) +
+                            chunk(finish="stop") + "data: [DONE]\n\n")
+        self.assertEqual([e["type"] for e in events],
+                         ["message_start", "ping", "content_block_start", "content_block_delta",
+                          "content_block_delta", "content_block_stop", "message_delta",
+                          "message_stop"])
+        self.assertEqual(check_grammar(self, events)[0]["text"], "Hello")
+        self.assertEqual(events[0]["message"]["model"], "claude-sonnet-5-5")
+
+    def test_26_args_without_id_or_index(self):
+        parts = ['{"com', 'mand"', ':"l', 's -la', '"}']
+        text = chunk({"tool_calls": [tc(id="call_1", name="Bash", args="")]}) + "".join(
+            chunk({"tool_calls": [tc(args=p)]}) for p in parts) + chunk(finish="tool_calls")
+        events = run_stream(text + "data: [DONE]\n\n")
+        blocks = check_grammar(self, events)
+        self.assertEqual(len(blocks), 1)
+        self.assertEqual(blocks[0]["json"], "".join(parts))
+        self.assertEqual(events[-2]["delta"]["stop_reason"], "tool_use")
+
+    def test_27_interleaved_tools_and_the_spec_trace(self):
+        events = run_stream(TOOL_TRACE)
+        blocks = check_grammar(self, events)
+        self.assertEqual([(b["type"], b.get("id"), b.get("name")) for b in blocks],
+                         [("text", None, None), ("tool_use", "a", "Read"),
+                          ("tool_use", "b", "Bash")])
+        self.assertEqual([json.loads(b["json"]) for b in blocks[1:]],
+                         [{"file": "x"}, {"command": "ls"}])
+        self.assertEqual(events[-2]["delta"]["stop_reason"], "tool_use")
+        self.assertEqual((events[-2]["usage"]["input_tokens"],
+                          events[-2]["usage"]["output_tokens"]), (900, 40))
+
+    def test_28_gemini_whole_calls_without_index_and_signatures(self):
+        tr = translation("gemini", "gemini-3-pro")
+        text = chunk({"tool_calls": [tc(id="g1", name="Read", args='{"p":1}', sig="SIG1"),
+                                     tc(id="g2", name="Bash", args='{"c":2}', sig="SIG2")]},
+                     finish="stop") + "data: [DONE]\n\n"
+        events = run_stream(text, tr)
+        blocks = check_grammar(self, events)
+        self.assertEqual([b["id"] for b in blocks], ["g1", "g2"])
+        self.assertEqual(events[-2]["delta"]["stop_reason"], "tool_use")
+        history = {"messages": [user("go"), assistant([
+            {"type": "tool_use", "id": "g1", "name": "Read", "input": {"p": 1}},
+            {"type": "tool_use", "id": "g2", "name": "Bash", "input": {"c": 2}}]),
+            user([{"type": "tool_result", "tool_use_id": "g1", "content": "a"},
+                  {"type": "tool_result", "tool_use_id": "g2", "content": "b"}])],
+            "model": "m", "max_tokens": 10}
+        out = ccproxy.anthropic_to_openai(history, tr)
+        sigs = [c["extra_content"]["google"]["thought_signature"]
+                for c in out["messages"][1]["tool_calls"]]
+        self.assertEqual(sigs, ["SIG1", "SIG2"])
+
+    def test_29_reasoning_then_text_and_the_deepseek_round_trip(self):
+        tr = translation("deepseek", "deepseek-reasoner")
+        events = run_stream(chunk({"reasoning_content": "Think"}) +
+                            chunk({"reasoning_content": "ing"}) + chunk({"content": "Done"}) +
+                            chunk(finish="stop") + "data: [DONE]\n\n", tr)
+        blocks = check_grammar(self, events)
+        self.assertEqual([(b["type"], b.get("thinking") or b.get("text")) for b in blocks],
+                         [("thinking", "Thinking"), ("text", "Done")])
+        self.assertTrue(blocks[0]["signature"].startswith("ccproxy:r:"))
+        history = [user("go"), assistant([dict(blocks[0], type="thinking"),
+                                          {"type": "tool_use", "id": "t", "name": "B",
+                                           "input": {}}])]
+        out = ccproxy.anthropic_to_openai({"messages": history, "model": "m"}, tr)
+        self.assertEqual(out["messages"][1]["reasoning_content"], "Thinking")
+
+    def test_30_usage_after_finish_and_nothing_after_stop(self):
+        events = run_stream(chunk({"content": "x"}) + chunk(finish="stop") +
+                            chunk(usage={"prompt_tokens": 50, "completion_tokens": 7},
+                                  choices=False) + "data: [DONE]\n\n")
+        check_grammar(self, events)
+        self.assertEqual(events[-2]["usage"]["output_tokens"], 7)
+        self.assertEqual(events[-1]["type"], "message_stop")
+
+    def test_31_no_usage_at_all_is_estimated(self):
+        events = run_stream(chunk({"content": "x" * 40}) + chunk(finish="stop") +
+                            "data: [DONE]\n\n")
+        usage = events[-2]["usage"]
+        self.assertGreater(usage["input_tokens"], 0)
+        self.assertEqual(usage["output_tokens"], 10)
+
+    def test_32_usage_on_every_chunk_closes_nothing(self):
+        u = {"prompt_tokens": 5, "completion_tokens": 1}
+        text = "".join(chunk({"tool_calls": [tc(0, "a", "T", p)] if i == 0 else
+                              [tc(0, args=p)]}, usage=u) for i, p in enumerate(['{"a"', ':1}']))
+        events = run_stream(text + chunk(finish="tool_calls", usage=u) + "data: [DONE]\n\n")
+        blocks = check_grammar(self, events)
+        self.assertEqual(blocks[0]["json"], '{"a":1}')
+
+    def test_33_snapshot_arguments(self):
+        text = (chunk({"tool_calls": [tc(0, "a", "T", '{"a"')]}) +
+                chunk({"tool_calls": [tc(0, args='{"a":1}')]}) + chunk(finish="tool_calls"))
+        self.assertEqual(check_grammar(self, run_stream(text + "data: [DONE]\n\n"))[0]["json"],
+                         '{"a":1}')
+
+    def test_34_synthesised_stream_from_a_json_reply(self):
+        msg = ccproxy.openai_to_anthropic(reply({"reasoning_content": "r", "content": "t",
+            "tool_calls": [{"id": "c", "type": "function",
+                            "function": {"name": "T", "arguments": '{"x":1}'}}]},
+            "tool_calls"), translation())
+        events = parse_events(ccproxy.synthesize_stream(msg))
+        blocks = check_grammar(self, events)
+        self.assertEqual([b["type"] for b in blocks], ["thinking", "text", "tool_use"])
+        self.assertEqual(json.loads(blocks[2]["json"]), {"x": 1})
+
+    def test_35_comments_and_crlf(self):
+        text = (": OPENROUTER PROCESSING\r\n\r\n" + chunk({"content": "a"}).replace("\n", "\r\n")
+                + "event: x\r\nid: 1\r\nretry: 5\r\n" + chunk(finish="stop").replace("\n", "\r\n")
+                + "data: [DONE]\r\n\r\n")
+        self.assertEqual(check_grammar(self, run_stream(text))[0]["text"], "a")
+
+    def test_40_error_chunk_after_text(self):
+        for error, etype in (({"code": 429, "message": "Rate limit"}, "overloaded_error"),
+                             ({"message": "boom"}, "api_error")):
+            events = run_stream(chunk({"content": "x"}) + "data: " + json.dumps(
+                {"error": error}) + "\n\n" + chunk({"content": "after"}))
+            check_grammar(self, events)
+            self.assertEqual((events[-1]["type"], events[-1]["error"]["type"]), ("error", etype))
+
+    def test_41_truncation_is_an_error_not_a_stop(self):
+        events = run_stream(chunk({"content": "x"}))
+        check_grammar(self, events)
+        self.assertEqual(events[-1]["type"], "error")
+        events = run_stream(chunk({"content": "x"}) + chunk(finish="stop"))   # no [DONE]
+        self.assertEqual(events[-1]["type"], "message_stop")
+
+    def test_think_tags_split_across_chunks(self):
+        tr = translation("ollama", "qwen3")
+        pieces = ["<thi", "nk>dee", "p tho", "ught</th", "ink>\n\nAns", "wer"]
+        events = run_stream("".join(chunk({"content": p}) for p in pieces) +
+                            chunk(finish="stop") + "data: [DONE]\n\n", tr)
+        blocks = check_grammar(self, events)
+        self.assertEqual([(b["type"], b.get("thinking") or b.get("text")) for b in blocks],
+                         [("thinking", "deep thought"), ("text", "Answer")])
+
+    def test_random_chunking_always_yields_the_same_valid_stream(self):
+        tr_text = TOOL_TRACE.replace(chunk({"content": " check."}), chunk(
+            {"reasoning_content": "hmm"}) + chunk({"content": " check."}))
+        reference = check_grammar(self, run_stream(tr_text))
+        for seed in range(300):
+            rng = random.Random(seed)
+            n = len(tr_text.encode())
+            cuts = sorted(rng.sample(range(1, n), rng.randint(1, min(40, n - 1))))
+            with self.subTest(seed=seed):
+                blocks = check_grammar(self, run_stream(tr_text, cuts=cuts))
+                self.assertEqual(blocks, reference)
+
+
+class TestTranslationErrorsAndTokens(unittest.TestCase):
+    """Cases 36-44."""
+
+    def test_36_to_38_error_mapping(self):
+        status, headers, body = ccproxy.map_upstream_error(
+            429, headers_of([("retry-after", "7")]), b'{"error":{"message":"slow"}}', "r", False)
+        self.assertEqual((status, dict(headers)["retry-after"]), (429, "7"))
+        self.assertEqual(json.loads(body)["error"]["type"], "rate_limit_error")
+        overflow = json.dumps({"error": {"message": "This model's maximum context length is "
+                                         "128000 tokens", "code": "context_length_exceeded"}})
+        status, headers, body = ccproxy.map_upstream_error(400, headers_of([]),
+                                                           overflow.encode(), "r", False)
+        self.assertEqual(status, 400)
+        self.assertTrue(json.loads(body)["error"]["message"].startswith("prompt is too long"))
+        self.assertEqual(dict(headers)["x-should-retry"], "false")
+        gemini = json.dumps([{"error": {"code": 429, "message": "Resource has been exhausted",
+                                        "status": "RESOURCE_EXHAUSTED"}}]).encode()
+        status, _, body = ccproxy.map_upstream_error(429, headers_of([]), gemini, "g", False)
+        self.assertIn("Resource has been exhausted", json.loads(body)["error"]["message"])
+        openrouter = json.dumps({"error": {"message": "Provider returned error", "metadata": {
+            "raw": "upstream said no", "provider_name": "Mistral"}}}).encode()
+        _, _, body = ccproxy.map_upstream_error(502, headers_of([]), openrouter, "o", False)
+        self.assertIn("Mistral: upstream said no", json.loads(body)["error"]["message"])
+
+    def test_43_count_tokens_estimate(self):
+        tools = [{"name": "Read", "description": "reads", "input_schema": {"type": "object"}}]
+        body = {"model": "m", "messages": [user("hi")], "tools": tools}
+        compact = len(json.dumps(tools[0], separators=(",", ":")).encode())
+        base = ccproxy.estimate_input_tokens(body)
+        self.assertGreaterEqual(base, compact / 4 + 304)
+        with_image = {"model": "m", "messages": [user([{"type": "text", "text": "hi"}, IMAGE])],
+                      "tools": tools}
+        self.assertEqual(ccproxy.estimate_input_tokens(with_image) - base, 1334)
+
+    def test_image_sizes(self):
+        gif = b"GIF89a" + (300).to_bytes(2, "little") + (200).to_bytes(2, "little")
+        jpeg = (b"\xff\xd8\xff\xe0\x00\x04ab\xff\xc0\x00\x11\x08" + (480).to_bytes(2, "big") +
+                (640).to_bytes(2, "big") + b"\x03")
+        webp = b"RIFF\x00\x00\x00\x00WEBPVP8X" + b"\x00" * 8 + (99).to_bytes(3, "little") + \
+            (49).to_bytes(3, "little")
+        for data, size in ((gif, (300, 200)), (jpeg, (640, 480)), (webp, (100, 50)),
+                           (b"nope", None)):
+            self.assertEqual(ccproxy.image_size(data), size)
+        big = {"type": "base64", "data": base64.b64encode(
+            b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + (4000).to_bytes(4, "big") +
+            (3000).to_bytes(4, "big")).decode()}
+        self.assertLessEqual(ccproxy.image_tokens(big), 1534)     # scaled to 1.15 MP
+        self.assertEqual(ccproxy.image_tokens({"type": "url", "url": "u"}), 1600)
+        pdf = base64.b64encode(b"%PDF /Type /Pages /Type /Page x /Type/Page").decode()
+        self.assertEqual(ccproxy.pdf_tokens({"type": "base64", "data": pdf}), 4000)
+
+    def test_calibration(self):
+        cal = ccproxy.Calibration()
+        self.assertEqual(cal.scale("r", 100), 100)
+        for _ in range(50):
+            cal.learn("r", 100, 150)
+        self.assertAlmostEqual(cal.ratio("r"), 1.5, places=2)
+        for _ in range(50):
+            cal.learn("r", 100, 10000)
+        self.assertEqual(cal.ratio("r"), 2.0)
+        self.assertEqual(cal.ratio("other"), 1.0)
+
+    def test_44_passthrough_strips_only_ccproxy_thinking(self):
+        genuine = {"type": "thinking", "thinking": "t", "signature": "EqQBCkgIARABGAIiQ"}
+        body = {"model": "m", "messages": [user("hi"), assistant([
+            genuine, {"type": "thinking", "thinking": "x", "signature": "ccproxy:r:0123"},
+            {"type": "text", "text": "ok"}])]}
+        clean, changed = ccproxy.sanitize_for_anthropic(body)
+        self.assertTrue(changed)
+        self.assertEqual(clean["messages"][1]["content"], [genuine, {"type": "text", "text": "ok"}])
+
+
+def openai_provider(url, ptype="openai", **kw):
+    return config(providers=(ccproxy.ProviderConfig(name="oa", type=ptype, base_url=url,
+                                                    api_key="sk-up", model="gpt-4o", **kw),))
+
+
+def sse_behave(text, status=200):
+    """A fake OpenAI upstream answering every call with `text` as an SSE body."""
+    def behave(h, body):
+        if status != 200:
+            return h.reply(status, text)
+        h.start_stream()
+        for piece in text.split("\n\n"):
+            if piece:
+                h.chunk((piece + "\n\n").encode())
+        h.chunk(b"")
+    return behave
+
+
+class TestTranslationEndToEnd(unittest.TestCase):
+    """Through the daemon's handler to a fake OpenAI upstream on loopback."""
+
+    def stream(self, text, body=None, ptype="openai"):
+        with FakeUpstream(sse_behave(text)) as up, Proxy(openai_provider(up.url, ptype)) as px:
+            resp, out = px.call("POST", "/v1/messages?beta=true",
+                                body or dict(BODY, stream=True, tools=[
+                                    {"name": "Read", "input_schema": {"type": "object"}}]),
+                                {"x-api-key": "client", "anthropic-beta": "x"})
+            sent = up.requests[0]
+        return resp, out, sent
+
+    def test_text_stream_and_what_the_upstream_saw(self):
+        resp, out, sent = self.stream(chunk({"content": "Hi"}) + chunk(finish="stop") +
+                                      chunk(usage={"prompt_tokens": 9, "completion_tokens": 1},
+                                            choices=False) + "data: [DONE]\n\n")
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.getheader("Content-Type"), "text/event-stream; charset=utf-8")
+        events = parse_events(out)
+        self.assertEqual(check_grammar(self, events)[0]["text"], "Hi")
+        self.assertEqual(events[-2]["usage"]["input_tokens"], 9)
+        self.assertEqual(sent["path"], "/chat/completions")
+        self.assertEqual(sent["headers"]["authorization"], "Bearer sk-up")
+        for leaked in ("x-api-key", "anthropic-beta"):
+            self.assertIsNone(sent["headers"][leaked])
+        doc = json.loads(sent["body"])
+        self.assertEqual((doc["model"], doc["stream"]), ("gpt-4o", True))
+
+    def test_one_tool_and_two_interleaved(self):
+        resp, out, _ = self.stream(TOOL_TRACE)
+        blocks = check_grammar(self, parse_events(out))
+        self.assertEqual([b["type"] for b in blocks], ["text", "tool_use", "tool_use"])
+        resp, out, _ = self.stream(chunk({"tool_calls": [tc(0, "c1", "Read", '{"p":')]}) +
+                                   chunk({"tool_calls": [tc(0, args='"x"}')]}) +
+                                   chunk(finish="tool_calls") + "data: [DONE]\n\n")
+        events = parse_events(out)
+        self.assertEqual(json.loads(check_grammar(self, events)[0]["json"]), {"p": "x"})
+        self.assertEqual(events[-2]["delta"]["stop_reason"], "tool_use")
+
+    def test_reasoning_then_text_and_no_usage(self):
+        resp, out, _ = self.stream(chunk({"reasoning_content": "r"}) + chunk({"content": "t"}) +
+                                   chunk(finish="stop") + "data: [DONE]\n\n")
+        events = parse_events(out)
+        self.assertEqual([b["type"] for b in check_grammar(self, events)], ["thinking", "text"])
+        self.assertGreater(events[-2]["usage"]["input_tokens"], 0)
+        self.assertGreater(events[-2]["usage"]["output_tokens"], 0)
+
+    def test_mid_stream_error_and_truncation(self):
+        for text in (chunk({"content": "x"}) + 'data: {"error": {"message": "overloaded"}}\n\n',
+                     chunk({"content": "x"})):
+            with self.subTest(text=text[-40:]):
+                resp, out, _ = self.stream(text)
+                events = parse_events(out)
+                check_grammar(self, events)
+                self.assertEqual(events[-1]["type"], "error")
+
+    def test_39_error_as_first_event_is_a_plain_http_error(self):
+        resp, out, _ = self.stream('data: {"error": {"code": 429, "message": "rate limit"}}\n\n')
+        self.assertEqual(resp.status, 529)
+        self.assertEqual(resp.getheader("Content-Type"), "application/json")
+        self.assertEqual(json.loads(out)["error"]["type"], "overloaded_error")
+
+    def test_upstream_http_errors_and_refused(self):
+        with FakeUpstream(sse_behave(json.dumps({"error": {"message": "slow"}}), 429)) as up:
+            with Proxy(openai_provider(up.url)) as px:
+                resp, out = px.call("POST", "/v1/messages", BODY)
+        self.assertEqual((resp.status, json.loads(out)["error"]["type"]),
+                         (429, "rate_limit_error"))
+        url = "http://127.0.0.1:%d/v1" % free_port()
+        with Proxy(openai_provider(url, "ollama")) as px:
+            started = time.monotonic()
+            resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True))
+            self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual((resp.status, resp.getheader("x-should-retry")), (500, "false"))
+        self.assertIn(url + "/chat/completions", json.loads(out)["error"]["message"])
+
+    def test_non_streaming_and_stream_ignored(self):
+        doc = reply({"content": "hello"}, usage={"prompt_tokens": 3, "completion_tokens": 1})
+        with FakeUpstream(lambda h, b: h.reply(200, doc)) as up:
+            with Proxy(openai_provider(up.url)) as px:
+                resp, out = px.call("POST", "/v1/messages", BODY)
+                msg = json.loads(out)
+                self.assertEqual((msg["model"], msg["content"][0]["text"]),
+                                 (BODY["model"], "hello"))
+                resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True))
+                self.assertEqual(resp.getheader("Content-Type"),
+                                 "text/event-stream; charset=utf-8")
+                self.assertEqual(check_grammar(self, parse_events(out))[0]["text"], "hello")
+
+    def test_ollama_asks_without_streaming_when_tools_are_present(self):
+        doc = reply({"content": "", "tool_calls": [{"function": {"name": "Read",
+                                                                  "arguments": {"p": 1}}}]})
+        with FakeUpstream(lambda h, b: h.reply(200, doc)) as up:
+            with Proxy(openai_provider(up.url, "ollama")) as px:
+                resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True, tools=[
+                    {"name": "Read", "input_schema": {}}]))
+            self.assertNotIn("stream", json.loads(up.requests[0]["body"]))
+        events = parse_events(out)
+        block = check_grammar(self, events)[0]
+        self.assertEqual((block["name"], json.loads(block["json"])), ("Read", {"p": 1}))
+        self.assertEqual(events[-2]["delta"]["stop_reason"], "tool_use")
+
+    def test_count_tokens_26_parallel_calls(self):
+        with Proxy(openai_provider("http://127.0.0.1:9")) as px:
+            results = []
+
+            def one():
+                results.append(px.call("POST", "/v1/messages/count_tokens?beta=true",
+                                       {"model": "claude-x", "messages": [user("hi")]}))
+            threads = [threading.Thread(target=one) for _ in range(26)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(TIMEOUT)
+        self.assertEqual(len(results), 26)
+        for resp, out in results:
+            self.assertEqual(resp.status, 200)
+            self.assertGreater(json.loads(out)["input_tokens"], 0)
+
+    def test_models_lists_configured_names(self):
+        with Proxy(openai_provider("http://127.0.0.1:9")) as px:
+            resp, out = px.call("GET", "/v1/models")
+        self.assertEqual([m["id"] for m in json.loads(out)["data"]], ["gpt-4o"])
+
+    @unittest.skipUnless(os.path.isdir(SAMPLES), "../shared/claude-code-wire absent")
+    def test_real_claude_code_bodies_translate(self):
+        for path in sorted(glob.glob(os.path.join(SAMPLES, "*.request.json"))):
+            with open(path) as f:
+                sample = json.load(f)
+            body = sample.get("body")
+            if not isinstance(body, dict) or "messages" not in body:
+                continue
+            for ptype, model in (("openai", "gpt-5"), ("gemini", "gemini-3-pro"),
+                                 ("deepseek", "deepseek-chat"), ("ollama", "qwen3")):
+                with self.subTest(sample=os.path.basename(path), ptype=ptype):
+                    tr = translation(ptype, model)
+                    out = ccproxy.anthropic_to_openai(body, tr)
+                    text = json.dumps(out)
+                    for banned in ("cache_control", "x-anthropic-billing-header"):
+                        self.assertNotIn(banned, text)
+                    self.assertLessEqual(set(out), {
+                        "model", "messages", "max_tokens", "max_completion_tokens", "tools",
+                        "tool_choice", "stream", "stream_options", "reasoning_effort",
+                        "response_format", "temperature"})
+                    self.assertNotIn("$schema", json.dumps(out.get("tools", [])))
+                    roles = [m["role"] for m in out["messages"]]
+                    for i, m in enumerate(out["messages"]):
+                        if m.get("tool_calls"):      # every call answered right after
+                            ids = [c["id"] for c in m["tool_calls"]]
+                            self.assertEqual([x.get("tool_call_id") for x in
+                                              out["messages"][i + 1:i + 1 + len(ids)]], ids)
+                    self.assertNotIn(("user", "user"), list(zip(roles, roles[1:])))
 
 
 # ---- Lifecycle -------------------------------------------------------------------
