@@ -5,8 +5,11 @@ One file, Python standard library only, CPython 3.9 or newer.  Not to be confuse
 the archived Go orchestre-dev/ccproxy, CaddyGlow/ccproxy-api or starbaser/ccproxy.
 
 Clients set ANTHROPIC_BASE_URL=http://127.0.0.1:3456; ccproxy forwards each call to the
-provider its route names, streaming every chunk the moment it arrives, and falls back to
-the next provider when one fails before the first byte reached the client.
+provider its route names: Anthropic itself (pass-through) or any OpenAI Chat Completions
+provider (OpenAI, Azure, Groq, OpenRouter, DeepSeek, Gemini, Ollama, vLLM…), translating
+requests, streams, tools, images, thinking, usage and errors both ways.  Every chunk is
+written the moment it arrives; a provider that fails before the first byte reached the
+client hands the call to the next one in the fallback order.
 
 Synopsis::
 
@@ -50,12 +53,17 @@ counts as loopback (X-Forwarded-For never grants anything); binding beyond loopb
 without CCPROXY_API_KEY is refused unless allow_remote is set; no key, prompt or
 completion is ever logged; /status shows only whether a key is configured.
 
+Translation (OpenAI routes) is built from allow-lists: the upstream body carries only
+fields that route is known to accept, because Claude Code answers a 400 with six
+downgraded re-sends.  Provider differences are rows of quirk flags (PROVIDER_QUIRKS),
+never branches in the code; a config file overrides any flag per provider.
+
 Not supported (deliberately): TLS termination (put a TLS proxy in front), HTTP/2,
 request bodies with Transfer-Encoding: chunked (answered 411; every known client sends
 Content-Length).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Stamped by `make install`; otherwise read from the checkout's .git, else "unknown".
 BUILD_COMMIT = None
