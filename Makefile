@@ -6,7 +6,7 @@ PREFIX ?= /usr/local
 UNIT_DIR ?= /etc/systemd/system
 export PYTHONPATH := $(PYDEPS)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: test lint check-unit install uninstall clean
+.PHONY: test lint check-unit check-metrics install uninstall clean
 
 test:  ## run the test suite (installs pytest into .cache/py if it is missing)
 	@$(PYTHON) -c 'import pytest' 2>/dev/null || \
@@ -32,6 +32,15 @@ check-unit:  ## systemd-analyze verify (stderr must be empty) and security (expo
 	systemd-analyze security --offline=true --threshold=20 $$tmp/ccproxy.service > $$tmp/sec 2>&1; rc=$$?; \
 	tail -1 $$tmp/sec; if [ $$rc -ne 0 ]; then echo "FAIL exposure above 2.0"; exit 1; fi; \
 	echo "OK check-unit"
+
+check-metrics:  ## promtool check metrics on a live scrape after some traffic (installs promtool)
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }; } || true
+	@command -v promtool >/dev/null || { echo "SKIP check-metrics: promtool not installed (Debian package prometheus)"; exit 0; }; \
+	$(PYTHON) -c 'import test_ccproxy as t; t.print_live_scrape()' > .cache-scrape.txt && \
+	promtool check metrics < .cache-scrape.txt; rc=$$?; \
+	echo "$$(grep -c -v '^#' .cache-scrape.txt) samples checked"; rm -f .cache-scrape.txt; \
+	if [ $$rc -ne 0 ]; then echo "FAIL promtool check metrics"; exit 1; fi; echo "OK check-metrics"
 
 install:  ## copy ccproxy.py to $(PREFIX)/bin/ccproxy with the build stamped in, and the unit
 	@commit=$$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown); \

@@ -93,6 +93,7 @@ import logging.handlers
 import os
 import re
 import select
+import shlex
 import signal
 import socket
 import ssl
@@ -120,6 +121,14 @@ HEARTBEAT_STALE = 10.0            # /health fails when the serve loop is this la
 POOL_MAX_IDLE = 16                # idle upstream connections kept per host
 POOL_IDLE_SECONDS = 60.0          # idle upstream connections older than this are closed
 RELAY_CHUNK = 65536
+CIRCUIT_THRESHOLD = 3             # consecutive failures that open a provider's circuit
+CIRCUIT_COOLDOWN = 30.0           # seconds it stays open before one trial call
+#: Histogram buckets (seconds): whole requests run from milliseconds to many minutes.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 120.0, 300.0, 600.0)
+TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 CLIENT_KEY_HEADERS = ("x-api-key", "authorization")
@@ -292,6 +301,7 @@ class Config:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    probe_interval: float = 0.0       # seconds between provider probes; 0 = off
     providers: tuple = ()
     routes: tuple = ()
     fallback: tuple = ()
@@ -321,6 +331,7 @@ SETTINGS = (
     ("drain_timeout", ("CCPROXY_DRAIN_TIMEOUT",), "seconds", None),
     ("idle_timeout", ("CCPROXY_IDLE_TIMEOUT",), "seconds", None),
     ("max_body_bytes", ("CCPROXY_MAX_BODY_BYTES",), "size", None),
+    ("probe_interval", ("CCPROXY_PROBE_INTERVAL",), "seconds0", None),
 )
 #: Environment variables that configure the primary (first) provider.
 PROVIDER_ENV = (
@@ -367,6 +378,9 @@ def _convert(key, kind, value):
         raise ConfigError("%s must be true or false, got %s" % (key, _shown(value)))
     if kind in ("seconds", "size"):
         return _convert_number(key, kind, value)
+    if kind == "seconds0":       # 0 switches the feature off
+        return 0.0 if str(value).strip() in ("0", "0.0") else _convert_number(
+            key, "seconds", value)
     if kind == "origins":
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
@@ -956,6 +970,52 @@ def rewrite_message_start(frame, model):
     return b"\n".join(lines)
 
 
+class UsageScanner:
+    """Token usage out of a relayed Anthropic stream, without parsing every event: only
+    the lines that carry "usage" (message_start and message_delta) are decoded."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self):
+        self.tail, self.input_tokens, self.output_tokens = b"", None, None
+
+    def feed(self, data):
+        text = self.tail + data
+        if b'"usage"' not in text:
+            self.tail = text[text.rfind(b"\n") + 1:][-self.LIMIT:]
+            return
+        lines = text.split(b"\n")
+        self.tail = lines.pop()[-self.LIMIT:]
+        for line in lines:
+            if line.startswith(b"data:") and b'"usage"' in line:
+                self._line(line[5:])
+
+    def _line(self, raw):
+        doc = _loads(raw)
+        if not isinstance(doc, dict):
+            return
+        usage = (doc.get("message") or {}).get("usage") if doc.get(
+            "type") == "message_start" else doc.get("usage")
+        if isinstance(usage, dict):
+            total_in = sum(v for k, v in usage.items() if k in (
+                "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+                and isinstance(v, int))
+            if total_in:
+                self.input_tokens = total_in
+            if isinstance(usage.get("output_tokens"), int):
+                self.output_tokens = usage["output_tokens"]
+
+
+def _loads(text):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return _INVALID
+
+
+_INVALID = object()
+
+
 def format_duration(seconds):
     """8130 -> '2h 15m 30s' (the /status uptime field)."""
     seconds = int(seconds)
@@ -1009,6 +1069,7 @@ def provider_items(config, stats, now):
             "tokens_per_second": s.get("tokens_per_second"),
             "rate_limit_remaining": s.get("rate_limit_remaining"),
             "requests": s.get("requests", 0), "errors": s.get("errors", 0),
+            "circuit": "open" if s.get("circuit_open_until", 0) > now else "closed",
         })
     return items
 
@@ -1178,6 +1239,107 @@ def access_record(fields):
     tail = " ".join("%s=%s" % (k, escape_log(fields[k])) for k in order[5:]
                     if fields.get(k) not in (None, ""))
     return (head + " " + tail).strip()
+
+
+# ---- Metrics text (Prometheus exposition format 0.0.4) ---------------------------
+
+def escape_label(value):
+    """A label value: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def escape_help(text):
+    """HELP text: backslash and newline escaped (quotes stay as they are)."""
+    return str(text).replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_value(value):
+    """A sample value as Go's ParseFloat reads it."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _labels(pairs):
+    if not pairs:
+        return ""
+    return "{" + ",".join('%s="%s"' % (k, escape_label(v)) for k, v in pairs) + "}"
+
+
+def render_metrics(families):
+    """[(name, type, help, [(suffix, label pairs, value), …]), …] -> exposition text:
+    one HELP and TYPE per family before its samples, one group per family, final
+    newline."""
+    lines = []
+    for name, kind, text, samples in families:
+        lines.append("# HELP %s %s" % (name, escape_help(text)))
+        lines.append("# TYPE %s %s" % (name, kind))
+        lines.extend("%s%s%s %s" % (name, suffix, _labels(labels), format_value(value))
+                     for suffix, labels, value in samples)
+    return "\n".join(lines) + "\n"
+
+
+def histogram_samples(labels, buckets, counts, total, count):
+    """_bucket (cumulative, le ascending, +Inf = _count), _sum and _count samples."""
+    samples, running = [], 0
+    for bound, n in zip(buckets, counts):
+        running += n
+        samples.append(("_bucket", labels + (("le", format_value(float(bound))),), running))
+    samples.append(("_bucket", labels + (("le", "+Inf"),), count))
+    samples.append(("_sum", labels, total))
+    samples.append(("_count", labels, count))
+    return samples
+
+
+def upstream_outcome(status):
+    """A fixed, low-cardinality word for an upstream attempt's outcome."""
+    if isinstance(status, str):
+        return {"connect": "connect_error"}.get(status, status)
+    if status == 429:
+        return "rate_limited"
+    if status >= 500:
+        return "server_error"
+    return "client_error" if status >= 400 else "ok"
+
+
+def metrics_families(m, snap):
+    """The families of /metrics from a Metrics snapshot `m` and a service snapshot."""
+    items = provider_items(snap["config"], snap["provider_stats"], snap["now"])
+    return [
+        ("ccproxy_requests_total", "counter", "Requests answered, by status code and route.",
+         [("", (("code", str(c)), ("route", r)), n) for (c, r), n in sorted(m["requests"].items())]),
+        ("ccproxy_request_duration_seconds", "histogram", "Time from request to last byte.",
+         [x for r, h in sorted(m["duration"].items())
+          for x in histogram_samples((("route", r),), DURATION_BUCKETS, *h)]),
+        ("ccproxy_time_to_first_byte_seconds", "histogram",
+         "Time from request to the first streamed byte, streaming responses only.",
+         [x for p, h in sorted(m["ttfb"].items())
+          for x in histogram_samples((("provider", p),), TTFB_BUCKETS, *h)]),
+        ("ccproxy_upstream_requests_total", "counter", "Upstream attempts by outcome.",
+         [("", (("provider", p), ("outcome", o)), n)
+          for (p, o), n in sorted(m["upstream"].items())]),
+        ("ccproxy_tokens_total", "counter", "Tokens reported by upstreams (or estimated).",
+         [("", (("provider", p), ("direction", d)), n)
+          for (p, d), n in sorted(m["tokens"].items())]),
+        ("ccproxy_inflight_requests", "gauge", "Requests being served now.",
+         [("", (), snap["in_flight"])]),
+        ("ccproxy_provider_up", "gauge", "1 when the provider is usable (connected or "
+         "untried), else 0.", [("", (("provider", i["name"]),), int(
+             i["status"] in ("connected", "unknown"))) for i in items]),
+        ("ccproxy_build_info", "gauge", "Build of the running ccproxy; always 1.",
+         [("", (("version", snap["build"]["version"]), ("commit", snap["build"]["commit"])),
+           1)]),
+        ("ccproxy_config_reload_failures_total", "counter", "Reloads refused for a bad config.",
+         [("", (), snap["reload_failures"])]),
+        ("process_start_time_seconds", "gauge", "Start time of the process since the epoch.",
+         [("", (), round(snap["started"], 3))]),
+    ]
 
 
 # ---- Translation: provider quirks ----------------------------------------------
@@ -1777,16 +1939,6 @@ def parse_tool_arguments(args):
     if value is _INVALID:
         return {"_ccproxy_invalid_arguments": args}
     return value if isinstance(value, dict) else {"value": value}
-
-
-_INVALID = object()
-
-
-def _loads(text):
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return _INVALID
 
 
 def _first_positive(*values):
@@ -2423,33 +2575,120 @@ def estimate_input_tokens(body, tools_overhead=TOOLS_OVERHEAD):
     return -(-total // 4) + 4 * len(messages) + fixed + (tools_overhead if tools else 0)
 
 
+# ---- Probes, check and env: the pure parts ----------------------------------
+
+def probe_request(provider):
+    """(url, headers) of a light call that spends no tokens: the provider's model list.
+    None for an Anthropic route without its own key (clients bring theirs)."""
+    if provider.type == "anthropic":
+        if not provider.api_key:
+            return None
+        return anthropic_url(provider, "models", ""), [
+            ("x-api-key", provider.api_key), ("anthropic-version", "2023-06-01"),
+            ("accept-encoding", "identity")]
+    return provider.base_url + "/models", openai_headers(provider, False)
+
+
+def listed_models(body):
+    """Model ids in a model-list reply (OpenAI, Anthropic and Ollama shapes)."""
+    doc = _loads(body)
+    entries = (doc.get("data") or doc.get("models") or []) if isinstance(doc, dict) else []
+    ids = [e.get("id") or e.get("name") for e in entries if isinstance(e, dict)]
+    return [i for i in ids if isinstance(i, str)]
+
+
+def configured_models(config, provider):
+    """The upstream model names a provider will be asked for."""
+    names = [provider.model, provider.big_model, provider.small_model]
+    names += [r.model for r in config.routes if r.provider == provider.name]
+    return [n for i, n in enumerate(names) if n and n not in names[:i]]
+
+
+def ollama_context(show_body):
+    """The num_ctx an Ollama model is served with, from /api/show, or None."""
+    doc = _loads(show_body)
+    params = doc.get("parameters") if isinstance(doc, dict) else None
+    match = re.search(r"(?m)^num_ctx\s+(\d+)", params) if isinstance(params, str) else None
+    return int(match.group(1)) if match else None
+
+
+#: Claude Code's system prompt and tools alone are 12-20K tokens.
+MIN_CONTEXT = 16384
+
+
+def env_lines(config):
+    """The exports that point Claude Code at this proxy (`eval "$(ccproxy.py env)"`)."""
+    host = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = "[%s]" % host if ":" in host else host
+    translated = any(p.type != "anthropic" for p in config.providers)
+    lines = ["export ANTHROPIC_BASE_URL=%s" % shlex.quote("http://%s:%d" % (host, config.port))]
+    if config.api_key:
+        lines.append("export ANTHROPIC_API_KEY=%s" % shlex.quote(config.api_key))
+    elif translated or config.providers[0].api_key:
+        # The proxy holds the provider's key; Claude Code only needs some key to start.
+        lines.append('export ANTHROPIC_API_KEY="${ANTHROPIC_API_KEY:-ccproxy}"')
+    else:
+        lines.append("# ANTHROPIC_API_KEY: your own key is forwarded to Anthropic")
+    lines.append("export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1")
+    if translated:
+        lines.append("export ENABLE_TOOL_SEARCH=false")
+    return lines
+
+
 # ---- Registries ----------------------------------------------------------------
 
 class ProviderStats:
-    """Per-provider outcome of real traffic, behind one lock (issue: live health)."""
+    """Per-provider health from real traffic and probes, behind one lock.
+
+    A provider that fails CIRCUIT_THRESHOLD times in a row (connection errors,
+    timeouts, 5xx) opens its circuit: the fallback order skips it for CIRCUIT_COOLDOWN
+    seconds, then lets one trial call through; a success (or a probe) closes it.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._stats = {}
 
-    def record(self, name, status, latency, headers=None):
-        """Record one upstream attempt: an HTTP status, or "connect"/"timeout"/"reset"."""
-        now = time.time()
+    def record(self, name, status, latency, headers=None, probe=False):
+        """Record one upstream attempt (or probe): an HTTP status, or "connect",
+        "timeout", "reset"."""
+        now, headers = time.time(), headers or {}
+        word = self._status_word(status)
         with self._lock:
-            s = self._stats.setdefault(name, {"requests": 0, "errors": 0})
-            s["requests"] += 1
-            s["last_check"] = now
-            s["response_time_ms"] = int(latency * 1000)
-            s["status"] = self._status_word(status)
-            if s["status"] != "connected":
-                s["errors"] += 1
+            s = self._stats.setdefault(name, {"requests": 0, "errors": 0, "failures": 0})
+            if not probe:
+                s["requests"] += 1
+                s["errors"] += word != "connected"
+            s.update(last_check=now, response_time_ms=int(latency * 1000), status=word)
+            self._circuit(s, word, now)
             if status == 429:
-                wait = retry_after_seconds(headers or {}) or "30"
-                s["rate_limited_until"] = now + int(wait)
-            remaining = (headers or {}).get("anthropic-ratelimit-requests-remaining") or (
-                headers or {}).get("x-ratelimit-remaining-requests")
+                s["rate_limited_until"] = now + int(retry_after_seconds(headers) or "30")
+            remaining = headers.get("anthropic-ratelimit-requests-remaining") or headers.get(
+                "x-ratelimit-remaining-requests")
             if remaining and remaining.isdigit():
                 s["rate_limit_remaining"] = int(remaining)
+
+    @staticmethod
+    def _circuit(s, word, now):
+        if word == "disconnected":
+            s["failures"] += 1
+            if s["failures"] >= CIRCUIT_THRESHOLD:
+                s["circuit_open_until"] = now + CIRCUIT_COOLDOWN
+        else:
+            s["failures"], s["circuit_open_until"] = 0, 0
+
+    def record_tokens(self, name, output_tokens, seconds):
+        """Output tokens per second of the last call that reported them."""
+        if output_tokens and seconds > 0:
+            with self._lock:
+                s = self._stats.setdefault(name, {"requests": 0, "errors": 0, "failures": 0})
+                s["tokens_per_second"] = round(output_tokens / seconds, 1)
+
+    def available(self, name, now=None):
+        """False while the provider's circuit is open."""
+        with self._lock:
+            until = self._stats.get(name, {}).get("circuit_open_until", 0)
+        return until <= (now or time.time())
 
     @staticmethod
     def _status_word(status):
@@ -2464,6 +2703,62 @@ class ProviderStats:
     def snapshot(self):
         with self._lock:
             return {k: dict(v) for k, v in self._stats.items()}
+
+
+class Histogram:
+    """Counts per bucket (not cumulative: render makes them so), sum and count."""
+
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value):
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.sum += value
+        self.count += 1
+
+    def state(self):
+        return list(self.counts), round(self.sum, 6), self.count
+
+
+class Metrics:
+    """The counters and histograms behind /metrics.  Labels come from fixed sets
+    (endpoint names, status codes, configured provider names): never a key, a client
+    address or a raw path."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests, self.upstream, self.tokens = {}, {}, {}
+        self.duration, self.ttfb = {}, {}
+
+    def observe_request(self, route, code, seconds, ttfb=None, provider=None):
+        with self._lock:
+            key = (code, route)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self.duration.setdefault(route, Histogram(DURATION_BUCKETS)).observe(seconds)
+            if ttfb is not None and provider:
+                self.ttfb.setdefault(provider, Histogram(TTFB_BUCKETS)).observe(ttfb)
+
+    def observe_upstream(self, provider, status):
+        key = (provider, upstream_outcome(status))
+        with self._lock:
+            self.upstream[key] = self.upstream.get(key, 0) + 1
+
+    def add_tokens(self, provider, input_tokens, output_tokens):
+        with self._lock:
+            for direction, n in (("input", input_tokens), ("output", output_tokens)):
+                if isinstance(n, int) and n > 0:
+                    key = (provider, direction)
+                    self.tokens[key] = self.tokens.get(key, 0) + n
+
+    def snapshot(self):
+        with self._lock:
+            return {"requests": dict(self.requests), "upstream": dict(self.upstream),
+                    "tokens": dict(self.tokens),
+                    "duration": {k: h.state() for k, h in self.duration.items()},
+                    "ttfb": {k: h.state() for k, h in self.ttfb.items()}}
 
 
 class Calibration:
@@ -2708,6 +3003,23 @@ class UpstreamClient:
         resp._ccproxy_conn.close()
 
 
+def fetch(client, method, url, body=None, headers=()):
+    """One small upstream call read to its end: (status or failure kind, seconds,
+    headers, body).  For probes and `check`, never for the proxy path."""
+    started = time.monotonic()
+    try:
+        resp = client.open(method, url, body, list(headers))
+    except UpstreamError as exc:
+        return exc.kind, time.monotonic() - started, {}, exc.detail.encode("utf-8", "replace")
+    try:
+        data = resp.read(1 << 22)
+    except (OSError, http.client.HTTPException) as exc:
+        client.discard(resp)
+        return "reset", time.monotonic() - started, {}, str(exc).encode()
+    client.release(resp)
+    return resp.status, time.monotonic() - started, resp.headers, data
+
+
 class Upstreams:
     """The clients for the current config; rebuilt for providers that changed."""
 
@@ -2753,6 +3065,7 @@ class Service:
         self.upstreams = Upstreams()
         self.calibration = Calibration()
         self.signatures = ThoughtSignatures()
+        self.metrics = Metrics()
         self.build = build_info()
         self.api_key_digest = key_digest(config.api_key)
         self._idle = threading.Condition()
@@ -2790,6 +3103,11 @@ class Service:
         self.last_reload_error = None
         return changed
 
+    def record_upstream(self, provider, status, latency, headers=None):
+        """One upstream attempt: provider health, its circuit, and the metrics."""
+        self.stats.record(provider, status, latency, headers)
+        self.metrics.observe_upstream(provider, status)
+
     def alive(self):
         """Liveness: the serve loop has polled recently."""
         return time.monotonic() - self.heartbeat < HEARTBEAT_STALE
@@ -2817,6 +3135,7 @@ LOCAL_ENDPOINTS = {
     "/status/ready": ("ready", ("GET",), "none"),
     "/health/detailed": ("detailed", ("GET",), "local"),
     "/status": ("status", ("GET",), "local"),
+    "/metrics": ("metrics", ("GET",), "local"),
     "/": ("hello", ("GET",), "none"),
     "/api/hello": ("hello", ("GET",), "none"),
 }
@@ -2952,7 +3271,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         self.request_id, self.t0, self.sent = new_request_id(), time.monotonic(), False
-        self.fields, self.body_read = {}, False
+        self.fields, self.body_read, self.upstream_started = {}, False, None
         try:
             super().handle_one_request()
         except (ConnectionError, socket.timeout):
@@ -2991,7 +3310,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         endpoint = self._precheck(path)
         if self.command == "OPTIONS":
             return self._send(204, self._cors_preflight())
-        name = endpoint[0]
+        name = self.fields["route"] = endpoint[0]
         if name in ("messages", "count_tokens"):
             return self._proxy(name, query)
         getattr(self, "_ep_" + name)(query)
@@ -3111,7 +3430,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
                  latency_ms=int((time.monotonic() - self.t0) * 1000))
         f.setdefault("status", "-")
         log.info(access_record(f), extra={"access": dict(f)})
+        self._observe(f)
         del self.t0
+
+    def _observe(self, f):
+        """Metrics for the request just answered (labels from fixed sets only)."""
+        service = self.server.service
+        code = f["status"] if isinstance(f["status"], int) else 0
+        service.metrics.observe_request(f.get("route", "other"), code, f["latency_ms"] / 1000.0,
+                                        f.get("stream_ttfb"), f.get("provider"))
+        if f.get("provider"):
+            service.metrics.add_tokens(f["provider"], f.get("input_tokens"),
+                                       f.get("output_tokens"))
+            if getattr(self, "upstream_started", None) and f.get("output_tokens"):
+                service.stats.record_tokens(f["provider"], f["output_tokens"],
+                                            time.monotonic() - self.upstream_started)
 
     def log_message(self, format, *args):
         log.debug("%s %s", self.client_address[0], escape_log(format % args))
@@ -3157,6 +3490,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         snap = self.server.service.snapshot()
         self._send_json(200 if snap["ready"] else 503, detailed_health_document(snap))
 
+    def _ep_metrics(self, query):
+        service = self.server.service
+        if not service.config.metrics:
+            raise HTTPError(404, "not_found_error", "metrics are off (CCPROXY_METRICS=0)")
+        text = render_metrics(metrics_families(service.metrics.snapshot(),
+                                               service.snapshot()))
+        self._send(200, [("Content-Type", METRICS_CONTENT_TYPE),
+                         ("Cache-Control", "no-store")], text.encode())
+
     def _ep_hello(self, query):
         self._send_json(200, {"service": "ccproxy", "version": __version__})
 
@@ -3197,6 +3539,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         429, timeout) passes the request on; once bytes are sent there is no retry.
         """
         client_model = body.get("model", "") if body else ""
+        stats = self.server.service.stats
+        # Providers whose circuit is open are skipped, unless none is left to try.
+        plan = [p for p in plan if stats.available(p[0].name)] or plan
         for attempt, (provider, model) in enumerate(plan, 1):
             last = attempt == len(plan)
             self.fields.update(provider=provider.name, attempts=attempt)
@@ -3240,7 +3585,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             resp = client.open(method, url, data, headers)
         except UpstreamError as exc:
-            service.stats.record(provider.name, exc.kind, time.monotonic() - started)
+            service.record_upstream(provider.name, exc.kind, time.monotonic() - started)
             log.warning("%s attempt provider=%s failed: %s", self.request_id, provider.name,
                         exc)
             self.fields["upstream_status"] = exc.kind
@@ -3249,7 +3594,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(status, etype, message, headers) from exc
             return None
         latency = time.monotonic() - started
-        service.stats.record(provider.name, resp.status, latency, resp.headers)
+        service.record_upstream(provider.name, resp.status, latency, resp.headers)
+        self.upstream_started = time.monotonic()
         self.fields.update(upstream_status=resp.status, ttfb_ms=int(
             (time.monotonic() - self.t0) * 1000))
         return resp
@@ -3278,6 +3624,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         data = self._read_all(client, resp)
         if rename:
             data = rewrite_model_json(data, rename)
+        doc = _loads(data) if b'"usage"' in data else None
+        if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
+            self._note_tokens(doc["usage"])
         self._send(resp.status, headers, data)
 
     def _read_all(self, client, resp):
@@ -3340,12 +3689,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
         frame = _chunk if chunked else bytes
         self._write(self._head(200, SSE_HEADERS, (framing,)) + frame(st.start() + first))
+        self.fields["stream_ttfb"] = time.monotonic() - self.t0
         done = False
         try:
             done = self._pump_translated(resp, parser, st, frame)
         finally:
             client.release(resp) if done else client.discard(resp)
             self._learn(tr, st.usage)
+            if st.usage:
+                self._note_tokens(anthropic_usage(st.usage, tr.estimate, 1))
         if chunked:
             self._write(b"0\r\n\r\n")
 
@@ -3394,13 +3746,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
         renamer = SSEModelRenamer(rename) if rename else None
         self._write(self._head(resp.status, headers, (framing,)))
-        done = False
+        self.fields["stream_ttfb"] = time.monotonic() - self.t0
+        done, scanner = False, UsageScanner()
         try:
-            done = self._pump(resp, renamer, chunked)
+            done = self._pump(resp, renamer, chunked, scanner)
         finally:
             client.release(resp) if done else client.discard(resp)
+            self.fields.update(input_tokens=scanner.input_tokens,
+                               output_tokens=scanner.output_tokens)
 
-    def _pump(self, resp, renamer, chunked):
+    def _pump(self, resp, renamer, chunked, scanner):
         """The relay loop; True when the upstream body ended cleanly."""
         frame = _chunk if chunked else bytes
         while True:
@@ -3409,6 +3764,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 self._stream_failed(exc, chunked)
                 return False
+            scanner.feed(data)
             if not data:
                 tail = renamer.flush() if renamer else b""
                 self._write((frame(tail) if tail else b"") + (b"0\r\n\r\n" if chunked else b""))
@@ -3620,6 +3976,7 @@ class Daemon:
         self.service = Service(config)
         self.servers, self.threads = [], []
         self.pidfile = PidFile(pid_path) if pid_path else None
+        self.stopping = threading.Event()
 
     def open(self):
         """Lock the PID file and bind every listener; errors say what and where."""
@@ -3647,6 +4004,8 @@ class Daemon:
                                       name="serve-%d" % server.server_address[1], daemon=True)
             thread.start()
             self.threads.append(thread)
+        if self.config.probe_interval:
+            threading.Thread(target=self._probe_loop, name="probe", daemon=True).start()
         self.service.ready = True
         # The sockets listen since bind: a connect succeeds from here on (daemon(7)).
         sd_notify("READY=1\nSTATUS=serving on %s:%d\nMAINPID=%d"
@@ -3688,6 +4047,18 @@ class Daemon:
             if interval and self.service.alive():
                 sd_notify("WATCHDOG=1", self.environ)   # proof the serve loop runs
 
+    def _probe_loop(self):
+        """Light probes on one background thread, never in a request path; a daemon
+        thread that checks `stopping`, so it never holds up shutdown."""
+        while not self.stopping.wait(self.service.config.probe_interval):
+            for provider in self.service.config.providers:
+                request = probe_request(provider)
+                if request is None or self.stopping.is_set():
+                    continue
+                client = self.service.upstreams.client(provider)
+                status, seconds, headers, _ = fetch(client, "GET", request[0], None, request[1])
+                self.service.stats.record(provider.name, status, seconds, headers, probe=True)
+
     def reload(self):
         """Validate the new config to the side; keep the old one if it is bad (nginx)."""
         sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic() * 1e6), self.environ)
@@ -3708,6 +4079,7 @@ class Daemon:
         """Stop accepting, let in-flight requests finish, release the PID file."""
         service = self.service
         service.draining = True
+        self.stopping.set()
         sd_notify("STOPPING=1\nSTATUS=draining", self.environ)
         for server in self.servers:
             server.shutdown()
@@ -3802,6 +4174,10 @@ def _parser():
     stop.add_argument("--timeout", type=float, help="seconds to wait (default drain + 10)")
     status = sub.add_parser("status", parents=[common], help="is it running? (LSB codes)")
     status.add_argument("--json", action="store_true", help="print the /status document")
+    sub.add_parser("check", parents=[common],
+                   help="validate the config, probe each provider, say what is wrong")
+    sub.add_parser("env", parents=[common],
+                   help='print the exports for Claude Code: eval "$(ccproxy.py env)"')
     sub.add_parser("version", help="print version and build")
     return parser
 
@@ -3981,8 +4357,11 @@ def status_summary(doc, pid):
         doc["version"], doc["status"], doc["pid"], doc["host"], doc["port"], doc["uptime"],
         doc["health"])]
     for item in doc["providers"]["items"]:
-        lines.append("  %-12s %-10s %-13s %s" % (item["name"], item["type"], item["status"],
-                                                item.get("base_url") or ""))
+        rtt = item.get("response_time_ms")
+        lines.append("  %-12s %-17s %-13s %-7s %s%s" % (
+            item["name"], item["type"], item["status"], "%dms" % rtt if rtt is not None else "-",
+            item.get("base_url") or "", "  (circuit open)" if item.get("circuit") == "open"
+            else ""))
     return "\n".join(lines)
 
 
@@ -4045,6 +4424,110 @@ def cmd_restart(args, environ):
     return cmd_start(args, environ)
 
 
+def cmd_env(args, environ):
+    """Print the exports that point Claude Code at this proxy."""
+    print("\n".join(env_lines(_load(args, environ))))
+    return EXIT_OK
+
+
+def cmd_check(args, environ):
+    """Validate the config, then the port and each provider; explain each problem and
+    how to fix it.  Exit 0 only when everything works."""
+    try:
+        config = _load(args, environ)
+    except ConfigError as exc:
+        print("FAIL %s" % exc)
+        return EXIT_USAGE
+    report = [("ok", "config %s is valid (%s)" % (config.source or "(defaults and "
+                                                    "environment)", config.fingerprint[:19]))]
+    report.append(check_port(config))
+    upstreams = Upstreams()
+    for provider in config.providers:
+        label = "%s (%s, %s)" % (provider.name, provider.type, redact_url(provider.base_url))
+        report.extend((level, label + ": " + text) for level, text in
+                      check_provider(config, provider, upstreams.client(provider)))
+    upstreams.close()
+    for level, text in report:
+        print("%-4s %s" % ({"ok": "ok", "warn": "WARN", "problem": "FAIL"}[level], text))
+    problems = sum(level == "problem" for level, _ in report)
+    print("everything works" if not problems else "%d problem(s)" % problems)
+    return EXIT_OK if not problems else EXIT_FAIL
+
+
+def check_port(config):
+    """Is the port free, held by a ccproxy (which pid), or by something else?"""
+    try:
+        Server((config.host, config.port), Handler, Service(config)).server_close()
+        return "ok", "port %d on %s is free" % (config.port, config.host)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            return "problem", "cannot bind %s:%d: %s" % (config.host, config.port, exc.strerror)
+    doc = fetch_status(config)
+    if doc and doc.get("service") == "ccproxy":
+        return "ok", "port %d is served by ccproxy pid %s (running)" % (config.port, doc["pid"])
+    return "problem", ("port %d on %s is in use by another program: pick another with --port "
+                       "or CCPROXY_PORT (`ss -ltnp 'sport = :%d'` shows which)"
+                       % (config.port, config.host, config.port))
+
+
+def check_provider(config, provider, client):
+    """[(level, text), …] for one provider: key, reachability, key accepted, models."""
+    key_vars = PROVIDER_TYPES[provider.type][1]
+    if key_vars and not provider.api_key:
+        return [("problem", "no key: set CCPROXY_UPSTREAM_API_KEY or %s" % key_vars[0])]
+    request = probe_request(provider) or (anthropic_url(provider, "models", ""), [])
+    status, seconds, _, body = fetch(client, "GET", request[0], None, request[1])
+    if isinstance(status, str):
+        return [("problem", "unreachable: %s (%s); is the server running? check base_url, "
+                 "DNS and HTTPS_PROXY" % (redact_url(request[0]), body.decode()))]
+    if status in (401, 403) and provider.type == "anthropic" and not provider.api_key:
+        return [("ok", "reachable; no key configured, so each client's own key is forwarded")]
+    if status in (401, 403):
+        return [("problem", "key rejected (HTTP %d: %s): check the provider's key"
+                 % (status, upstream_message(body)[:200]))]
+    if status == 404:
+        return [("problem", "%s answered 404: is base_url right? (OpenAI-compatible base URLs "
+                 "usually end in /v1)" % redact_url(request[0]))]
+    if status >= 400:
+        return [("problem", "answered HTTP %d: %s" % (status, upstream_message(body)[:200]))]
+    out = [("ok", "reachable in %d ms, key accepted" % (seconds * 1000))]
+    out.extend(_check_models(config, provider, listed_models(body)))
+    if provider.type == "ollama":
+        out.extend(_check_ollama(config, provider, client))
+    return out
+
+
+def _check_models(config, provider, listed):
+    out = []
+    for model in configured_models(config, provider):
+        if listed and model not in listed:
+            out.append(("problem", "model %s is not listed by the provider (it lists: %s)"
+                        % (model, ", ".join(listed[:8]) + (", …" if len(listed) > 8 else ""))))
+        else:
+            out.append(("ok", "model %s is available" % model))
+    return out
+
+
+def _check_ollama(config, provider, client):
+    """Ollama's /v1 ignores num_ctx and defaults to a small context: Claude Code's
+    prompts would be cut silently (ollama/ollama#5902)."""
+    root, out = re.sub(r"/v1$", "", provider.base_url), []
+    for model in configured_models(config, provider):
+        status, _, _, body = fetch(client, "POST", root + "/api/show", json.dumps(
+            {"model": model}).encode(), [("content-type", "application/json")])
+        ctx = ollama_context(body) if status == 200 else None
+        if ctx is not None and ctx < MIN_CONTEXT:
+            out.append(("problem", "model %s is served with a %d-token context; Claude Code's "
+                        "prompts are 12-20K tokens and would be cut: set num_ctx 32768 in a "
+                        "Modelfile, or OLLAMA_CONTEXT_LENGTH=32768 for the server"
+                        % (model, ctx)))
+        elif ctx is None:
+            out.append(("warn", "model %s: context length unknown (no num_ctx); unless the "
+                        "server runs with OLLAMA_CONTEXT_LENGTH=32768 or more, Claude Code's "
+                        "prompts will be cut" % model))
+    return out
+
+
 def cmd_version(args, environ):
     """Print the version and the build stamp."""
     info = build_info()
@@ -4053,7 +4536,8 @@ def cmd_version(args, environ):
 
 
 COMMANDS = {"run": cmd_run, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
-            "reload": cmd_reload, "status": cmd_status, "version": cmd_version}
+            "reload": cmd_reload, "status": cmd_status, "check": cmd_check, "env": cmd_env,
+            "version": cmd_version}
 
 
 def main(argv=None, environ=None):

@@ -4,6 +4,7 @@ Run: `make test` (pytest) or, with nothing but the system python3, `python3 -m u
 test_ccproxy`.  Servers bind 127.0.0.1 port 0; every wait has a deadline; nothing leaves
 loopback.  Tests that read ../shared (captured Claude Code bodies) skip when it is absent.
 """
+import argparse
 import base64
 import contextlib
 import dataclasses
@@ -16,6 +17,8 @@ import json
 import logging
 import os
 import random
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -2139,6 +2142,284 @@ class TestTranslationEndToEnd(unittest.TestCase):
                             self.assertEqual([x.get("tool_call_id") for x in
                                               out["messages"][i + 1:i + 1 + len(ids)]], ids)
                     self.assertNotIn(("user", "user"), list(zip(roles, roles[1:])))
+
+
+# ---- Provider health, metrics, check and env -----------------------------------------
+
+METRIC_LINE = re.compile(
+    r'^(?:# (?:HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* .*'
+    r'|[a-zA-Z_:][a-zA-Z0-9_:]*(?:\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*\})?'
+    r' (?:[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|Inf)|NaN))$')
+
+
+class TestMetricsFormat(unittest.TestCase):
+
+    def test_golden_bytes_and_escaping(self):
+        families = [
+            ("x_requests_total", "counter", 'Requests\nby "code" \\ path.',
+             [("", (("code", "200"), ("route", 'a"b\\c\nd')), 3)]),
+            ("x_up", "gauge", "Up.", [("", (), 1), ("", (("p", "q"),), 0.5)]),
+            ("x_seconds", "histogram", "Latency.",
+             ccproxy.histogram_samples((("r", "m"),), (0.1, 1.0), [1, 2], 1.75, 4)),
+        ]
+        self.assertEqual(ccproxy.render_metrics(families), (
+            '# HELP x_requests_total Requests\\nby "code" \\\\ path.\n'
+            '# TYPE x_requests_total counter\n'
+            'x_requests_total{code="200",route="a\\"b\\\\c\\nd"} 3\n'
+            '# HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\nx_up{p="q"} 0.5\n'
+            '# HELP x_seconds Latency.\n# TYPE x_seconds histogram\n'
+            'x_seconds_bucket{r="m",le="0.1"} 1\nx_seconds_bucket{r="m",le="1.0"} 3\n'
+            'x_seconds_bucket{r="m",le="+Inf"} 4\nx_seconds_sum{r="m"} 1.75\n'
+            'x_seconds_count{r="m"} 4\n'))
+        for value, text in ((float("inf"), "+Inf"), (float("-inf"), "-Inf"),
+                            (float("nan"), "NaN"), (2, "2"), (0.25, "0.25"), (True, "1")):
+            self.assertEqual(ccproxy.format_value(value), text)
+
+    def test_histogram_invariants(self):
+        hist = ccproxy.Histogram(ccproxy.DURATION_BUCKETS)
+        rng = random.Random(7)
+        values = [rng.expovariate(2.0) for _ in range(500)] + [10000.0]
+        for v in values:
+            hist.observe(v)
+        samples = ccproxy.histogram_samples((), hist.buckets, *hist.state())
+        buckets = [v for suffix, _, v in samples if suffix == "_bucket"]
+        self.assertEqual(buckets, sorted(buckets))                  # cumulative
+        self.assertEqual(buckets[-1], len(values))                  # +Inf == _count
+        self.assertEqual(samples[-1], ("_count", (), len(values)))
+        self.assertAlmostEqual(samples[-2][2], sum(values), places=3)
+        les = [dict(labels)["le"] for suffix, labels, _ in samples if suffix == "_bucket"]
+        self.assertEqual(les[-1], "+Inf")
+        self.assertEqual([float(x) for x in les[:-1]], sorted(float(x) for x in les[:-1]))
+
+    def test_live_scrape_parses_line_by_line(self):
+        def behave(h, body):
+            if not json.loads(body).get("stream"):
+                return h.reply(200, MESSAGE_JSON)
+            h.start_stream()
+            for frame in STREAM:
+                h.chunk(frame)
+            h.chunk(b"")
+        with FakeUpstream(behave) as up, Proxy(one_provider(up.url)) as px:
+            px.call("POST", "/v1/messages", BODY)
+            px.call("POST", "/v1/messages", dict(BODY, stream=True))
+            px.call("GET", "/nope")
+            resp, out = px.call("GET", "/metrics")
+        self.assertEqual(resp.getheader("Content-Type"), ccproxy.METRICS_CONTENT_TYPE)
+        text = out.decode()
+        self.assertTrue(text.endswith("\n"))
+        names_typed = []
+        for line in text.splitlines():
+            self.assertRegex(line, METRIC_LINE)
+            if line.startswith("# TYPE"):
+                names_typed.append(line.split()[2])
+        self.assertEqual(len(names_typed), len(set(names_typed)))   # one group per family
+        for name in ("ccproxy_requests_total", "ccproxy_request_duration_seconds",
+                     "ccproxy_time_to_first_byte_seconds", "ccproxy_upstream_requests_total",
+                     "ccproxy_tokens_total", "ccproxy_inflight_requests", "ccproxy_provider_up",
+                     "ccproxy_build_info", "process_start_time_seconds",
+                     "ccproxy_config_reload_failures_total"):
+            self.assertIn(name, names_typed)
+        self.assertIn('ccproxy_requests_total{code="200",route="messages"} 2', text)
+        self.assertIn('ccproxy_requests_total{code="404",route="other"} 1', text)
+        self.assertIn('ccproxy_upstream_requests_total{provider="up",outcome="ok"} 2', text)
+        self.assertIn('ccproxy_tokens_total{provider="up",direction="output"} 2', text)
+        self.assertIn('ccproxy_tokens_total{provider="up",direction="input"} 10', text)
+        self.assertIn('ccproxy_time_to_first_byte_seconds_count{provider="up"} 1', text)
+
+    def test_metrics_off_and_auth(self):
+        with Proxy(config(metrics=False)) as px:
+            self.assertEqual(px.call("GET", "/metrics")[0].status, 404)
+        service = ccproxy.Service(config())
+        handler = SocketlessHandler(request_bytes("GET", "/metrics"), service, "10.0.0.1")
+        with self.assertLogs("ccproxy", "INFO"):
+            self.assertEqual(parse_response(handler.run())[0], 401)
+
+
+def print_live_scrape():
+    """For `make check-metrics`: some traffic of every kind, then one /metrics scrape."""
+    def behave(h, body):
+        doc = json.loads(body or b"{}")
+        if doc.get("stream"):
+            h.start_stream()
+            for frame in STREAM:
+                h.chunk(frame)
+            return h.chunk(b"")
+        h.reply(429 if doc.get("max_tokens") == 1 else 200, MESSAGE_JSON)
+    with FakeUpstream(behave) as up, Proxy(one_provider(up.url)) as px:
+        for body in (BODY, dict(BODY, stream=True), dict(BODY, max_tokens=1)):
+            px.call("POST", "/v1/messages", body)
+        for path in ("/health", "/status", "/nope"):
+            px.call("GET", path)
+        sys.stdout.write(px.call("GET", "/metrics")[1].decode())
+
+
+class TestProviderHealth(unittest.TestCase):
+
+    def status_of(self, px, name="up"):
+        doc = json.loads(px.call("GET", "/status")[1])
+        return doc, next(i for i in doc["providers"]["items"] if i["name"] == name)
+
+    def test_rate_limited_then_connected_again(self):
+        answers = [(429, {"error": {"message": "slow"}}, [("retry-after", "1")])]
+
+        def behave(h, body):
+            status, doc, headers = answers.pop(0) if answers else (200, MESSAGE_JSON, [])
+            h.reply(status, doc, headers + [("anthropic-ratelimit-requests-remaining", "41")])
+        with FakeUpstream(behave) as up, Proxy(one_provider(up.url)) as px:
+            self.assertEqual(px.call("POST", "/v1/messages", BODY)[0].status, 429)
+            doc, item = self.status_of(px)
+            self.assertEqual((item["status"], doc["health"], doc["warning"]),
+                             ("rate_limited", "degraded", "rate_limited"))
+            self.assertEqual(item["rate_limit_remaining"], 41)
+            wait_for(lambda: self.status_of(px)[1]["status"] == "connected", timeout=3)
+            self.assertEqual(px.call("POST", "/v1/messages", BODY)[0].status, 200)
+            doc, item = self.status_of(px)
+            self.assertEqual((item["status"], item["requests"], item["errors"]),
+                             ("connected", 2, 1))
+            self.assertIsNotNone(item["last_check"])
+
+    def test_refused_is_disconnected_and_401_is_auth_failed(self):
+        with Proxy(one_provider("http://127.0.0.1:%d" % free_port())) as px:
+            px.call("POST", "/v1/messages", BODY)
+            doc, item = self.status_of(px)
+            self.assertEqual((item["status"], doc["health"], doc["error"]),
+                             ("disconnected", "unhealthy", "provider_connection_failed"))
+            self.assertEqual(doc["details"], {"provider": "up", "error_code": "connection_failed"})
+            self.assertEqual(px.call("GET", "/health")[0].status, 200)      # liveness stays
+            self.assertEqual(px.call("GET", "/status/ready")[0].status, 200)  # readiness too
+        with FakeUpstream(lambda h, b: h.reply(401, b"no")) as up, Proxy(one_provider(up.url)) as px:
+            px.call("POST", "/v1/messages", BODY)
+            doc, item = self.status_of(px)
+            self.assertEqual((item["status"], doc["error"]), ("auth_failed", "provider_auth_failed"))
+
+    def test_circuit_opens_and_the_fallback_skips_it(self):
+        refused = "http://127.0.0.1:%d" % free_port()
+        with FakeUpstream() as second:
+            cfg = config(providers=(provider_cfg("first", refused), provider_cfg("second",
+                                                                                  second.url)),
+                         fallback=("first", "second"))
+            with Proxy(cfg) as px:
+                for _ in range(ccproxy.CIRCUIT_THRESHOLD):
+                    self.assertEqual(px.call("POST", "/v1/messages", BODY)[0].status, 200)
+                doc, item = self.status_of(px, "first")
+                self.assertEqual(item["circuit"], "open")
+                with self.assertLogs("ccproxy", "INFO") as logs:
+                    px.call("POST", "/v1/messages", BODY)
+                    wait_for(lambda: "POST /v1/messages" in "\n".join(logs.output))
+                self.assertNotIn("provider=first failed", "\n".join(logs.output))
+                self.assertFalse(px.service.stats.available("first"))
+                self.assertTrue(px.service.stats.available(
+                    "first", time.time() + ccproxy.CIRCUIT_COOLDOWN + 1))
+
+    def test_probe_records_health_without_counting_requests(self):
+        with FakeUpstream(lambda h, b: h.reply(200, {"data": []})) as up:
+            cfg = config(probe_interval=0.05, providers=(
+                provider_cfg("up", up.url, api_key="k"), provider_cfg("keyless", up.url)))
+            daemon = ccproxy.Daemon(cfg, None, None, {})
+            thread = threading.Thread(target=daemon._probe_loop, daemon=True)
+            thread.start()
+            wait_for(lambda: "up" in daemon.service.stats.snapshot())
+            daemon.stopping.set()
+            thread.join(TIMEOUT)
+            stats = daemon.service.stats.snapshot()
+        self.assertEqual((stats["up"]["status"], stats["up"]["requests"]), ("connected", 0))
+        self.assertNotIn("keyless", stats)          # clients bring their keys: not probed
+        self.assertEqual(up.requests[0]["path"], "/v1/models")
+        self.assertEqual(up.requests[0]["headers"]["x-api-key"], "k")
+
+
+class TestCheckAndEnv(unittest.TestCase):
+
+    def check(self, cfg):
+        args = argparse.Namespace(config=None, host=None, port=None, pid_file=None,
+                                  log_file=None, log_level=None, allow_remote=None)
+        with unittest.mock.patch.object(ccproxy, "_load", lambda a, e: cfg), \
+                contextlib.redirect_stdout(io.StringIO()) as out:
+            code = ccproxy.cmd_check(args, {})
+        return code, out.getvalue()
+
+    def models_upstream(self, status=200, models=("gpt-4o",), num_ctx=None):
+        def behave(h, body):
+            if h.path.endswith("/api/show"):
+                params = "num_ctx %d\ntemperature 1" % num_ctx if num_ctx else "temperature 1"
+                return h.reply(200, {"parameters": params})
+            h.reply(status, {"data": [{"id": m} for m in models]} if status == 200 else
+                    {"error": {"message": "Incorrect API key provided"}})
+        return FakeUpstream(behave)
+
+    def openai_cfg(self, url, ptype="openai", model="gpt-4o", **kw):
+        return config(port=free_port(), providers=(ccproxy.ProviderConfig(
+            name="p", type=ptype, base_url=url, model=model, **kw),))
+
+    def test_everything_works(self):
+        with self.models_upstream() as up:
+            code, out = self.check(self.openai_cfg(up.url, api_key="k"))
+        self.assertEqual(code, 0, out)
+        self.assertIn("model gpt-4o is available", out)
+        self.assertTrue(out.strip().endswith("everything works"))
+
+    def test_each_failure_is_explained(self):
+        with self.models_upstream(status=401) as bad_key, self.models_upstream(
+                models=("llama3",)) as other_models, self.models_upstream(
+                models=("qwen3",), num_ctx=4096) as small_ollama:
+            rows = [
+                (self.openai_cfg("http://127.0.0.1:9"), "no key: set CCPROXY_UPSTREAM_API_KEY "
+                 "or OPENAI_API_KEY"),
+                (self.openai_cfg("http://127.0.0.1:%d/v1" % free_port(), api_key="k"),
+                 "unreachable: http://127.0.0.1:"),
+                (self.openai_cfg(bad_key.url, api_key="k"), "key rejected (HTTP 401: "
+                 "Incorrect API key provided)"),
+                (self.openai_cfg(other_models.url, api_key="k"),
+                 "model gpt-4o is not listed by the provider (it lists: llama3)"),
+                (self.openai_cfg(small_ollama.url + "/v1", "ollama", "qwen3"),
+                 "model qwen3 is served with a 4096-token context"),
+            ]
+            for cfg, expected in rows:
+                with self.subTest(expected=expected):
+                    code, out = self.check(cfg)
+                    self.assertEqual(code, 1, out)
+                    self.assertIn(expected, out)
+                    self.assertIn("FAIL", out)
+
+    def test_port_in_use_by_a_ccproxy_or_by_another_program(self):
+        with Proxy(config()) as px:
+            cfg = dataclasses.replace(self.openai_cfg("http://127.0.0.1:9", api_key="k"),
+                                      port=px.port)
+            status, text = ccproxy.check_port(cfg)
+        self.assertEqual(status, "ok")
+        self.assertIn("served by ccproxy pid %d" % os.getpid(), text)
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            cfg = config(port=other.getsockname()[1])
+            status, text = ccproxy.check_port(cfg)
+        self.assertEqual(status, "problem")
+        self.assertIn("in use by another program", text)
+
+    def test_env_output_evaluated_by_a_shell(self):
+        rows = [({}, {"ANTHROPIC_BASE_URL": "http://127.0.0.1:3456", "ANTHROPIC_API_KEY": "",
+                      "ENABLE_TOOL_SEARCH": ""}),
+                ({"CCPROXY_PROVIDER": "ollama", "CCPROXY_PORT": "4000"},
+                 {"ANTHROPIC_BASE_URL": "http://127.0.0.1:4000", "ANTHROPIC_API_KEY": "ccproxy",
+                  "ENABLE_TOOL_SEARCH": "false"}),
+                ({"CCPROXY_API_KEY": "k 'quoted' $x", "CCPROXY_HOST": "0.0.0.0"},
+                 {"ANTHROPIC_BASE_URL": "http://127.0.0.1:3456",
+                  "ANTHROPIC_API_KEY": "k 'quoted' $x"})]
+        for env, expected in rows:
+            with self.subTest(env=env):
+                full = dict({k: v for k, v in os.environ.items() if not k.startswith(
+                    ("CCPROXY_", "ANTHROPIC_"))}, **env)
+                script = ('eval "$(%s %s env)" && printf "%%s\\n" "$ANTHROPIC_BASE_URL" '
+                          '"$ANTHROPIC_API_KEY" "$CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC" '
+                          '"$ENABLE_TOOL_SEARCH"' % (shlex.quote(sys.executable),
+                                                     shlex.quote(SCRIPT)))
+                out = subprocess.run(["sh", "-c", script], env=full, capture_output=True,
+                                     text=True, timeout=30)
+                self.assertEqual(out.returncode, 0, out.stderr)
+                base, key, traffic, search = out.stdout.split("\n")[:4]
+                self.assertEqual((base, traffic), (expected["ANTHROPIC_BASE_URL"], "1"))
+                self.assertEqual(key, expected["ANTHROPIC_API_KEY"])
+                self.assertEqual(search, expected.get("ENABLE_TOOL_SEARCH", ""))
 
 
 # ---- Lifecycle -------------------------------------------------------------------
