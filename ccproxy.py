@@ -121,6 +121,10 @@ HEARTBEAT_STALE = 10.0            # /health fails when the serve loop is this la
 POOL_MAX_IDLE = 16                # idle upstream connections kept per host
 POOL_IDLE_SECONDS = 60.0          # idle upstream connections older than this are closed
 RELAY_CHUNK = 65536
+DEFAULT_HEADER_TIMEOUT = 30.0     # absolute: first byte to the end of the request head
+DEFAULT_BODY_TIMEOUT = 300.0      # absolute: the whole body (64 MiB on a slow link)
+DEFAULT_MAX_CONNECTIONS = 1024    # client connections served at once
+RESERVE_CONNECTIONS = 16          # beyond the cap: slots that serve only /health, /status
 CIRCUIT_THRESHOLD = 3             # consecutive failures that open a provider's circuit
 CIRCUIT_COOLDOWN = 30.0           # seconds it stays open before one trial call
 #: Histogram buckets (seconds): whole requests run from milliseconds to many minutes.
@@ -300,6 +304,9 @@ class Config:
     cors_origins: tuple = ()
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     probe_interval: float = 0.0       # seconds between provider probes; 0 = off
     providers: tuple = ()
@@ -330,6 +337,9 @@ SETTINGS = (
     ("cors_origins", ("CCPROXY_CORS_ORIGINS",), "origins", None),
     ("drain_timeout", ("CCPROXY_DRAIN_TIMEOUT",), "seconds", None),
     ("idle_timeout", ("CCPROXY_IDLE_TIMEOUT",), "seconds", None),
+    ("header_timeout", ("CCPROXY_HEADER_TIMEOUT",), "seconds", None),
+    ("body_timeout", ("CCPROXY_BODY_TIMEOUT",), "seconds", None),
+    ("max_connections", ("CCPROXY_MAX_CONNECTIONS",), "size", None),
     ("max_body_bytes", ("CCPROXY_MAX_BODY_BYTES",), "size", None),
     ("probe_interval", ("CCPROXY_PROBE_INTERVAL",), "seconds0", None),
 )
@@ -1660,7 +1670,8 @@ def convert_messages(body, quirks, tr):
     system = system_text(body.get("system"))
     if system:
         out.append(_system_message(system, quirks, True))
-    for message in body.get("messages") or []:
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else []:
         if not isinstance(message, dict):
             continue
         role, content = message.get("role"), message.get("content")
@@ -1745,7 +1756,7 @@ def convert_tools(tools, quirks, tr):
     for tool in tools if isinstance(tools, list) else []:
         if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
             log.warning("dropping server tool %s: OpenAI routes have no equivalent",
-                        escape_log(tool.get("name") if isinstance(tool, dict) else tool))
+                        escape_log(tool.get("name") if isinstance(tool, dict) else tool)[:100])
             continue
         name = str(tool.get("name", ""))
         mapped = upstream_tool_name(name)
@@ -1969,6 +1980,7 @@ def stop_reason(finish, had_tool_use, refusal=False):
     the tools unless it sees tool_use (anthropics/claude-code#16785)."""
     if finish == "error":
         raise UpstreamReplyError("api_error", "upstream reported finish_reason error")
+    finish = finish if isinstance(finish, str) else None
     reason = FINISH_TO_STOP.get(finish, "end_turn")
     if finish not in FINISH_TO_STOP and finish is not None:
         log.debug("unknown finish_reason %s taken as end_turn", escape_log(finish))
@@ -2035,9 +2047,10 @@ def openai_to_anthropic(doc, tr):
         err = (doc or {}).get("error") if isinstance(doc, dict) else None
         raise UpstreamReplyError("api_error", "%s upstream error: %s" % (
             tr.route, upstream_message(json.dumps(doc).encode()) if err else "no reply"))
-    choices = doc.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    message = choice.get("message") or {}
+    choices = doc.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(
+        choices[0], dict) else {}
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
     thinking, text, refusal = _message_parts(message, tr)
     content = []
     if thinking:
@@ -2069,7 +2082,8 @@ def _usage_of(chunk):
 
 
 def _tool_uses(message, tr):
-    calls = message.get("tool_calls") or []
+    calls = message.get("tool_calls")
+    calls = calls if isinstance(calls, list) else []
     if not calls and isinstance(message.get("function_call"), dict):
         calls = [{"type": "function", "function": message["function_call"]}]
     ids, out = ToolIds(), []
@@ -2220,12 +2234,13 @@ class StreamTranslator:
                                      % (self.tr.route, upstream_message(payload.encode())))
         self.usage = _usage_of(chunk) or self.usage
         choices = chunk.get("choices")
-        if not choices or not isinstance(choices[0], dict):
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return b""          # usage-only, or Azure's prompt_filter_results
         return b"".join(self._choice(choices[0]))
 
     def _choice(self, choice):
-        delta = choice.get("delta") or choice.get("message") or {}
+        delta = choice.get("delta") or choice.get("message")
+        delta = delta if isinstance(delta, dict) else {}
         out = []
         reasoning = reasoning_of(delta)
         if reasoning:
@@ -2236,7 +2251,8 @@ class StreamTranslator:
         if isinstance(delta.get("refusal"), str) and delta["refusal"]:
             self.refusal = True
             out += self._text(delta["refusal"])
-        for call in delta.get("tool_calls") or []:
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else []:
             if isinstance(call, dict):
                 out += self._tool_delta(call)
         if choice.get("finish_reason"):
@@ -2761,6 +2777,46 @@ class Metrics:
                     "ttfb": {k: h.state() for k, h in self.ttfb.items()}}
 
 
+class Deadlines:
+    """Absolute deadlines for reading a request head and body.  The socket timeout is
+    per recv, so one byte every few seconds would hold a thread forever (slowloris);
+    one reaper thread shuts down the socket of any read past its deadline."""
+
+    TICK = 0.1
+
+    def __init__(self):
+        self._lock, self._armed, self._thread = threading.Lock(), {}, None
+
+    def arm(self, sock, seconds, what):
+        if sock is None:
+            return
+        with self._lock:
+            self._armed[id(sock)] = (sock, time.monotonic() + seconds, what)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._reap, name="deadlines",
+                                                daemon=True)
+                self._thread.start()
+
+    def disarm(self, sock):
+        with self._lock:
+            self._armed.pop(id(sock), None)
+
+    def _reap(self):
+        while True:
+            time.sleep(self.TICK)
+            now = time.monotonic()
+            with self._lock:
+                expired = [k for k, (_, deadline, _) in self._armed.items() if deadline <= now]
+                expired = [self._armed.pop(k) for k in expired]
+            for sock, _, what in expired:
+                log.warning("closing a connection whose request %s did not arrive in time",
+                            what)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 class Calibration:
     """Per-route ratio of real prompt_tokens to our estimate (translation.md §5):
     r <- 0.8 r + 0.2 P/E, clamped to [0.5, 2]; estimates are multiplied by r."""
@@ -3066,6 +3122,7 @@ class Service:
         self.calibration = Calibration()
         self.signatures = ThoughtSignatures()
         self.metrics = Metrics()
+        self.deadlines = Deadlines()
         self.build = build_info()
         self.api_key_digest = key_digest(config.api_key)
         self._idle = threading.Condition()
@@ -3228,7 +3285,43 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, address, handler, service):
         self.service = service
         self.address_family = _address_family(address[0])
+        self.slots = threading.BoundedSemaphore(service.config.max_connections)
+        self.reserve = threading.BoundedSemaphore(RESERVE_CONNECTIONS)
+        self.overflow_handler = type("Overflow" + handler.__name__, (handler,),
+                                     {"overflow": True})
         super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        """A thread per connection up to max_connections; then a few reserve slots that
+        serve only the probe endpoints (long streams must not starve /health); then a
+        fixed 503 written without a thread."""
+        if self.slots.acquire(blocking=False):
+            slot = (self.slots, self.RequestHandlerClass)
+        elif self.reserve.acquire(blocking=False):
+            slot = (self.reserve, self.overflow_handler)
+        else:
+            return self._refuse(request)
+        threading.Thread(target=self._serve, args=(request, client_address, slot),
+                         daemon=True).start()
+
+    def _serve(self, request, client_address, slot):
+        try:
+            slot[1](request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            slot[0].release()
+
+    def _refuse(self, request):
+        log.warning("connection limit (%d) reached: answering 503",
+                    self.service.config.max_connections)
+        try:
+            request.settimeout(1.0)
+            request.sendall(REFUSAL)
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
     def server_bind(self):
         # HTTPServer.server_bind calls socket.getfqdn(), a DNS lookup that stalls start-up
@@ -3241,6 +3334,13 @@ class Server(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         log.exception("unhandled error serving %s", client_address)
+
+
+_REFUSAL_BODY = error_body("overloaded_error", "ccproxy is at its connection limit; "
+                           "retry shortly")
+REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+           b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+           % (len(_REFUSAL_BODY), _REFUSAL_BODY))
 
 
 def _address_family(host):
@@ -3260,6 +3360,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "ccproxy/" + __version__
     status_only = False          # the optional status listener serves /status* only
+    overflow = False             # a reserve slot past max_connections: probes only
 
     def setup(self):
         self.timeout = self.server.service.config.idle_timeout
@@ -3270,12 +3371,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pass                 # not TCP (tests use socketpairs)
 
     def handle_one_request(self):
-        self.request_id, self.t0, self.sent = new_request_id(), time.monotonic(), False
-        self.fields, self.body_read, self.upstream_started = {}, False, None
+        deadlines = self.server.service.deadlines
         try:
+            # Wait (up to idle_timeout) for the first byte of the next request; the head
+            # deadline runs from there, so keep-alive idling is not cut short.
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+            self.request_id, self.t0, self.sent = new_request_id(), time.monotonic(), False
+            self.fields, self.body_read, self.upstream_started = {}, False, None
+            deadlines.arm(self.connection, self.server.service.config.header_timeout, "head")
             super().handle_one_request()
         except (ConnectionError, socket.timeout):
             self.close_connection = True      # the client left; nothing to answer
+        finally:
+            deadlines.disarm(self.connection)
 
     # -- dispatch -------------------------------------------------------------
 
@@ -3286,6 +3396,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self):
         service = self.server.service
+        service.deadlines.disarm(self.connection)        # the head is in
         service.begin_request()
         try:
             self._route()
@@ -3293,6 +3404,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send_error(exc.status, exc.etype, exc.message, exc.headers, exc.close)
         except (ConnectionError, socket.timeout):
             self.close_connection = True
+        except RecursionError:
+            self._send_error(400, "invalid_request_error", "request is nested too deeply")
         except Exception:
             log.exception("%s internal error on %s %s", self.request_id, self.command,
                           escape_log(self.path.partition("?")[0]))
@@ -3321,6 +3434,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if endpoint is None:
             raise HTTPError(404, "not_found_error", "no endpoint %s %s" % (
                 self.command, escape_log(path)[:200]))
+        if self.overflow and path not in LOCAL_ENDPOINTS:
+            raise HTTPError(503, "overloaded_error", "ccproxy is at its connection limit; "
+                            "retry shortly", (("Retry-After", "1"),), close=True)
         name, methods, auth = endpoint
         allowed = methods + ("HEAD",) if "GET" in methods else methods
         if self.command == "OPTIONS" and self._cors_origin():
@@ -3367,8 +3483,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- reading and writing ---------------------------------------------------
 
     def _read_body(self):
-        """Exactly Content-Length bytes (checked against the limit in _precheck)."""
-        data = self.rfile.read(self.length) if self.length else b""
+        """Exactly Content-Length bytes (checked against the limit in _precheck), within
+        body_timeout from the end of the head."""
+        deadlines = self.server.service.deadlines
+        deadlines.arm(self.connection, self.server.service.config.body_timeout, "body")
+        try:
+            data = self.rfile.read(self.length) if self.length else b""
+        finally:
+            deadlines.disarm(self.connection)
         if len(data) != self.length:
             raise ConnectionResetError("client sent %d of %d body bytes"
                                        % (len(data), self.length))
@@ -3571,10 +3693,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                          upstream_model=model, quirks=quirks_for(provider),
                          estimate=service.calibration.scale(provider.name, raw_estimate),
                          raw_estimate=raw_estimate, signatures=service.signatures)
-        try:
-            data, stream = translated_request(body, tr)
-        except RecursionError as exc:
-            raise HTTPError(400, "invalid_request_error", "request is nested too deeply") from exc
+        data, stream = translated_request(body, tr)
         return openai_url(provider), data, openai_headers(provider, stream), tr
 
     def _attempt(self, provider, method, url, data, headers, last):

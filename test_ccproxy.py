@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -700,7 +701,8 @@ class SocketlessHandler(ccproxy.Handler):
     """A Handler fed raw bytes through BytesIO (CPython's SocketlessRequestHandler)."""
 
     def __init__(self, raw, service, peer="127.0.0.1"):
-        self.rfile, self.wfile = io.BytesIO(raw), io.BytesIO()
+        self.rfile, self.wfile = io.BufferedReader(io.BytesIO(raw)), io.BytesIO()
+        self.connection = None
         self.server, self.client_address = _FakeServer(service), (peer, 50000)
         self.close_connection = True
 
@@ -2420,6 +2422,241 @@ class TestCheckAndEnv(unittest.TestCase):
                 self.assertEqual((base, traffic), (expected["ANTHROPIC_BASE_URL"], "1"))
                 self.assertEqual(key, expected["ANTHROPIC_API_KEY"])
                 self.assertEqual(search, expected.get("ENABLE_TOOL_SEARCH", ""))
+
+
+# ---- Hardening: limits, slow clients, faults, hostile input ---------------------------
+
+class TestSelfProtection(unittest.TestCase):
+
+    def test_slow_drip_client_is_cut_at_the_head_deadline(self):
+        with Proxy(config(header_timeout=1.0)) as px:
+            sock = socket.create_connection(("127.0.0.1", px.port), timeout=TIMEOUT)
+            started, sent = time.monotonic(), 0
+            line = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+            try:
+                for byte in line:
+                    sock.sendall(bytes([byte]))
+                    sent += 1
+                    readable, _, _ = select.select([sock], [], [], 0.5)
+                    if readable and sock.recv(1024) == b"":
+                        break
+            except OSError:
+                pass                       # reset by the server: cut off as well
+            elapsed = time.monotonic() - started
+            sock.close()
+        self.assertLess(sent, len(line))
+        self.assertLess(elapsed, 3.0)
+        self.assertGreaterEqual(elapsed, 0.9)
+
+    def test_keep_alive_idle_is_not_cut_by_the_head_deadline(self):
+        with Proxy(config(header_timeout=0.3)) as px:
+            conn = px.conn()
+            conn.request("GET", "/health")
+            conn.getresponse().read()
+            time.sleep(0.6)                # idle between requests, longer than the deadline
+            conn.request("GET", "/health")
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+
+    def test_connection_cap_reserve_and_fixed_503(self):
+        with unittest.mock.patch.object(ccproxy, "RESERVE_CONNECTIONS", 1):
+            with Proxy(config(max_connections=2, header_timeout=30)) as px:
+                held = [socket.create_connection(("127.0.0.1", px.port), timeout=TIMEOUT)
+                        for _ in range(2)]
+                for sock in held:
+                    sock.sendall(b"G")     # slow clients holding their slots
+                wait_for(lambda: px.server.slots._value == 0)
+                extra = px.conn()          # N+1: a reserve slot, probes only
+                extra.request("POST", "/v1/messages", json.dumps(BODY))
+                resp = extra.getresponse()
+                self.assertEqual((resp.status, resp.getheader("Retry-After"),
+                                  resp.getheader("Connection")), (503, "1", "close"))
+                self.assertEqual(json.loads(resp.read())["error"]["type"], "overloaded_error")
+                extra.close()
+                wait_for(lambda: px.server.reserve._value == 1)
+                probe = px.conn()
+                probe.request("GET", "/health")
+                self.assertEqual(probe.getresponse().status, 200)
+                beyond = socket.create_connection(("127.0.0.1", px.port), timeout=TIMEOUT)
+                answer = beyond.recv(65536)   # fixed reply, no thread, before any request
+                self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
+                self.assertIn(b"Retry-After: 1", answer)
+                for sock in held + [beyond]:
+                    sock.close()
+                probe.close()
+
+    def test_upstream_reset_and_mid_stream_hang(self):
+        def reset(h, body):
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            h.close_connection = True      # close with RST, no response
+        with FakeUpstream(reset) as up, Proxy(one_provider(up.url)) as px:
+            resp, out = px.call("POST", "/v1/messages", BODY)
+        self.assertEqual((resp.status, json.loads(out)["error"]["type"]), (500, "api_error"))
+        self.assertIsNone(resp.getheader("x-should-retry"))      # retryable
+
+        release = threading.Event()
+
+        def hang(h, body):
+            h.start_stream()
+            h.chunk(STREAM[0])
+            h.wfile.flush()
+            release.wait(TIMEOUT)
+        with FakeUpstream(hang) as up, Proxy(one_provider(up.url, read_timeout=0.5)) as px:
+            started = time.monotonic()
+            conn = px.conn()
+            conn.request("POST", "/v1/messages", json.dumps(dict(BODY, stream=True)))
+            resp = conn.getresponse()
+            self.assertEqual(resp.read1(65536), STREAM[0])
+            with self.assertRaises(http.client.IncompleteRead):
+                resp.read()
+            self.assertLess(time.monotonic() - started, 3.0)
+            release.set()
+        oa_hang = chunk({"content": "x"})
+
+        def hang_openai(h, body):
+            h.start_stream()
+            h.chunk(oa_hang.encode())
+            h.wfile.flush()
+            release2.wait(TIMEOUT)
+        release2 = threading.Event()
+        with FakeUpstream(hang_openai) as up:
+            cfg = dataclasses.replace(openai_provider(up.url), providers=(dataclasses.replace(
+                openai_provider(up.url).providers[0], read_timeout=0.5),))
+            with Proxy(cfg) as px:
+                resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True))
+            release2.set()
+        events = parse_events(out)
+        self.assertEqual((events[-1]["type"], events[-1]["error"]["type"]), ("error", "api_error"))
+        self.assertIn("timed out", events[-1]["error"]["message"])
+
+    def test_secrets_never_reach_the_logs(self):
+        service = ccproxy.Service(config(api_key="sk-proxy-secret"))
+        service.ready = True
+        secrets = [("x-api-key", "sk-proxy-secret"), ("Authorization", "Bearer sk-bearer-secret"),
+                   ("Proxy-Authorization", "Basic cHJveHktc2VjcmV0"), ("Cookie", "s=cookie-secret")]
+        previous = ccproxy.log.level
+        ccproxy.log.setLevel(logging.DEBUG)
+        try:
+            for path in ("/status?key=query-secret", "/v1/models", "/nope"):
+                handler = SocketlessHandler(request_bytes("GET", path, secrets), service,
+                                            "10.0.0.9")
+                with self.assertLogs("ccproxy", "DEBUG") as logs:
+                    handler.run()
+                text = "\n".join(logs.output)
+                for secret in ("sk-proxy-secret", "sk-bearer-secret", "cHJveHktc2VjcmV0",
+                               "cookie-secret", "query-secret"):
+                    self.assertNotIn(secret, text)
+        finally:
+            ccproxy.log.setLevel(previous)
+
+
+def random_json(rng, depth=0):
+    """Values of every JSON type, shaped now and then like Anthropic or OpenAI fields."""
+    kind = rng.randrange(10 if depth < 4 else 5)
+    if kind == 0:
+        return rng.choice([None, True, False, 0, -1, 10 ** 30, 1.5, float("1e308")])
+    if kind == 1:
+        return rng.choice(["", "x", "<think>", "</think>", "\u00e9\u4e2d", "[DONE]", "tool_use",
+                           "text", "image", "user", "assistant", "system", "tool", "\x00"])
+    if kind in (2, 3, 4):
+        return rng.choice(["a", "stop", "length", "tool_calls", '{"a":', "data: x"])
+    if kind in (5, 6):
+        return [random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    keys = ["type", "text", "content", "role", "id", "name", "input", "tool_use_id",
+            "source", "data", "messages", "tools", "system", "model", "thinking", "stream",
+            "tool_calls", "function", "arguments", "index", "delta", "choices", "usage",
+            "finish_reason", "error", "max_tokens", "tool_choice", "input_schema", "media_type",
+            "reasoning_content", "prompt_tokens", "properties", "$ref", "anyOf", "const"]
+    return {rng.choice(keys): random_json(rng, depth + 1) for _ in range(rng.randrange(6))}
+
+
+def random_chunk(rng):
+    """An upstream SSE event: mostly chunk-shaped, with random values in every slot."""
+    if rng.random() < 0.2:
+        return "data: %s\n\n" % json.dumps(random_json(rng))
+    delta = {k: random_json(rng) if rng.random() < 0.3 else v for k, v in rng.choice([
+        {"content": "x"}, {"reasoning_content": "r"}, {"refusal": "no"},
+        {"tool_calls": [tc(rng.choice([0, 1, None]), rng.choice(["a", "b", None]),
+                           rng.choice(["T", None]), rng.choice(['{"a', '1}', {"o": 1}, None]))]},
+        {"tool_calls": random_json(rng)}]).items()}
+    return chunk(delta, rng.choice([None, None, "stop", "tool_calls", "length", "error"]),
+                 rng.choice([None, {"prompt_tokens": 5}, random_json(rng)]))
+
+
+FUZZ_ITERATIONS = int(os.environ.get("CCPROXY_FUZZ_ITERATIONS", "1500"))
+
+
+class TestFuzz(unittest.TestCase):
+    """Seeded: a failure prints its seed; `make fuzz` runs many more iterations."""
+
+    EXPECTED = (ccproxy.HTTPError, ccproxy.UpstreamReplyError)
+
+    def test_translation_never_raises_unexpectedly(self):
+        for seed in range(FUZZ_ITERATIONS):
+            rng = random.Random(seed)
+            body = random_json(rng)
+            body = body if isinstance(body, dict) else {"messages": body}
+            body.setdefault("messages", [random_json(rng) for _ in range(rng.randrange(5))])
+            ptype = rng.choice(list(ccproxy.PROVIDER_TYPES))
+            tr = translation(ptype, rng.choice(["gpt-5", "o3", "deepseek-reasoner", "qwen3"]))
+            try:
+                ccproxy.anthropic_to_openai(body, tr)
+                ccproxy.estimate_input_tokens(body)
+                ccproxy.sanitize_for_anthropic(body)
+                ccproxy.plan_route(config(), str(body.get("model")))
+                reply_doc = random_json(rng)
+                ccproxy.openai_to_anthropic(reply_doc if isinstance(reply_doc, dict) else {}, tr)
+            except self.EXPECTED:
+                pass
+            except Exception as exc:
+                self.fail("seed %d: %r" % (seed, exc))
+
+    def test_stream_translation_never_raises_unexpectedly(self):
+        for seed in range(FUZZ_ITERATIONS):
+            rng = random.Random(seed)
+            st, parser = ccproxy.StreamTranslator(translation()), ccproxy.SSEParser()
+            raw = "".join(random_chunk(rng) for _ in range(rng.randrange(8))).encode()
+            raw += bytes(rng.randrange(256) for _ in range(rng.randrange(20)))
+            try:
+                for i in range(0, len(raw), rng.randint(1, 30)):
+                    for payload in parser.feed(raw[i:i + 30]):
+                        st.feed(payload)
+                st.end()
+            except self.EXPECTED:
+                pass
+            except Exception as exc:
+                self.fail("seed %d: %r" % (seed, exc))
+
+    def test_request_parser_answers_every_input(self):
+        service = ccproxy.Service(config(max_body_bytes=4096))
+        service.ready = True
+        paths = ["/v1/messages", "/v1/messages/count_tokens", "/status", "/health", "/x",
+                 "/v1/models", "/%00", "/" + "a" * 300]
+        for seed in range(max(200, FUZZ_ITERATIONS // 5)):
+            rng = random.Random(seed)
+            body = json.dumps(random_json(rng)).encode() if rng.random() < 0.7 else bytes(
+                rng.randrange(256) for _ in range(rng.randrange(64)))
+            headers = [("Content-Length", str(len(body) if rng.random() < 0.9 else
+                                              rng.choice(["-1", "x", "99999999"])))]
+            if rng.random() < 0.1:
+                headers.append(("Transfer-Encoding", "chunked"))
+            raw = request_bytes(rng.choice(["GET", "POST", "HEAD", "PUT", "OPTIONS"]),
+                                rng.choice(paths), headers, body)
+            if rng.random() < 0.1:
+                raw = raw[:rng.randrange(len(raw))]
+            handler = SocketlessHandler(raw, service)
+            with unittest.mock.patch.object(ccproxy.Handler, "_forward",
+                                            lambda *a, **k: (_ for _ in ()).throw(
+                                                ccproxy.HTTPError(502, "api_error", "x"))):
+                logging.disable(logging.CRITICAL)
+                try:
+                    out = handler.run()
+                finally:
+                    logging.disable(logging.NOTSET)
+            if out:
+                status = parse_response(out, "HEAD" if raw.startswith(b"HEAD") else "GET")[0]
+                self.assertNotEqual(status, 500, "seed %d" % seed)
 
 
 # ---- Lifecycle -------------------------------------------------------------------
