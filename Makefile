@@ -6,12 +6,21 @@ PREFIX ?= /usr/local
 UNIT_DIR ?= /etc/systemd/system
 export PYTHONPATH := $(PYDEPS)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: test lint check-unit check-metrics install uninstall clean
+.PHONY: test lint fuzz soak check-unit check-metrics install uninstall clean
 
 test:  ## run the test suite (installs pytest into .cache/py if it is missing)
 	@$(PYTHON) -c 'import pytest' 2>/dev/null || \
 	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(PYDEPS) pytest
 	$(PYTHON) -m pytest -q test_ccproxy.py
+
+fuzz:  ## the seeded fuzz tests with many more iterations (FUZZ=200000 for longer)
+	@$(PYTHON) -c 'import pytest' 2>/dev/null || \
+	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(PYDEPS) pytest
+	CCPROXY_FUZZ_ITERATIONS=$${FUZZ:-30000} $(PYTHON) -m pytest -q test_ccproxy.py -k Fuzz
+
+soak:  ## a few hundred streaming clients for a minute, with a reload and a restart
+	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn); \
+	$(PYTHON) bench/soak.py --clients $${CLIENTS:-300} --seconds $${SECONDS_:-60}
 
 lint:  ## compile, check the 3.9 floor with vermin, print the file's shape
 	$(PYTHON) -m py_compile ccproxy.py test_ccproxy.py

@@ -4202,6 +4202,7 @@ class Daemon:
         sd_notify("STOPPING=1\nSTATUS=draining", self.environ)
         for server in self.servers:
             server.shutdown()
+            _accept_backlog(server)
             server.server_close()        # new connections are refused from here on
         abandoned = service.wait_idle(service.config.drain_timeout)
         if abandoned:
@@ -4217,6 +4218,22 @@ class Daemon:
         self.service.upstreams.close()
         if self.pidfile:
             self.pidfile.release()
+
+
+def _accept_backlog(server, limit=1.0):
+    """Serve the connections the kernel already queued before the listener closes:
+    closing a listening socket resets them, and each would be a request lost mid-send
+    (seen in `make soak` as ConnectionResetError at a restart).  Later arrivals are
+    refused outright, which clients retry safely since nothing was sent."""
+    server.socket.setblocking(False)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            request, address = server.socket.accept()
+        except OSError:
+            return          # the queue is empty: close now, before another one lands
+        request.setblocking(True)
+        server.process_request(request, address)
 
 
 def _bind(host, port, handler, service):
