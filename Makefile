@@ -6,12 +6,21 @@ PREFIX ?= /usr/local
 UNIT_DIR ?= /etc/systemd/system
 export PYTHONPATH := $(PYDEPS)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: test lint fuzz soak check-unit check-metrics install uninstall clean
+.PHONY: test e2e bench lint fuzz soak check-unit check-metrics install uninstall clean
 
 test:  ## run the test suite (installs pytest into .cache/py if it is missing)
 	@$(PYTHON) -c 'import pytest' 2>/dev/null || \
 	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(PYDEPS) pytest
 	$(PYTHON) -m pytest -q test_ccproxy.py
+
+e2e:  ## real clients (Claude Code CLI, anthropic SDK, README curl lines) through ccproxy
+	$(PYTHON) e2e/run.py
+
+bench:  ## ccproxy against direct calls to the same fake upstream: one markdown table
+	@command -v nginx >/dev/null && command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq nginx-light wrk >/dev/null 2>&1; }; } || true
+	$(PYTHON) bench/bench.py
 
 fuzz:  ## the seeded fuzz tests with many more iterations (FUZZ=200000 for longer)
 	@$(PYTHON) -c 'import pytest' 2>/dev/null || \

@@ -1,0 +1,469 @@
+#!/usr/bin/env python3
+"""Benchmark ccproxy against direct calls to the same fake upstream (the floor).
+
+    python3 bench/bench.py [--quick] [--streams 1000,5000]
+
+Loopback only, bounded in time (about two minutes).  The fake upstream is nginx (static
+`return 200` locations) when it is installed, else bench/fake_upstream.py; requests/s
+come from wrk when installed, else from a threaded stdlib client.  Prints one markdown
+table; each ccproxy figure stands beside the floor measured in the same run.
+"""
+import argparse
+import http.client
+import json
+import os
+import re
+import selectors
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+import ccproxy  # noqa: E402  (for the translated floor body)
+
+SAMPLE = os.path.join(ROOT, "..", "shared", "claude-code-wire", "samples",
+                      "01-first-turn.request.json")
+ANTHROPIC_JSON = json.dumps({"id": "msg_b", "type": "message", "role": "assistant",
+                             "model": "claude-x", "content": [{"type": "text", "text": "hi"}],
+                             "stop_reason": "end_turn", "stop_sequence": None,
+                             "usage": {"input_tokens": 12000, "output_tokens": 1}})
+OPENAI_JSON = json.dumps({"id": "c", "object": "chat.completion", "choices": [{
+    "index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12000, "completion_tokens": 1}})
+
+
+# ---- bodies ---------------------------------------------------------------------
+
+def claude_code_body():
+    """A real ~50 KB Claude Code request (stream off), or a synthetic one of that size."""
+    if os.path.exists(SAMPLE):
+        with open(SAMPLE) as f:
+            body = json.load(f)["body"]
+        source = "captured Claude Code request"
+    else:
+        body = {"model": "claude-opus-5-5", "max_tokens": 32000, "system": "x" * 20000,
+                "messages": [{"role": "user", "content": "y" * 28000}]}
+        source = "synthetic 48 KB body"
+    body["stream"] = False
+    return body, source
+
+
+def sse_bodies(events):
+    def ev(name, data):
+        return "event: %s\ndata: %s\n\n" % (name, json.dumps(data))
+    start = {"type": "message_start", "message": json.loads(ANTHROPIC_JSON)}
+    start["message"].update(content=[], stop_reason=None)
+    anthropic = (ev("message_start", start) + ev("content_block_start", {
+        "type": "content_block_start", "index": 0, "content_block": {"type": "text",
+                                                                     "text": ""}})
+        + "".join(ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                             "delta": {"type": "text_delta", "text": "tok "}})
+                  for _ in range(events))
+        + ev("content_block_stop", {"type": "content_block_stop", "index": 0})
+        + ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": events}})
+        + ev("message_stop", {"type": "message_stop"}))
+    chunk = lambda d, f=None: "data: %s\n\n" % json.dumps(  # noqa: E731
+        {"id": "c", "choices": [{"index": 0, "delta": d, "finish_reason": f}]})
+    openai = (chunk({"role": "assistant", "content": ""})
+              + "".join(chunk({"content": "tok "}) for _ in range(events)) + chunk({}, "stop")
+              + "data: %s\n\n" % json.dumps({"id": "c", "choices": [], "usage": {
+                  "prompt_tokens": 12000, "completion_tokens": events}}) + "data: [DONE]\n\n")
+    return anthropic, openai
+
+
+# ---- processes --------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+    raise SystemExit("port %d did not open" % port)
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+error_log %(dir)s/error.log warn;
+pid %(dir)s/nginx.pid;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+  client_body_buffer_size 2m;
+  client_max_body_size 20m;
+  tcp_nodelay on;
+  client_body_temp_path %(dir)s/body;
+  proxy_temp_path %(dir)s/proxy;
+  fastcgi_temp_path %(dir)s/fcgi;
+  uwsgi_temp_path %(dir)s/uwsgi;
+  scgi_temp_path %(dir)s/scgi;
+  server {
+    listen 127.0.0.1:%(port)d;
+    location = /json/v1/messages { default_type application/json; return 200 '%(aj)s'; }
+    location = /json/chat/completions { default_type application/json; return 200 '%(oj)s'; }
+    location /sse/ { alias %(dir)s/sse/; default_type text/event-stream;
+                     error_page 405 =200 $uri; }
+  }
+}
+"""
+
+
+def start_nginx(tmp, events):
+    """nginx serving JSON replies and 1000-event SSE files, on a free port."""
+    for sub in ("v1", "chat"):
+        os.makedirs(os.path.join(tmp, "sse", sub), exist_ok=True)
+    anthropic, openai = sse_bodies(events)
+    for rel, text in (("sse/v1/messages", anthropic), ("sse/chat/completions", openai)):
+        with open(os.path.join(tmp, rel), "w") as f:
+            f.write(text)
+    port = free_port()
+    conf = os.path.join(tmp, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF % {"dir": tmp, "port": port, "aj": ANTHROPIC_JSON,
+                              "oj": OPENAI_JSON})
+    proc = subprocess.Popen(["nginx", "-c", conf, "-p", tmp], stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+def start_stdlib_fake(tmp, events, delay=0.0, name="fake"):
+    port_file = os.path.join(tmp, name + ".port")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "fake_upstream.py"),
+                             "--port-file", port_file, "--events", str(events),
+                             "--delay", str(delay)])
+    deadline = time.monotonic() + 10
+    while not os.path.exists(port_file) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open(port_file) as f:
+        return proc, int(f.read())
+
+
+def ccproxy_config(tmp, upstream, prefix_json, prefix_sse):
+    base = "http://127.0.0.1:%d" % upstream
+    providers = [
+        {"name": "pass_json", "type": "anthropic", "base_url": base + prefix_json},
+        {"name": "pass_sse", "type": "anthropic", "base_url": base + prefix_sse},
+        {"name": "tr_json", "type": "openai-compatible", "base_url": base + prefix_json,
+         "api_key": "k", "model": "gpt-4o"},
+        {"name": "tr_sse", "type": "openai-compatible", "base_url": base + prefix_sse,
+         "api_key": "k", "model": "gpt-4o"}]
+    routes = [{"match": p["name"], "provider": p["name"]} for p in providers]
+    path = os.path.join(tmp, "ccproxy-%d.json" % upstream)
+    with open(path, "w") as f:
+        json.dump({"providers": providers, "routes": routes}, f)
+    return path
+
+
+def start_ccproxy(tmp, config_path, extra_env=None):
+    """`ccproxy.py run` on a free port; returns (process, port, seconds to first 200)."""
+    port = free_port()
+    env = dict(os.environ, CCPROXY_PORT=str(port), CCPROXY_LOG_LEVEL="warning",
+               CCPROXY_PID_FILE=os.path.join(tmp, "ccproxy-%d.pid" % port),
+               CCPROXY_MAX_CONNECTIONS="12000", **(extra_env or {}))
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"), "run", "-c",
+                             config_path], env=env, stderr=subprocess.DEVNULL)
+    while time.monotonic() - started < 10:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port, time.monotonic() - started
+        except OSError:
+            time.sleep(0.002)
+    raise SystemExit("ccproxy did not become healthy")
+
+
+def proc_stat(pid):
+    """(RSS MB, CPU seconds) of a process, from /proc."""
+    with open("/proc/%d/status" % pid) as f:
+        rss = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024.0
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss, (int(fields[11]) + int(fields[12])) / ticks
+
+
+# ---- measurements ---------------------------------------------------------------
+
+def sequential(port, path, body, n, stream=False):
+    """n calls on one keep-alive connection: (latencies, times to first body byte)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    data = json.dumps(body).encode()
+    headers = {"content-type": "application/json", "x-api-key": "k",
+               "anthropic-version": "2023-06-01"}
+    total, first = [], []
+    for _ in range(n):
+        started = time.perf_counter()
+        conn.request("POST", path, data, headers)
+        resp = conn.getresponse()
+        chunk = resp.read1(65536) if stream else b""
+        first.append(time.perf_counter() - started)
+        rest = resp.read()
+        total.append(time.perf_counter() - started)
+        if resp.status != 200 or not (chunk + rest):
+            raise SystemExit("bad answer %d on %s" % (resp.status, path))
+    conn.close()
+    return total, first
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+wrk.headers["x-api-key"] = "k"
+local f = io.open("%s", "rb")
+wrk.body = f:read("*a")
+f:close()
+"""
+
+
+def load(port, path, body, concurrency, seconds, tmp, pid=None):
+    """(requests/s, errors, CPU ms per request of `pid`) under `concurrency` clients."""
+    before = proc_stat(pid)[1] if pid else 0.0
+    if shutil.which("wrk"):
+        body_file = os.path.join(tmp, "wrk-body.json")
+        with open(body_file, "w") as f:
+            json.dump(body, f)
+        script = os.path.join(tmp, "post.lua")
+        with open(script, "w") as f:
+            f.write(WRK_LUA % body_file)
+        out = subprocess.run(["wrk", "-t", "2", "-c", str(concurrency), "-d", "%ds" % seconds,
+                              "-s", script, "http://127.0.0.1:%d%s" % (port, path)],
+                             capture_output=True, text=True, timeout=seconds + 30).stdout
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        count = int(re.search(r"(\d+) requests in", out).group(1))
+        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        errors = int(bad.group(1)) if bad else 0
+        socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                                  r"timeout (\d+)", out)
+        errors += sum(int(x) for x in socket_errors.groups()) if socket_errors else 0
+    else:
+        rps, count, errors = threaded_load(port, path, body, concurrency, seconds)
+    cpu = ((proc_stat(pid)[1] - before) * 1000.0 / max(count, 1)) if pid else None
+    return rps, errors, cpu
+
+
+def threaded_load(port, path, body, concurrency, seconds):
+    stop, counts, errors = time.monotonic() + seconds, [0] * concurrency, [0]
+
+    def worker(i):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        data = json.dumps(body).encode()
+        while time.monotonic() < stop:
+            try:
+                conn.request("POST", path, data, {"content-type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                counts[i] += resp.status == 200
+                errors[0] += resp.status != 200
+            except (OSError, http.client.HTTPException):
+                errors[0] += 1
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / seconds, sum(counts), errors[0]
+
+
+def hold_streams(port, n, pid, body):
+    """Open n streaming calls at once; RSS of `pid` while all are open; how many end."""
+    sel, data = selectors.DefaultSelector(), json.dumps(dict(body, stream=True)).encode()
+    request = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(request)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, [b"", False])
+        socks.append(s)
+    peak, started, done, heads = 0.0, time.monotonic(), 0, 0
+    while done < n and time.monotonic() - started < 120:
+        for key, _ in sel.select(timeout=0.5):
+            state = key.data
+            try:
+                chunk = key.fileobj.recv(65536)
+            except BlockingIOError:
+                continue
+            if not state[1] and b"200 OK" in chunk[:64]:
+                state[1], heads = True, heads + 1
+            state[0] = (state[0] + chunk)[-64:]
+            if not chunk or state[0].endswith(b"0\r\n\r\n"):
+                done += state[0].endswith(b"0\r\n\r\n") and state[1]
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+        if heads >= n * 0.99:
+            peak = max(peak, proc_stat(pid)[0])
+    for s in socks:
+        s.close()
+    return peak, done
+
+
+# ---- the run ----------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument("--streams", default="1000,5000", help="open-stream counts")
+    parser.add_argument("--seconds", type=int, default=5, help="seconds per load run")
+    args = parser.parse_args(argv)
+    n = 100 if args.quick else 400
+    tmp = tempfile.mkdtemp(prefix="ccproxy-bench-")
+    os.chmod(tmp, 0o755)          # nginx's worker runs as an unprivileged user
+    body, source = claude_code_body()
+    use_nginx = shutil.which("nginx") is not None
+    fake, up = start_nginx(tmp, 1000) if use_nginx else start_stdlib_fake(tmp, 1000)
+    prefixes = ("/json", "/sse") if use_nginx else ("", "")
+    proxy, port, start_time = start_ccproxy(tmp, ccproxy_config(tmp, up, *prefixes))
+    rows, notes = [], []
+    try:
+        rows += latency_rows(up, port, body, n, prefixes, use_nginx)
+        rows += load_rows(up, port, body, args.seconds, tmp, proxy.pid, prefixes)
+        rows += connection_rows(port, body, proxy.pid)
+        rows.append(("start to first 200 on /health", "%.0f ms" % (start_time * 1000),
+                     "-", "-"))
+        rows += stream_rows(tmp, body, [int(x) for x in args.streams.split(",") if x], notes)
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
+        fake.terminate()
+        fake.wait(10)
+    print_table(rows, source, use_nginx, notes)
+    return 0
+
+
+def latency_rows(up, port, body, n, prefixes, nginx):
+    pj, ps = prefixes
+    tr_body = ccproxy.anthropic_to_openai(body, ccproxy.Translation(
+        route="b", client_model=body["model"], upstream_model="gpt-4o",
+        quirks=ccproxy.quirks_for(ccproxy.ProviderConfig(name="b", type="openai-compatible"))))
+    rows = []
+    for label, direct_path, direct_body, model in (
+            ("pass-through", pj + "/v1/messages", body, "pass_json"),
+            ("translated to OpenAI", pj + "/chat/completions", tr_body, "tr_json")):
+        sequential(up, direct_path, direct_body, 20)
+        sequential(port, "/v1/messages", dict(body, model=model), 20)       # warm up
+        floor, _ = sequential(up, direct_path, direct_body, n)
+        via, _ = sequential(port, "/v1/messages", dict(body, model=model), n)
+        for q, name in ((0.5, "p50"), (0.99, "p99")):
+            rows.append(("latency %s, 50 KB body, %s" % (name, label),
+                         "%.2f ms" % (pct(via, q) * 1000), "%.2f ms" % (pct(floor, q) * 1000),
+                         "+%.2f ms" % ((pct(via, q) - pct(floor, q)) * 1000)))
+    for label, direct_path, direct_body, model in (
+            ("pass-through", ps + "/v1/messages", dict(body, stream=True), "pass_sse"),
+            ("translated", ps + "/chat/completions", dict(tr_body, stream=True), "tr_sse")):
+        floor_total, floor_first = sequential(up, direct_path, direct_body, n // 4, True)
+        total, first = sequential(port, "/v1/messages", dict(body, model=model, stream=True),
+                                  n // 4, True)
+        rows.append(("time to first byte, stream, %s" % label,
+                     "%.2f ms" % (pct(first, 0.5) * 1000),
+                     "%.2f ms" % (pct(floor_first, 0.5) * 1000),
+                     "+%.2f ms" % ((pct(first, 0.5) - pct(floor_first, 0.5)) * 1000)))
+        rows.append(("1000-event stream relayed, %s" % label,
+                     "%.1f ms" % (pct(total, 0.5) * 1000),
+                     "%.1f ms" % (pct(floor_total, 0.5) * 1000),
+                     "+%.1f ms" % ((pct(total, 0.5) - pct(floor_total, 0.5)) * 1000)))
+    return rows
+
+
+def load_rows(up, port, body, seconds, tmp, pid, prefixes):
+    rows = []
+    tr_body = dict(body, model="tr_json")
+    for concurrency in (16, 64):
+        floor, _, _ = load(up, prefixes[0] + "/v1/messages", body, concurrency, seconds, tmp)
+        for label, model in (("pass-through", "pass_json"), ("translated", "tr_json")):
+            rps, errors, cpu = load(port, "/v1/messages", dict(body, model=model) if model !=
+                                    "tr_json" else tr_body, concurrency, seconds, tmp, pid)
+            rows.append(("requests/s at concurrency %d, %s" % (concurrency, label),
+                         "%.0f (%d errors)" % (rps, errors), "%.0f" % floor,
+                         "%.2f×" % (rps / floor if floor else 0)))
+            if concurrency == 16:
+                rows.append(("CPU per request under load, %s" % label, "%.2f ms" % cpu, "-",
+                             "-"))
+    return rows
+
+
+def connection_rows(port, body, pid):
+    def opened():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/health/detailed")
+        doc = json.loads(conn.getresponse().read())
+        return doc["components"]["upstream"]["connections_opened"]
+    before = opened()
+    sequential(port, "/v1/messages", dict(body, model="pass_json"), 100)
+    return [("upstream connections per 100 sequential calls", str(opened() - before), "-",
+             "-"), ("RSS after the load runs", "%.1f MB" % proc_stat(pid)[0], "-", "-")]
+
+
+def stream_rows(tmp, body, counts, notes):
+    """RSS idle and with many open streams, against a slow stdlib fake (10 events 0.5 s
+    apart: every stream stays open about 5 s)."""
+    fake, up = start_stdlib_fake(tmp, 10, 0.5, "slow")
+    proxy, port, _ = start_ccproxy(tmp, ccproxy_config(tmp, up, "", ""))
+    rows = []
+    try:
+        time.sleep(0.5)
+        rows.append(("RSS idle", "%.1f MB" % proc_stat(proxy.pid)[0], "-", "-"))
+        for n in counts:
+            try:
+                peak, done = hold_streams(port, n, proxy.pid, dict(body, model="pass_sse"))
+            except OSError as exc:
+                notes.append("%d streams: %s (raise ulimit -n)" % (n, exc))
+                continue
+            rows.append(("RSS holding %d open streams" % n, "%.1f MB" % peak,
+                         "-", "%d/%d completed" % (done, n)))
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
+        fake.terminate()
+        fake.wait(10)
+    return rows
+
+
+def print_table(rows, source, nginx, notes):
+    print("ccproxy %s on Python %s, %d cores; fake upstream: %s; load: %s; body: %s\n" % (
+        ccproxy.__version__, sys.version.split()[0], os.cpu_count() or 1,
+        "nginx (static return 200)" if nginx else "stdlib fake_upstream.py",
+        "wrk" if shutil.which("wrk") else "threaded stdlib client", source))
+    print("| measure | ccproxy | direct (floor) | added / ratio |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| %s | %s | %s | %s |" % row)
+    for note in notes:
+        print("\nnote: " + note)
+
+
+if __name__ == "__main__":
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+    sys.exit(main())

@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""A fake OpenAI Chat Completions upstream for end-to-end tests (stdlib, loopback).
+
+It answers from the conversation it is sent, the way a model would:
+  * after tool results: text that quotes them ("Tool said: …");
+  * scenario text:      a short text answer;
+  * scenario tool:      a Bash call (echo hello-from-tool), when the Bash tool is offered;
+  * scenario parallel:  two Bash calls whose argument fragments interleave (0,1,0,1);
+  * scenario reasoning: reasoning first, then a Bash call, then text after the result;
+  * scenario image:     a Read call for --image-path, then text once the image came back.
+
+Provider quirks (translation.md §6) switch on with --quirk:
+  groq        usage only in x_groq.usage of the last chunk
+  gemini      tool calls without index, whole, several in one delta, finish "stop",
+              with extra_content.google.thought_signature
+  deepseek    reasoning_content before content; prompt_cache_hit_tokens in usage
+  ollama      arguments as objects, no id or index, finish "stop"
+  openrouter  ": OPENROUTER PROCESSING" comment lines and CRLF line endings
+
+Failure injection: --fail 429|401|midstream [--fail-count N] [--retry-after S].
+
+Every request is kept in .requests (path, headers, parsed body) for the test to inspect.
+"""
+import argparse
+import http.server
+import json
+import socket
+import sys
+import threading
+
+PNG_SIGNATURE = b"\x89PNG"
+
+
+class FakeOpenAI:
+    """The server; start() binds 127.0.0.1 port 0 and serves on a daemon thread."""
+
+    def __init__(self, scenario="text", quirk="", fail="", fail_count=1, retry_after=2,
+                 image_path=""):
+        self.scenario, self.quirk, self.fail = scenario, quirk, fail
+        self.fail_count, self.retry_after, self.image_path = fail_count, retry_after, image_path
+        self.requests, self.lock = [], threading.Lock()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                fake.send_json(self, 200, {"data": [{"id": "fake-model"}]})
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                body = json.loads(raw or b"{}")
+                with fake.lock:
+                    fake.requests.append({"path": self.path, "headers": dict(self.headers),
+                                          "body": body})
+                    failing = bool(fake.fail) and fake.fail_count > 0
+                    fake.fail_count -= failing
+                fake.answer(self, body, failing)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d/v1" % self.port
+
+    def start(self):
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- answers ------------------------------------------------------------------
+
+    def answer(self, h, body, failing):
+        if failing and self.fail == "429":
+            return self.send_json(h, 429, {"error": {"message": "Rate limit reached",
+                                                     "type": "rate_limit"}},
+                                  [("retry-after", str(self.retry_after))])
+        if failing and self.fail == "401":
+            return self.send_json(h, 401, {"error": {
+                "message": "Incorrect API key provided: sk-te***", "code": "invalid_api_key"}})
+        text, calls, reasoning = self.decide(body)
+        if not body.get("stream"):
+            return self.send_json(h, 200, self.whole(text, calls, reasoning))
+        chunks = self.chunks(text, calls, reasoning)
+        if failing and self.fail == "midstream":
+            chunks = chunks[:2] + [{"error": {"message": "Upstream overloaded", "code": 503}}]
+        self.send_stream(h, chunks)
+
+    def decide(self, body):
+        """(text, tool calls, reasoning) for the conversation in `body`."""
+        messages = body.get("messages") or []
+        tools = {t["function"]["name"] for t in body.get("tools") or []}
+        results = []
+        for msg in reversed(messages):
+            if msg.get("role") == "tool":
+                results.insert(0, msg.get("content") or "")
+            elif msg.get("role") == "assistant":
+                break
+        if results:
+            saw_image = any(isinstance(m.get("content"), list) and any(
+                p.get("type") == "image_url" for p in m["content"]) for m in messages)
+            text = "Tool said: " + " | ".join(r.strip()[:60] for r in results)
+            return (text + (" (and I saw the image)" if saw_image else "")), [], ""
+        if self.scenario in ("tool", "reasoning") and "Bash" in tools:
+            return "", [("Bash", {"command": "echo hello-from-tool",
+                                  "description": "say hello"})], (
+                "I should run the command." if self.scenario == "reasoning" else "")
+        if self.scenario == "parallel" and "Bash" in tools:
+            return "", [("Bash", {"command": "echo one", "description": "first"}),
+                        ("Bash", {"command": "echo two", "description": "second"})], ""
+        if self.scenario == "image" and "Read" in tools:
+            return "", [("Read", {"file_path": self.image_path})], ""
+        return "Hello from the fake OpenAI server!", [], ""
+
+    def usage(self):
+        usage = {"prompt_tokens": 1200, "completion_tokens": 12, "total_tokens": 1212}
+        if self.quirk == "deepseek":
+            usage["prompt_cache_hit_tokens"] = 200
+        return usage
+
+    def whole(self, text, calls, reasoning):
+        message = {"role": "assistant", "content": text or None}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = [self.call(i, name, args, whole=True)
+                                     for i, (name, args) in enumerate(calls)]
+        finish = "tool_calls" if calls and self.quirk not in ("gemini", "ollama") else "stop"
+        return {"id": "chatcmpl-fake", "object": "chat.completion", "choices": [
+            {"index": 0, "message": message, "finish_reason": finish}], "usage": self.usage()}
+
+    def call(self, i, name, args, whole=False):
+        call = {"id": "call_%d" % (i + 1), "type": "function",
+                "function": {"name": name, "arguments": json.dumps(args)}}
+        if self.quirk == "ollama":
+            call = {"function": {"name": name, "arguments": args}}      # object, no id
+        elif self.quirk == "gemini":
+            call["extra_content"] = {"google": {"thought_signature": "sig-%d" % i}}
+        elif not whole:
+            call["index"] = i
+        return call
+
+    def chunks(self, text, calls, reasoning):
+        out = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+        for piece in _pieces(reasoning):
+            out.append({"choices": [{"index": 0, "delta": {"reasoning_content": piece}}]})
+        for piece in _pieces(text):
+            out.append({"choices": [{"index": 0, "delta": {"content": piece}}]})
+        out.extend(self.call_chunks(calls))
+        finish = "tool_calls" if calls and self.quirk not in ("gemini", "ollama") else "stop"
+        out.append({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+        if self.quirk == "groq":
+            out[-1]["x_groq"] = {"usage": self.usage()}
+        else:
+            out.append({"choices": [], "usage": self.usage()})
+        return out
+
+    def call_chunks(self, calls):
+        if not calls:
+            return []
+        if self.quirk in ("gemini", "ollama"):       # whole calls, all in one delta
+            return [{"choices": [{"index": 0, "delta": {"tool_calls": [
+                self.call(i, n, a, whole=True) for i, (n, a) in enumerate(calls)]}}]}]
+        out = [{"choices": [{"index": 0, "delta": {"tool_calls": [dict(
+            self.call(i, name, {}), function={"name": name, "arguments": ""})]}}]}
+            for i, (name, _) in enumerate(calls)]
+        halves = [_halves(json.dumps(args)) for _, args in calls]
+        for part in (0, 1):                            # fragments interleave 0,1,0,1
+            for i in range(len(calls)):
+                out.append({"choices": [{"index": 0, "delta": {"tool_calls": [
+                    {"index": i, "function": {"arguments": halves[i][part]}}]}}]})
+        return out
+
+    # -- wire ---------------------------------------------------------------------
+
+    def send_json(self, h, status, doc, headers=()):
+        data = json.dumps(doc).encode()
+        head = "HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
+            status, len(data)) + "".join("%s: %s\r\n" % kv for kv in headers) + "\r\n"
+        h.wfile.write(head.encode() + data)
+
+    def send_stream(self, h, chunks):
+        nl = "\r\n" if self.quirk == "openrouter" else "\n"
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")
+        for chunk in chunks:
+            text = ""
+            if self.quirk == "openrouter":
+                text += ": OPENROUTER PROCESSING" + nl + nl
+            text += "data: " + json.dumps(dict(chunk, id="chatcmpl-fake")) + nl + nl
+            _write_chunk(h, text.encode())
+            if "error" in chunk:
+                break
+        else:
+            _write_chunk(h, ("data: [DONE]" + nl + nl).encode())
+        h.wfile.write(b"0\r\n\r\n")
+
+
+def _write_chunk(h, data):
+    h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+    h.wfile.flush()
+
+
+def _pieces(text, n=3):
+    if not text:
+        return []
+    step = max(1, len(text) // n)
+    return [text[i:i + step] for i in range(0, len(text), step)]
+
+
+def _halves(text):
+    return text[:len(text) // 2], text[len(text) // 2:]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="text")
+    parser.add_argument("--quirk", default="")
+    parser.add_argument("--fail", default="")
+    parser.add_argument("--fail-count", type=int, default=1)
+    parser.add_argument("--retry-after", type=int, default=2)
+    parser.add_argument("--image-path", default="")
+    args = parser.parse_args(argv)
+    fake = FakeOpenAI(args.scenario, args.quirk, args.fail, args.fail_count,
+                      args.retry_after, args.image_path).start()
+    print(fake.url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,496 @@
+#!/usr/bin/env python3
+"""make e2e: real clients through ccproxy, everything on loopback.
+
+    python3 e2e/run.py            (what `make e2e` runs)
+
+First, outside any sandbox, it installs what it needs into .cache/e2e (git-ignored):
+the Claude Code CLI from npm, and the anthropic SDK into a venv.  Test-time only: never
+a runtime dependency.  What cannot be installed is skipped with one line saying why.
+Then, as root, it re-runs itself inside `unshare -n` (a network namespace with only
+loopback), so nothing can leave the machine.
+
+Each scenario prints `PASS name` or `FAIL name: why` (or `SKIP name: why`); the run ends
+with `N passed, M failed` and exits non-zero on any failure.
+"""
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CACHE = os.path.join(ROOT, ".cache", "e2e")
+SHARED_FAKE = os.path.join(ROOT, "..", "shared", "claude-code-wire", "fake_anthropic.py")
+sys.path.insert(0, HERE)
+from fake_openai import FakeOpenAI  # noqa: E402
+
+CLAUDE_PKG = "@anthropic-ai/claude-code@latest"
+RESULTS = []
+
+
+# ---- preparation (outside the sandbox) ------------------------------------------
+
+def install_claude():
+    """Path of the Claude Code CLI, or (None, why)."""
+    if os.environ.get("CLAUDE"):
+        return os.environ["CLAUDE"], ""
+    binary = os.path.join(CACHE, "cc", "node_modules", ".bin", "claude")
+    if os.path.exists(binary):
+        return binary, ""
+    if not shutil.which("npm"):
+        return None, "npm is not installed"
+    os.makedirs(os.path.join(CACHE, "cc"), exist_ok=True)
+    out = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix",
+                          os.path.join(CACHE, "cc"), CLAUDE_PKG], capture_output=True,
+                         text=True, timeout=600)
+    if out.returncode or not os.path.exists(binary):
+        return None, "npm install %s failed: %s" % (CLAUDE_PKG, out.stderr.strip()[-200:])
+    return binary, ""
+
+
+def install_sdk():
+    """Python of a venv that has the anthropic SDK, or (None, why)."""
+    venv = os.path.join(CACHE, "venv")
+    python = os.path.join(venv, "bin", "python")
+    check = [python, "-c", "import anthropic"]
+    if os.path.exists(python) and subprocess.run(check, capture_output=True).returncode == 0:
+        return python, ""
+    made = subprocess.run([sys.executable, "-m", "venv", venv], capture_output=True, text=True)
+    if made.returncode:
+        return None, "python3 -m venv failed: " + made.stderr.strip()[-200:]
+    out = subprocess.run([python, "-m", "pip", "install", "--quiet",
+                          "--disable-pip-version-check", "anthropic", "openai"],
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode:
+        return None, "pip install anthropic failed: " + out.stderr.strip()[-200:]
+    return python, ""
+
+
+# ---- helpers --------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Ccproxy:
+    """`ccproxy.py run` on a free port (or `port`), with `env` on top."""
+
+    def __init__(self, env, port=None):
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="ccproxy-e2e-")
+        self.env = dict(os.environ, CCPROXY_PORT=str(self.port),
+                        CCPROXY_PID_FILE=os.path.join(self.dir, "ccproxy.pid"),
+                        CCPROXY_LOG_FILE=os.path.join(self.dir, "ccproxy.log"), **env)
+        for key in ("CCPROXY_CONFIG", "CCPROXY_API_KEY"):
+            if key not in env:
+                self.env.pop(key, None)
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"),
+                                      "run"], env=self.env, stdin=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        raise AssertionError("ccproxy did not start")
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def log(self):
+        with open(os.path.join(self.dir, "ccproxy.log")) as f:
+            return f.read()
+
+
+def openai_env(fake, ptype="openai"):
+    return {"CCPROXY_PROVIDER": ptype, "CCPROXY_BASE_URL": fake.url,
+            "CCPROXY_UPSTREAM_API_KEY": "sk-upstream", "CCPROXY_MODEL": "fake-model"}
+
+
+def run_claude(claude, proxy, prompt, tools="", extra_env=None, workdir=None):
+    """(exit code, parsed JSON result or None, stdout, seconds) of `claude -p`."""
+    home = tempfile.mkdtemp(prefix="cc-home-")
+    work = workdir or tempfile.mkdtemp(prefix="cc-work-")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TERM": "dumb",
+           "ANTHROPIC_BASE_URL": proxy.url, "ANTHROPIC_API_KEY": "sk-test",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "ENABLE_TOOL_SEARCH": "false"}
+    env.update(extra_env or {})
+    args = [claude, "-p", prompt, "--output-format", "json"]
+    if tools:
+        args += ["--allowedTools", tools]
+    started = time.monotonic()
+    out = subprocess.run(args, env=env, cwd=work, capture_output=True, text=True,
+                         timeout=150, stdin=subprocess.DEVNULL)
+    try:
+        result = json.loads(out.stdout)
+    except ValueError:
+        result = None
+    return out.returncode, result, out.stdout + out.stderr, time.monotonic() - started
+
+
+def scenario(name, skip=""):
+    """Decorator: run the function as one scenario and record PASS/FAIL/SKIP."""
+    def wrap(fn):
+        if skip:
+            print("SKIP %s: %s" % (name, skip), flush=True)
+            RESULTS.append("skip")
+            return fn
+        try:
+            fn()
+            print("PASS %s" % name, flush=True)
+            RESULTS.append("pass")
+        except Exception as exc:           # a scenario failure, whatever its kind
+            why = str(exc) or type(exc).__name__
+            if not isinstance(exc, AssertionError):
+                why = traceback.format_exc().strip().splitlines()[-1]
+            print("FAIL %s: %s" % (name, why.replace("\n", " ")[:400]), flush=True)
+            RESULTS.append("fail")
+        return fn
+    return wrap
+
+
+def check(condition, why):
+    if not condition:
+        raise AssertionError(why)
+
+
+def assert_streamed(fake, calls):
+    """Every call streamed (no stream:false fallback), and exactly `calls` of them."""
+    streams = [r["body"].get("stream") for r in fake.requests]
+    check(len(streams) == calls, "upstream got %d calls, expected %d" % (len(streams), calls))
+    check(all(streams), "a stream:false fallback call reached the upstream: %s" % streams)
+
+
+def tool_messages(request):
+    return [m for m in request["body"]["messages"] if m.get("role") == "tool"]
+
+
+def png_file(directory):
+    """A real 2x2 PNG for the Read tool to return."""
+    def chunk(kind, data):
+        return (len(data).to_bytes(4, "big") + kind + data
+                + zlib.crc32(kind + data).to_bytes(4, "big"))
+    raw = b"".join(b"\x00" + b"\xff\x00\x00" * 2 for _ in range(2))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", (2).to_bytes(4, "big") * 2 + b"\x08\x02\x00"
+                                        b"\x00\x00")
+           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path = os.path.join(directory, "red.png")
+    with open(path, "wb") as f:
+        f.write(png)
+    return path
+
+
+class FakeAnthropic:
+    """../shared/claude-code-wire/fake_anthropic.py as a subprocess."""
+
+    def __init__(self, *args):
+        self.dir = tempfile.mkdtemp(prefix="fake-anthropic-")
+        self.args = list(args)
+
+    def __enter__(self):
+        port_file = os.path.join(self.dir, "port")
+        self.proc = subprocess.Popen([sys.executable, SHARED_FAKE, "--port", "0",
+                                      "--port-file", port_file, "--log",
+                                      os.path.join(self.dir, "req.jsonl")] + self.args,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not (os.path.exists(port_file) and open(port_file).read().strip()):
+            check(time.monotonic() < deadline, "fake_anthropic.py did not start")
+            time.sleep(0.02)
+        self.url = "http://127.0.0.1:%s" % open(port_file).read().strip()
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def requests(self):
+        with open(os.path.join(self.dir, "req.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+
+# ---- scenarios --------------------------------------------------------------------
+
+def cli_openai_scenarios(claude, skip):
+    @scenario("claude-cli openai text", skip)
+    def _():
+        fake = FakeOpenAI("text").start()
+        with Ccproxy(openai_env(fake)) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "say hi")
+        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        check("Hello from the fake OpenAI server" in result["result"], result["result"])
+        assert_streamed(fake, 1)
+
+    @scenario("claude-cli openai bash tool round trip", skip)
+    def _():
+        fake = FakeOpenAI("tool").start()
+        with Ccproxy(openai_env(fake)) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
+        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        check("hello-from-tool" in result["result"], "answer: %s" % result["result"])
+        assert_streamed(fake, 2)
+        tools = tool_messages(fake.requests[1])
+        check(tools and "hello-from-tool" in tools[0]["content"],
+              "the tool result did not reach the upstream as role:tool: %s" % tools)
+
+    @scenario("claude-cli openai two parallel tool calls", skip)
+    def _():
+        fake = FakeOpenAI("parallel").start()
+        with Ccproxy(openai_env(fake)) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "run both", "Bash")
+        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        assert_streamed(fake, 2)
+        contents = [m["content"] for m in tool_messages(fake.requests[1])]
+        check(len(contents) == 2 and "one" in contents[0] and "two" in contents[1],
+              "tool results: %s" % contents)
+        check("one" in result["result"] and "two" in result["result"], result["result"])
+
+    @scenario("claude-cli deepseek reasoning then tool, reasoning echoed back", skip)
+    def _():
+        fake = FakeOpenAI("reasoning", quirk="deepseek").start()
+        with Ccproxy(openai_env(fake, "deepseek")) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "think, then run echo", "Bash")
+        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        assert_streamed(fake, 2)
+        assistant = [m for m in fake.requests[1]["body"]["messages"]
+                     if m.get("role") == "assistant"][-1]
+        check(assistant.get("reasoning_content") == "I should run the command.",
+              "reasoning not echoed: %s" % json.dumps(assistant)[:200])
+        check("hello-from-tool" in result["result"], result["result"])
+
+    @scenario("claude-cli openai image returned by the Read tool", skip)
+    def _():
+        work = tempfile.mkdtemp(prefix="cc-work-")
+        fake = FakeOpenAI("image", image_path=png_file(work)).start()
+        with Ccproxy(openai_env(fake)) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "look at red.png", "Read",
+                                            workdir=work)
+        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        assert_streamed(fake, 2)
+        check("saw the image" in result["result"], "no image reached the model: %s"
+              % result["result"])
+
+
+def cli_quirk_scenarios(claude, skip):
+    for ptype in ("groq", "gemini", "deepseek", "ollama", "openrouter"):
+        @scenario("claude-cli bash tool round trip, %s quirks" % ptype, skip)
+        def _(ptype=ptype):
+            fake = FakeOpenAI("tool", quirk=ptype).start()
+            with Ccproxy(openai_env(fake, ptype)) as proxy:
+                rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
+            check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+            check("hello-from-tool" in result["result"], "answer: %s" % result["result"])
+            if ptype == "ollama":     # asked without streaming when tools are present
+                check(len(fake.requests) == 2, "%d upstream calls" % len(fake.requests))
+            else:
+                assert_streamed(fake, 2)
+            if ptype == "gemini":
+                calls = [m for m in fake.requests[1]["body"]["messages"] if m.get("tool_calls")]
+                sig = calls[0]["tool_calls"][0].get("extra_content", {})
+                check(sig.get("google", {}).get("thought_signature") == "sig-0",
+                      "thought signature not replayed: %s" % calls)
+
+
+def cli_failure_scenarios(claude, skip):
+    @scenario("claude-cli waits out a 429 with retry-after: 2, then succeeds", skip)
+    def _():
+        fake = FakeOpenAI("text", fail="429", retry_after=2).start()
+        with Ccproxy(openai_env(fake)) as proxy:
+            rc, result, out, seconds = run_claude(claude, proxy, "say hi")
+        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        check(seconds >= 2.0, "answered after %.1f s, before retry-after" % seconds)
+        check(len(fake.requests) == 2, "%d upstream calls" % len(fake.requests))
+
+    @scenario("claude-cli fails at once on a 401, with the provider's message", skip)
+    def _():
+        fake = FakeOpenAI("text", fail="401", fail_count=100).start()
+        with Ccproxy(openai_env(fake)) as proxy:
+            rc, result, out, seconds = run_claude(claude, proxy, "say hi")
+        check(rc != 0, "exit 0 on a 401")
+        check("Incorrect API key provided" in out, "message not shown: %s" % out[-300:])
+        check(len(fake.requests) == 1, "retry storm: %d calls" % len(fake.requests))
+        check(seconds < 20, "took %.1f s" % seconds)
+
+    @scenario("claude-cli retries a mid-stream error and succeeds", skip)
+    def _():
+        fake = FakeOpenAI("text", fail="midstream").start()
+        with Ccproxy(openai_env(fake)) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "say hi")
+        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        check("Hello from the fake OpenAI server" in result["result"], result["result"])
+        check(len(fake.requests) >= 2, "%d upstream calls" % len(fake.requests))
+
+
+def cli_anthropic_scenarios(claude, skip):
+    skip = skip or ("" if os.path.exists(SHARED_FAKE) else
+                    "../shared/claude-code-wire/fake_anthropic.py is absent")
+
+    @scenario("claude-cli anthropic pass-through text", skip)
+    def _():
+        with FakeAnthropic() as fake, Ccproxy({"CCPROXY_BASE_URL": fake.url}) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "say hi")
+            requests = fake.requests()
+        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        check("Hello from the fake Anthropic server" in result["result"], result["result"])
+        check([r["body_json"].get("stream") for r in requests] == [True], "calls: %d"
+              % len(requests))
+
+    @scenario("claude-cli anthropic pass-through bash tool round trip", skip)
+    def _():
+        with FakeAnthropic("--scenario", "tool", "--tool-name", "Bash", "--thinking") as fake, \
+                Ccproxy({"CCPROXY_BASE_URL": fake.url}) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
+            requests = fake.requests()
+        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        check(len(requests) == 2 and all(r["body_json"].get("stream") for r in requests),
+              "calls: %s" % [r["body_json"].get("stream") for r in requests])
+
+
+SDK_SCRIPT = r'''
+import json, sys, anthropic
+client = anthropic.Anthropic(base_url=sys.argv[1], api_key="sk-test", max_retries=0)
+model = "claude-sonnet-5-5"
+out = {}
+msg = client.messages.create(model=model, max_tokens=100,
+                             messages=[{"role": "user", "content": "say hi"}])
+out["create"] = [msg.model, msg.content[0].text, msg.stop_reason]
+with client.messages.stream(model=model, max_tokens=100,
+                            messages=[{"role": "user", "content": "say hi"}]) as stream:
+    out["stream_text"] = "".join(stream.text_stream)
+tools = [{"name": "Bash", "description": "run a command", "input_schema": {
+    "type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}]
+with client.messages.stream(model=model, max_tokens=100, tools=tools,
+                            messages=[{"role": "user", "content": "run echo"}]) as stream:
+    final = stream.get_final_message()
+out["stream_tool"] = [[b.type, getattr(b, "name", None), getattr(b, "input", None)]
+                      for b in final.content] + [final.stop_reason]
+count = client.messages.count_tokens(model=model, tools=tools,
+                                     messages=[{"role": "user", "content": "hi"}])
+out["count_tokens"] = count.input_tokens
+print(json.dumps(out))
+'''
+
+
+def sdk_scenarios(python, skip):
+    def run_sdk(proxy):
+        out = subprocess.run([python, "-c", SDK_SCRIPT, proxy.url], capture_output=True,
+                             text=True, timeout=60)
+        check(out.returncode == 0, "SDK failed: %s" % out.stderr.strip()[-400:])
+        return json.loads(out.stdout)
+
+    @scenario("anthropic SDK on an OpenAI route: create, stream, tool stream, count_tokens",
+              skip)
+    def _():
+        fake = FakeOpenAI("tool").start()
+        with Ccproxy(openai_env(fake)) as proxy:
+            got = run_sdk(proxy)
+        check(got["create"][0] == "claude-sonnet-5-5", "model: %s" % got["create"])
+        check("Hello" in got["create"][1] and "Hello" in got["stream_text"], got)
+        check(got["stream_tool"][0][:2] == ["tool_use", "Bash"] and
+              got["stream_tool"][-1] == "tool_use", "tool stream: %s" % got["stream_tool"])
+        check(got["stream_tool"][0][2] == {"command": "echo hello-from-tool",
+                                           "description": "say hello"}, got["stream_tool"])
+        check(got["count_tokens"] > 0, "count_tokens: %s" % got["count_tokens"])
+
+    skip = skip or ("" if os.path.exists(SHARED_FAKE) else
+                    "../shared/claude-code-wire/fake_anthropic.py is absent")
+
+    @scenario("anthropic SDK on the Anthropic pass-through: create, stream, tool stream, "
+              "count_tokens", skip)
+    def _():
+        with FakeAnthropic("--scenario", "tool", "--tool-name", "Bash") as fake, \
+                Ccproxy({"CCPROXY_BASE_URL": fake.url}) as proxy:
+            got = run_sdk(proxy)
+        check(any(b[:2] == ["tool_use", "Bash"] for b in got["stream_tool"][:-1]) and
+              got["stream_tool"][-1] == "tool_use", got["stream_tool"])
+        check(got["create"][1] and got["stream_text"], got)
+        check(got["count_tokens"] > 0, "count_tokens: %s" % got["count_tokens"])
+
+
+def readme_curl_scenarios():
+    """The README's curl lines, run verbatim against a zero-config ccproxy on 3456 (free
+    inside the network namespace)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    lines = []
+    for block in re.findall(r"```(?:sh|console)\n(.*?)```", readme, re.S):
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = re.sub(r"^\$ ", "", line.strip())
+            if line.startswith("curl ") or line.startswith("[ \"$(curl"):
+                lines.append(line)
+    skip = "" if in_sandbox() else "not in a private network namespace (port 3456 may be taken)"
+    if not shutil.which("curl"):
+        skip = "curl is not installed"
+
+    @scenario("README curl examples, verbatim (%d lines)" % len(lines), skip)
+    def _():
+        for line in lines:            # each against a fresh proxy, as a reader would
+            if "jq" in line and not shutil.which("jq"):
+                continue
+            with Ccproxy({}, port=3456):
+                out = subprocess.run(["sh", "-c", line], capture_output=True, text=True,
+                                     timeout=30)
+                check(out.returncode == 0, "%s -> exit %d %s" % (line, out.returncode,
+                                                                 out.stderr[-200:]))
+                check("down" not in out.stdout and "trouble" not in out.stdout,
+                      "%s -> %s" % (line, out.stdout[-200:]))
+                text = out.stdout.strip()
+                if text.startswith("{"):
+                    json.loads(text)
+
+
+def in_sandbox():
+    return os.environ.get("CCPROXY_E2E_NETNS") == "1"
+
+
+def main(argv):
+    if "--inside" not in argv:
+        claude, why_cli = install_claude()
+        python, why_sdk = install_sdk()
+        env = dict(os.environ, E2E_CLAUDE=claude or "", E2E_WHY_CLI=why_cli,
+                   E2E_PYTHON=python or "", E2E_WHY_SDK=why_sdk)
+        inner = [sys.executable, os.path.abspath(__file__), "--inside"]
+        if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
+            env["CCPROXY_E2E_NETNS"] = "1"
+            inner = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"] + inner
+        return subprocess.run(inner, env=env).returncode
+    started = time.monotonic()
+    claude, python = os.environ.get("E2E_CLAUDE"), os.environ.get("E2E_PYTHON")
+    skip_cli = "" if claude else "Claude Code CLI unavailable: " + os.environ.get("E2E_WHY_CLI")
+    skip_sdk = "" if python else "anthropic SDK unavailable: " + os.environ.get("E2E_WHY_SDK")
+    cli_openai_scenarios(claude, skip_cli)
+    cli_quirk_scenarios(claude, skip_cli)
+    cli_failure_scenarios(claude, skip_cli)
+    cli_anthropic_scenarios(claude, skip_cli)
+    sdk_scenarios(python, skip_sdk)
+    readme_curl_scenarios()
+    passed, failed, skipped = (RESULTS.count(k) for k in ("pass", "fail", "skip"))
+    print("e2e: %.0f s" % (time.monotonic() - started))
+    print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
