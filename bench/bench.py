@@ -257,10 +257,12 @@ def load(port, path, body, concurrency, seconds, tmp, pid=None):
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
         count = int(re.search(r"(\d+) requests in", out).group(1))
         bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        errors = int(bad.group(1)) if bad else 0
+        errors = {"non-2xx": int(bad.group(1))} if bad else {}
         socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
                                   r"timeout (\d+)", out)
-        errors += sum(int(x) for x in socket_errors.groups()) if socket_errors else 0
+        if socket_errors:
+            errors.update((k, int(v)) for k, v in zip(("connect", "read", "write", "timeout"),
+                                                      socket_errors.groups()) if int(v))
     else:
         rps, count, errors = threaded_load(port, path, body, concurrency, seconds)
     cpu = ((proc_stat(pid)[1] - before) * 1000.0 / max(count, 1)) if pid else None
@@ -401,12 +403,18 @@ def load_rows(up, port, body, seconds, tmp, pid, prefixes):
             rps, errors, cpu = load(port, "/v1/messages", dict(body, model=model) if model !=
                                     "tr_json" else tr_body, concurrency, seconds, tmp, pid)
             rows.append(("requests/s at concurrency %d, %s" % (concurrency, label),
-                         "%.0f (%d errors)" % (rps, errors), "%.0f" % floor,
+                         "%.0f (%s)" % (rps, _errors(errors)), "%.0f" % floor,
                          "%.2f×" % (rps / floor if floor else 0)))
             if concurrency == 16:
                 rows.append(("CPU per request under load, %s" % label, "%.2f ms" % cpu, "-",
                              "-"))
     return rows
+
+
+def _errors(errors):
+    if isinstance(errors, int):
+        return "%d errors" % errors
+    return ", ".join("%d %s" % (n, k) for k, n in errors.items()) or "0 errors"
 
 
 def connection_rows(port, body, pid):
@@ -417,8 +425,8 @@ def connection_rows(port, body, pid):
         return doc["components"]["upstream"]["connections_opened"]
     before = opened()
     sequential(port, "/v1/messages", dict(body, model="pass_json"), 100)
-    return [("upstream connections per 100 sequential calls", str(opened() - before), "-",
-             "-"), ("RSS after the load runs", "%.1f MB" % proc_stat(pid)[0], "-", "-")]
+    return [("new upstream connections for 100 sequential calls (after warm-up)",
+             str(opened() - before), "-", "-"), ("RSS after the load runs", "%.1f MB" % proc_stat(pid)[0], "-", "-")]
 
 
 def stream_rows(tmp, body, counts, notes):
