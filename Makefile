@@ -60,17 +60,19 @@ check-metrics:  ## promtool check metrics on a live scrape after some traffic (i
 	echo "$$(grep -c -v '^#' .cache-scrape.txt) samples checked"; rm -f .cache-scrape.txt; \
 	if [ $$rc -ne 0 ]; then echo "FAIL promtool check metrics"; exit 1; fi; echo "OK check-metrics"
 
-install:  ## copy ccproxy.py to $(PREFIX)/bin/ccproxy with the build stamped in, and the unit
+install:  ## ccproxy.py (build stamped, bytecode precompiled) in $(PREFIX)/lib/ccproxy, bin/ccproxy, the unit
 	@commit=$$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown); \
 	date=$$(git log -1 --format=%cd --date=format-local:%Y-%m-%dT%H:%M:%SZ 2>/dev/null || echo unknown); \
-	install -d $(DESTDIR)$(PREFIX)/bin; \
+	lib=$(DESTDIR)$(PREFIX)/lib/ccproxy; install -d $$lib $(DESTDIR)$(PREFIX)/bin; \
 	sed -e "s|^BUILD_COMMIT = None|BUILD_COMMIT = \"$$commit\"|" \
-	    -e "s|^BUILD_DATE = None|BUILD_DATE = \"$$date\"|" ccproxy.py > $(DESTDIR)$(PREFIX)/bin/ccproxy; \
-	chmod 755 $(DESTDIR)$(PREFIX)/bin/ccproxy; \
+	    -e "s|^BUILD_DATE = None|BUILD_DATE = \"$$date\"|" ccproxy.py > $$lib/ccproxy.py; \
+	chmod 755 $$lib/ccproxy.py; $(PYTHON) -m py_compile $$lib/ccproxy.py; \
+	ln -sf ../lib/ccproxy/ccproxy.py $(DESTDIR)$(PREFIX)/bin/ccproxy; \
 	install -d $(DESTDIR)$(UNIT_DIR); install -m 644 ccproxy.service $(DESTDIR)$(UNIT_DIR)/ccproxy.service; \
-	echo "installed $(DESTDIR)$(PREFIX)/bin/ccproxy (commit $$commit) and $(DESTDIR)$(UNIT_DIR)/ccproxy.service"
+	echo "installed $$lib/ccproxy.py (commit $$commit), $(DESTDIR)$(PREFIX)/bin/ccproxy and $(DESTDIR)$(UNIT_DIR)/ccproxy.service"
 
 uninstall:
+	rm -rf $(DESTDIR)$(PREFIX)/lib/ccproxy
 	rm -f $(DESTDIR)$(PREFIX)/bin/ccproxy $(DESTDIR)$(UNIT_DIR)/ccproxy.service
 
 clean:

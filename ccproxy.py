@@ -86,11 +86,13 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import importlib.util
 import ipaddress
 import json
 import logging
 import logging.handlers
 import os
+import py_compile
 import re
 import select
 import shlex
@@ -4347,14 +4349,90 @@ def _pid_path(config, environ):
     return config.pid_file or default_pid_file(environ)
 
 
-def cmd_run(args, environ, on_ready=None, log_file=None):
-    """Serve in the foreground until SIGTERM; used by `run` and by `start`'s daemon."""
-    config = _load(args, environ)
-    configure_logging(config, log_file or config.log_file or None)
-    daemon = Daemon(config, lambda: _load(args, environ), _pid_path(config, environ),
-                    environ)
-    daemon.open()
-    return daemon.run(on_ready)
+def cmd_run(args, environ, ready_fd=None, log_file=None):
+    """Serve in the foreground until SIGTERM; used by `run` and by `start`'s daemon.
+    `ready_fd` (or CCPROXY_READY_FD) is the pipe on which `start` waits for word."""
+    if ready_fd is None and environ.get("CCPROXY_READY_FD", "").isdigit():
+        ready_fd = int(environ["CCPROXY_READY_FD"])
+    _reexec_from_bytecode(args, log_file, ready_fd)       # returns only when it cannot
+    try:
+        config = _load(args, environ)
+        configure_logging(config, log_file or config.log_file or None)
+        daemon = Daemon(config, lambda: _load(args, environ), _pid_path(config, environ),
+                        environ)
+        daemon.open()
+    except CcproxyError as exc:
+        _tell(ready_fd, "error %s" % exc)
+        raise
+    return daemon.run(lambda port: _tell(ready_fd, "ready %d %d" % (os.getpid(), port)))
+
+
+def _tell(fd, line):
+    """One line to `start` on the start-up pipe (then closed), if there is one."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, line.encode("utf-8", "replace") + b"\n")
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def fresh_bytecode(path):
+    """True when __pycache__ holds current bytecode for `path` (written now if missing
+    or stale); False when it cannot be written (a read-only install without it)."""
+    cfile = importlib.util.cache_from_source(path)
+    try:
+        st = os.stat(path)
+        with open(cfile, "rb") as f:
+            head = f.read(16)
+        if (head[:4] == importlib.util.MAGIC_NUMBER and head[4:8] == b"\0\0\0\0"
+                and int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+                and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF):
+            return True
+    except OSError:
+        pass
+    try:
+        py_compile.compile(path, cfile=cfile, doraise=True)
+        return True
+    except (py_compile.PyCompileError, OSError):
+        return False
+
+
+def _reexec_from_bytecode(args, log_file, ready_fd):
+    """Hand the long-running process to a fresh interpreter that imports ccproxy from
+    its cached bytecode.  A script is compiled from source at every start and never
+    cached; measured here, CPython's compiler leaves 13 MB of the daemon's 36 MB idle
+    RSS behind.  Same PID (execv), so systemd, NOTIFY_SOCKET and the PID file are
+    unaffected; nothing changes when the bytecode cannot be cached."""
+    if __name__ != "__main__" or os.environ.get("CCPROXY_NO_REEXEC") == "1":
+        return
+    path = os.path.realpath(__file__)
+    if not path.endswith(".py") or not fresh_bytecode(path):
+        return
+    env = dict(os.environ, CCPROXY_NO_REEXEC="1")
+    if ready_fd is not None:
+        os.set_inheritable(ready_fd, True)
+        env["CCPROXY_READY_FD"] = str(ready_fd)
+    code = ("import sys; sys.path.insert(0, %r); import ccproxy; sys.exit(ccproxy.main())"
+            % os.path.dirname(path))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-c", code, "run"]
+              + _option_argv(args, log_file), env)
+
+
+def _option_argv(args, log_file):
+    """The common options of `args` as command-line words again."""
+    words = []
+    for key in ("config", "host", "port", "pid_file", "log_level"):
+        if getattr(args, key, None) is not None:
+            words += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+    if log_file or getattr(args, "log_file", None):
+        words += ["--log-file", log_file or args.log_file]
+    if getattr(args, "allow_remote", None):
+        words.append("--allow-remote")
+    return words
 
 
 def cmd_start(args, environ):
@@ -4391,11 +4469,7 @@ def _daemon_child(args, environ, write_end, log_file):
         if os.fork():
             os._exit(0)
         _redirect_stdio(log_file)
-
-        def ready(port):
-            os.write(write_end, b"ready %d %d\n" % (os.getpid(), port))
-            os.close(write_end)
-        code = cmd_run(args, environ, on_ready=ready, log_file=log_file)
+        code = cmd_run(args, environ, ready_fd=write_end, log_file=log_file)
     except BaseException as exc:      # any start-up failure goes back to `start`
         message = str(exc) if isinstance(exc, CcproxyError) else repr(exc)
         try:
