@@ -3135,6 +3135,7 @@ class Service:
         self.api_key_digest = key_digest(config.api_key)
         self._idle = threading.Condition()
         self.in_flight = self.requests_served = 0
+        self.waiting = set()         # keep-alive connections idle between requests
 
     def begin_request(self):
         with self._idle:
@@ -3146,6 +3147,18 @@ class Service:
             self.requests_served += 1
             if self.in_flight == 0:
                 self._idle.notify_all()
+
+    def close_waiting(self):
+        """Close keep-alive connections that sit between requests, so clients (nginx's
+        upstream pool, Claude Code) stop reusing them now rather than meet a reset after
+        sending their next request to a process that is going away."""
+        with self._idle:
+            waiting = list(self.waiting)
+        for sock in waiting:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def wait_idle(self, timeout):
         """Wait until no request is in flight; return how many are still running."""
@@ -3373,6 +3386,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         self.timeout = self.server.service.config.idle_timeout
+        self.requests_here = 0
         super().setup()
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -3384,7 +3398,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             # Wait (up to idle_timeout) for the first byte of the next request; the head
             # deadline runs from there, so keep-alive idling is not cut short.
-            if not self.rfile.peek(1):
+            if not self._await_request():
                 self.close_connection = True
                 return
             self.request_id, self.t0, self.sent = new_request_id(), time.monotonic(), False
@@ -3395,6 +3409,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True      # the client left; nothing to answer
         finally:
             deadlines.disarm(self.connection)
+
+    def _await_request(self):
+        """True once the next request's first byte is here; False when the client left,
+        or when a keep-alive connection would wait for another request while draining.
+        A request whose bytes arrived is always served (with Connection: close)."""
+        service = self.server.service
+        if service.draining and self.requests_here:
+            return False
+        if self.connection is not None:
+            with service._idle:
+                service.waiting.add(self.connection)
+        try:
+            return bool(self.rfile.peek(1))
+        finally:
+            self.requests_here += 1
+            with service._idle:
+                service.waiting.discard(self.connection)
 
     # -- dispatch -------------------------------------------------------------
 
@@ -4222,6 +4253,7 @@ class Daemon:
             server.shutdown()
             _accept_backlog(server)
             server.server_close()        # new connections are refused from here on
+        service.close_waiting()
         abandoned = service.wait_idle(service.config.drain_timeout)
         if abandoned:
             log.warning("drain timeout (%gs): %d request(s) abandoned",

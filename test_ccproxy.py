@@ -702,7 +702,7 @@ class SocketlessHandler(ccproxy.Handler):
 
     def __init__(self, raw, service, peer="127.0.0.1"):
         self.rfile, self.wfile = io.BufferedReader(io.BytesIO(raw)), io.BytesIO()
-        self.connection = None
+        self.connection, self.requests_here = None, 0
         self.server, self.client_address = _FakeServer(service), (peer, 50000)
         self.close_connection = True
 
@@ -2994,6 +2994,24 @@ class TestDrainAndSignals(LifecycleCase):
         self.assertEqual(result.get("status"), 200, result)
         self.assertEqual(json.loads(result["body"]), MESSAGE_JSON)
         self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_idle_keep_alive_connections_close_when_the_drain_starts(self):
+        release = threading.Event()
+        with self.slow_upstream(release) as up:
+            proc = self.start_with(up.url)
+            idle = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
+            idle.request("GET", "/health")
+            idle.getresponse().read()          # now idle, kept alive
+            thread, result = self.post_in_thread()
+            self.assertTrue(up.server.got_request.wait(TIMEOUT))
+            proc.send_signal(signal.SIGTERM)
+            idle.sock.settimeout(2.0)
+            self.assertEqual(idle.sock.recv(1), b"")   # closed by the server, not reset
+            self.assertIsNone(proc.poll())             # still draining the slow request
+            release.set()
+            thread.join(TIMEOUT)
+            self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertEqual(result.get("status"), 200, result)
 
     def test_hung_upstream_exits_within_the_drain_timeout(self):
         release = threading.Event()
