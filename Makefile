@@ -13,7 +13,7 @@ test:  ## run the test suite (installs pytest into .cache/py if it is missing)
 	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(PYDEPS) pytest
 	$(PYTHON) -m pytest -q test_ccproxy.py
 
-e2e:  ## real clients (Claude Code CLI, anthropic SDK, README curl lines) through ccproxy
+e2e:  ## real clients (Claude Code CLI, anthropic SDK, README curl, nginx in front) through ccproxy
 	$(PYTHON) e2e/run.py
 
 bench:  ## ccproxy against direct calls to the same fake upstream: one markdown table

@@ -56,6 +56,20 @@ def install_claude():
     return binary, ""
 
 
+def install_nginx():
+    """nginx for the load-balancer scenario, from Debian's packages when missing."""
+    if shutil.which("nginx"):
+        return shutil.which("nginx"), ""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None, "nginx is not installed (and cannot be installed without root/apt)"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], capture_output=True,
+                   timeout=600, env=env)
+    return (shutil.which("nginx"), "") if shutil.which("nginx") else (
+        None, "apt-get install nginx-light failed")
+
+
 def install_sdk():
     """Python of a venv that has the anthropic SDK, or (None, why)."""
     venv = os.path.join(CACHE, "venv")
@@ -461,6 +475,122 @@ def readme_curl_scenarios():
                     json.loads(text)
 
 
+NGINX_MAIN = """
+%(user)s
+daemon off;
+worker_processes 1;
+pid %(dir)s/nginx.pid;
+error_log %(dir)s/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path %(dir)s/body;
+  proxy_temp_path %(dir)s/proxy;
+  include %(dir)s/ccproxy-upstream.conf;
+}
+"""
+
+
+def load_balancer_scenario(nginx, skip):
+    """examples/nginx-ccproxy.conf in front of two ccproxy instances; one restarts
+    gracefully in the middle of the load: not one request may fail."""
+    @scenario("two ccproxy instances behind nginx, one restarted under load: zero failed",
+              skip)
+    def _():
+        tmp = tempfile.mkdtemp(prefix="e2e-lb-")
+        os.chmod(tmp, 0o755)
+        fake = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "fake_upstream.py"),
+                                 "--port-file", os.path.join(tmp, "fake.port"), "--events",
+                                 "10", "--delay", "0.05"])
+        try:
+            _run_behind_nginx(nginx, tmp, fake)
+        finally:
+            fake.terminate()
+            fake.wait(10)
+
+
+def _run_behind_nginx(nginx, tmp, fake):
+    deadline = time.monotonic() + 10
+    while not os.path.exists(os.path.join(tmp, "fake.port")):
+        check(time.monotonic() < deadline, "fake upstream did not start")
+        time.sleep(0.02)
+    upstream = "http://127.0.0.1:%s" % open(os.path.join(tmp, "fake.port")).read()
+    ports, lb = [free_port(), free_port()], free_port()
+    envs = [dict(os.environ, CCPROXY_BASE_URL=upstream, CCPROXY_PORT=str(p),
+                 CCPROXY_PID_FILE=os.path.join(tmp, "cc%d.pid" % p),
+                 CCPROXY_LOG_FILE=os.path.join(tmp, "cc%d.log" % p)) for p in ports]
+    for env in envs:
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "ccproxy.py"), "start"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        check(out.returncode == 0, "start: " + out.stderr)
+    with open(os.path.join(ROOT, "examples", "nginx-ccproxy.conf")) as f:
+        snippet = f.read().replace("127.0.0.1:3456", "127.0.0.1:%d" % ports[0]).replace(
+            "127.0.0.1:3457", "127.0.0.1:%d" % ports[1]).replace("127.0.0.1:8080",
+                                                                 "127.0.0.1:%d" % lb)
+    with open(os.path.join(tmp, "ccproxy-upstream.conf"), "w") as f:
+        f.write(snippet)
+    with open(os.path.join(tmp, "nginx.conf"), "w") as f:
+        f.write(NGINX_MAIN % {"dir": tmp, "user": "user root;" if os.geteuid() == 0 else ""})
+    proxy = subprocess.Popen([nginx, "-c", os.path.join(tmp, "nginx.conf"), "-p", tmp],
+                             stderr=subprocess.DEVNULL)
+    try:
+        _load_and_restart(lb, envs[0])
+    except AssertionError as exc:
+        logs = [os.path.join(tmp, "nginx-error.log")] + [e["CCPROXY_LOG_FILE"] for e in envs]
+        lines = [l.strip() for path in logs if os.path.exists(path)
+                 for l in open(path) if "error" in l.lower() or "WARNING" in l]
+        raise AssertionError("%s | logs: %s" % (exc, " || ".join(lines[-6:])))
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+        for env in envs:
+            subprocess.run([sys.executable, os.path.join(ROOT, "ccproxy.py"), "stop"],
+                           env=env, capture_output=True, timeout=60)
+
+
+def _load_and_restart(port, restart_env, clients=32, seconds=8.0):
+    import threading
+    body = json.dumps({"model": "claude-x", "max_tokens": 10, "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]})
+    counts, errors, stop = {"ok": 0}, [], time.monotonic() + seconds
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while time.monotonic() < stop:
+            try:
+                conn.request("POST", "/v1/messages", body, {"content-type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status == 200 and data.rstrip().endswith(b'"message_stop"}'):
+                    counts["ok"] += 1
+                else:
+                    errors.append("status %d %s" % (resp.status, data[-80:]))
+            except (OSError, http.client.HTTPException) as exc:
+                errors.append(type(exc).__name__)
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            check(time.monotonic() < deadline, "nginx did not start")
+            time.sleep(0.05)
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds / 3)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "ccproxy.py"), "restart"],
+                         env=restart_env, capture_output=True, text=True, timeout=60)
+    for t in threads:
+        t.join(60)
+    check(out.returncode == 0, "restart: " + out.stderr)
+    check(not errors, "%d of %d requests failed: %s" % (len(errors), len(errors) + counts["ok"],
+                                                       sorted(set(errors))[:3]))
+    check(counts["ok"] > 100, "only %d requests completed" % counts["ok"])
+
+
 def in_sandbox():
     return os.environ.get("CCPROXY_E2E_NETNS") == "1"
 
@@ -469,8 +599,10 @@ def main(argv):
     if "--inside" not in argv:
         claude, why_cli = install_claude()
         python, why_sdk = install_sdk()
+        nginx, why_nginx = install_nginx()
         env = dict(os.environ, E2E_CLAUDE=claude or "", E2E_WHY_CLI=why_cli,
-                   E2E_PYTHON=python or "", E2E_WHY_SDK=why_sdk)
+                   E2E_PYTHON=python or "", E2E_WHY_SDK=why_sdk, E2E_NGINX=nginx or "",
+                   E2E_WHY_NGINX=why_nginx)
         inner = [sys.executable, os.path.abspath(__file__), "--inside"]
         if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
             env["CCPROXY_E2E_NETNS"] = "1"
@@ -486,6 +618,8 @@ def main(argv):
     cli_anthropic_scenarios(claude, skip_cli)
     sdk_scenarios(python, skip_sdk)
     readme_curl_scenarios()
+    nginx = os.environ.get("E2E_NGINX")
+    load_balancer_scenario(nginx, "" if nginx else os.environ.get("E2E_WHY_NGINX"))
     passed, failed, skipped = (RESULTS.count(k) for k in ("pass", "fail", "skip"))
     print("e2e: %.0f s" % (time.monotonic() - started))
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
