@@ -96,10 +96,12 @@ import py_compile
 import re
 import select
 import shlex
+import shutil
 import signal
 import socket
 import ssl
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -127,6 +129,7 @@ RELAY_CHUNK = 65536
 DEFAULT_HEADER_TIMEOUT = 30.0     # absolute: first byte to the end of the request head
 DEFAULT_BODY_TIMEOUT = 300.0      # absolute: the whole body (64 MiB on a slow link)
 DEFAULT_MAX_CONNECTIONS = 1024    # client connections served at once
+START_WAIT = 15.0                 # seconds `start` (and a supervisor) waits for "ready"
 RESERVE_CONNECTIONS = 16          # beyond the cap: slots that serve only /health, /status
 CIRCUIT_THRESHOLD = 3             # consecutive failures that open a provider's circuit
 CIRCUIT_COOLDOWN = 30.0           # seconds it stays open before one trial call
@@ -312,6 +315,7 @@ class Config:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     probe_interval: float = 0.0       # seconds between provider probes; 0 = off
+    workers: int = 1                  # processes sharing the port (SO_REUSEPORT)
     providers: tuple = ()
     routes: tuple = ()
     fallback: tuple = ()
@@ -345,6 +349,7 @@ SETTINGS = (
     ("max_connections", ("CCPROXY_MAX_CONNECTIONS",), "size", None),
     ("max_body_bytes", ("CCPROXY_MAX_BODY_BYTES",), "size", None),
     ("probe_interval", ("CCPROXY_PROBE_INTERVAL",), "seconds0", None),
+    ("workers", ("CCPROXY_WORKERS",), "size", "workers"),
 )
 #: Environment variables that configure the primary (first) provider.
 PROVIDER_ENV = (
@@ -590,6 +595,8 @@ def build_config(data, environ, cli, source=""):
     config = Config(providers=providers, routes=routes, fallback=tuple(fallback),
                     source=source, **values)
     _check_exposure(config)
+    if config.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigError("workers > 1 needs SO_REUSEPORT, which this system lacks")
     return dataclasses.replace(config, fingerprint=config_fingerprint(config))
 
 
@@ -1355,6 +1362,73 @@ def metrics_families(m, snap):
         ("process_start_time_seconds", "gauge", "Start time of the process since the epoch.",
          [("", (), round(snap["started"], 3))]),
     ]
+
+
+# ---- Workers: one service out of several processes' reports ---------------------
+
+def export_metrics(m):
+    """A Metrics snapshot as JSON-able lists (tuple keys do not survive JSON)."""
+    return {"requests": [[c, r, n] for (c, r), n in m["requests"].items()],
+            "upstream": [[p, o, n] for (p, o), n in m["upstream"].items()],
+            "tokens": [[p, d, n] for (p, d), n in m["tokens"].items()],
+            "duration": [[k] + list(v) for k, v in m["duration"].items()],
+            "ttfb": [[k] + list(v) for k, v in m["ttfb"].items()]}
+
+
+def merge_metrics(exports):
+    """The sum of several workers' exported metrics, as one Metrics snapshot: counters
+    and histogram buckets add up (prometheus_client's multiprocess mode does the same)."""
+    out = {"requests": {}, "upstream": {}, "tokens": {}, "duration": {}, "ttfb": {}}
+    for e in exports:
+        for name in ("requests", "upstream", "tokens"):
+            for a, b, n in e.get(name, []):
+                out[name][(a, b)] = out[name].get((a, b), 0) + n
+        for name in ("duration", "ttfb"):
+            for key, counts, total, count in e.get(name, []):
+                old = out[name].get(key, ([0] * len(counts), 0.0, 0))
+                out[name][key] = ([x + y for x, y in zip(old[0], counts)], old[1] + total,
+                                  old[2] + count)
+    return out
+
+
+def merge_provider_stats(reports):
+    """Per provider: the newest status of any worker; requests and errors summed."""
+    merged = {}
+    for report in reports:
+        for name, s in report.get("provider_stats", {}).items():
+            m = merged.setdefault(name, {"requests": 0, "errors": 0})
+            requests, errors = m["requests"] + s.get("requests", 0), m["errors"] + s.get(
+                "errors", 0)
+            if s.get("last_check", 0) >= m.get("last_check", 0):
+                m.update(s)
+            m["requests"], m["errors"] = requests, errors
+    return merged
+
+
+def cluster_view(reports, dead, expected, fingerprint, now):
+    """What the workers' reports say together: totals, worker list, readiness error."""
+    live = [r for r in reports if now - r.get("heartbeat", 0) < 5]
+    error = None
+    if len(live) < expected:
+        error = "worker count: %d but status report count: %d" % (expected, len(live))
+    else:
+        stale = [r for r in live if r.get("fingerprint") != fingerprint]
+        if stale:
+            error = "worker id: %s has not received configuration" % stale[0].get("id")
+    everyone = reports + dead
+    return {
+        "requests_served": sum(r.get("requests_served", 0) for r in everyone),
+        "in_flight": sum(r.get("in_flight", 0) for r in live),
+        "reloads": sum(r.get("reloads", 0) for r in live),
+        "reload_failures": sum(r.get("reload_failures", 0) for r in everyone),
+        "provider_stats": merge_provider_stats(live),
+        "metrics": merge_metrics([r.get("metrics", {}) for r in everyone]),
+        "workers": [{"id": r.get("id"), "pid": r.get("pid"), "state": r.get("state"),
+                     "requests_served": r.get("requests_served", 0),
+                     "config": r.get("fingerprint")} for r in sorted(
+                         live, key=lambda r: r.get("id", 0))],
+        "ready_error": error,
+    }
 
 
 # ---- Translation: provider quirks ----------------------------------------------
@@ -2825,6 +2899,44 @@ class Deadlines:
                     pass
 
 
+class Cluster:
+    """The state directory one supervisor's workers share: each writes its report there
+    every second; whichever answers /status, /metrics or /status/ready reads them all.
+    A dead worker's report is kept (renamed dead-PID.json) so counters never go back."""
+
+    def __init__(self, state_dir, worker_id, expected):
+        self.dir, self.id, self.expected = state_dir, worker_id, expected
+
+    def write(self, report):
+        path = os.path.join(self.dir, "w%d.json" % self.id)
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        try:
+            with open(tmp, "w") as f:
+                json.dump(report, f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write the worker report %s: %s", path, exc)
+
+    def read(self):
+        live, dead = [], []
+        try:
+            names = sorted(os.listdir(self.dir))
+        except OSError:
+            return live, dead
+        for name in names:
+            if name.endswith(".json"):
+                try:
+                    with open(os.path.join(self.dir, name)) as f:
+                        (dead if name.startswith("dead-") else live).append(json.load(f))
+                except (OSError, ValueError):
+                    continue            # being replaced right now
+        return live, dead
+
+    def view(self, fingerprint):
+        live, dead = self.read()
+        return cluster_view(live, dead, self.expected, fingerprint, time.time())
+
+
 class Calibration:
     """Per-route ratio of real prompt_tokens to our estimate (translation.md §5):
     r <- 0.8 r + 0.2 P/E, clamped to [0.5, 2]; estimates are multiplied by r."""
@@ -3131,6 +3243,7 @@ class Service:
         self.signatures = ThoughtSignatures()
         self.metrics = Metrics()
         self.deadlines = Deadlines()
+        self.cluster = None          # set in a worker of `run --workers N`
         self.build = build_info()
         self.api_key_digest = key_digest(config.api_key)
         self._idle = threading.Condition()
@@ -3171,7 +3284,8 @@ class Service:
     def apply(self, config):
         """Swap in a new config; return the names of settings that need a restart."""
         old = self.config
-        fixed = ("host", "port", "pid_file", "status_host", "status_port")
+        fixed = ("host", "port", "pid_file", "status_host", "status_port", "workers",
+                 "max_connections")
         changed = [f for f in fixed if getattr(old, f) != getattr(config, f)]
         keep = {f: getattr(old, f) for f in fixed}
         self.config = dataclasses.replace(config, **keep)
@@ -3185,6 +3299,31 @@ class Service:
         """One upstream attempt: provider health, its circuit, and the metrics."""
         self.stats.record(provider, status, latency, headers)
         self.metrics.observe_upstream(provider, status)
+
+    def report(self, worker_id, state):
+        """This worker's report for the shared state directory."""
+        with self._idle:
+            served, in_flight = self.requests_served, self.in_flight
+        return {"id": worker_id, "pid": os.getpid(), "state": state, "heartbeat": time.time(),
+                "fingerprint": self.config.fingerprint, "requests_served": served,
+                "in_flight": in_flight, "reloads": self.reloads,
+                "reload_failures": self.reload_failures,
+                "provider_stats": self.stats.snapshot(),
+                "metrics": export_metrics(self.metrics.snapshot())}
+
+    def whole_service(self):
+        """(snapshot, metrics snapshot, readiness error): for one process its own; for a
+        worker, everything the workers' reports say together."""
+        snap, metrics = self.snapshot(), self.metrics.snapshot()
+        if self.cluster is None:
+            return snap, metrics, None
+        view = self.cluster.view(self.config.fingerprint)
+        for key in ("requests_served", "in_flight", "provider_stats", "reloads",
+                    "reload_failures"):
+            snap[key] = view[key]
+        snap["workers"] = view["workers"]
+        snap["pid"] = os.getppid()       # the service's PID: the supervisor's, as in the PID file
+        return snap, view["metrics"], view["ready_error"]
 
     def alive(self):
         """Liveness: the serve loop has polled recently."""
@@ -3304,8 +3443,8 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address, handler, service):
-        self.service = service
+    def __init__(self, address, handler, service, reuse_port=False):
+        self.service, self.reuse_port = service, reuse_port
         self.address_family = _address_family(address[0])
         self.slots = threading.BoundedSemaphore(service.config.max_connections)
         self.reserve = threading.BoundedSemaphore(RESERVE_CONNECTIONS)
@@ -3348,6 +3487,8 @@ class Server(http.server.ThreadingHTTPServer):
     def server_bind(self):
         # HTTPServer.server_bind calls socket.getfqdn(), a DNS lookup that stalls start-up
         # for seconds on hosts without a resolver; we never need the name.
+        if self.reuse_port:      # workers share the port; the kernel spreads connections
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         http.server.socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
@@ -3640,13 +3781,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _ep_ready(self, query):
         service = self.server.service
-        if service.ready and not service.draining:
+        reason = "draining" if service.draining else None if service.ready else "starting"
+        if reason is None and service.cluster is not None:
+            reason = service.whole_service()[2]       # every worker has the config?
+        if reason is None:
             return self._send_json(200, {"status": "ok"})
-        reason = "draining" if service.draining else "starting"
         self._send_json(503, {"status": "error", "error": reason}, (("Retry-After", "1"),))
 
     def _ep_status(self, query):
-        self._send_json(200, status_document(self.server.service.snapshot()))
+        snap = self.server.service.whole_service()[0]
+        doc = status_document(snap)
+        if "workers" in snap:
+            doc["workers"] = snap["workers"]
+        self._send_json(200, doc)
 
     def _ep_detailed(self, query):
         snap = self.server.service.snapshot()
@@ -3656,8 +3803,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         service = self.server.service
         if not service.config.metrics:
             raise HTTPError(404, "not_found_error", "metrics are off (CCPROXY_METRICS=0)")
-        text = render_metrics(metrics_families(service.metrics.snapshot(),
-                                               service.snapshot()))
+        snap, metrics, _ = service.whole_service()
+        text = render_metrics(metrics_families(metrics, snap))
         self._send(200, [("Content-Type", METRICS_CONTENT_TYPE),
                          ("Cache-Control", "no-store")], text.encode())
 
@@ -4137,11 +4284,12 @@ def configure_logging(config, log_file=None):
 class Daemon:
     """Serve a Config until told to stop: the one serve path of `run` and `start`."""
 
-    def __init__(self, config, reloader, pid_path, environ=None):
+    def __init__(self, config, reloader, pid_path, environ=None, cluster=None):
         self.config, self.reloader, self.pid_path = config, reloader, pid_path
         self.environ = os.environ if environ is None else environ
         self.signals, self.wake = [], threading.Event()
         self.service = Service(config)
+        self.service.cluster, self.parent = cluster, os.getppid()
         self.servers, self.threads = [], []
         self.pidfile = PidFile(pid_path) if pid_path else None
         self.stopping = threading.Event()
@@ -4152,7 +4300,8 @@ class Daemon:
             self.pidfile.acquire()
         try:
             for host, port, handler in self._listeners():
-                self.servers.append(_bind(host, port, handler, self.service))
+                self.servers.append(_bind(host, port, handler, self.service,
+                                          reuse_port=self.service.cluster is not None))
         except CcproxyError:
             self.close()
             raise
@@ -4181,6 +4330,7 @@ class Daemon:
         log.info("ccproxy %s serving on http://%s:%d (pid %d, config %s)", __version__,
                  self.config.host, self.service.port, os.getpid(),
                  self.config.source or "built-in defaults")
+        self._report("running")
         if on_ready:
             on_ready(self.service.port)
         self._loop()
@@ -4214,6 +4364,16 @@ class Daemon:
                     return
             if interval and self.service.alive():
                 sd_notify("WATCHDOG=1", self.environ)   # proof the serve loop runs
+            if self.service.cluster is not None:
+                self._report("running")
+                if os.getppid() != self.parent:
+                    log.warning("the supervisor is gone: draining")
+                    return
+
+    def _report(self, state):
+        """A worker's report for the supervisor's state directory (one service)."""
+        if self.service.cluster is not None:
+            self.service.cluster.write(self.service.report(self.service.cluster.id, state))
 
     def _probe_loop(self):
         """Light probes on one background thread, never in a request path; a daemon
@@ -4248,6 +4408,7 @@ class Daemon:
         service = self.service
         service.draining = True
         self.stopping.set()
+        self._report("draining")
         sd_notify("STOPPING=1\nSTATUS=draining", self.environ)
         for server in self.servers:
             server.shutdown()
@@ -4259,6 +4420,7 @@ class Daemon:
             log.warning("drain timeout (%gs): %d request(s) abandoned",
                         service.config.drain_timeout, abandoned)
         log.info("stopped (served %d requests)", service.requests_served)
+        self._report("stopped")
         self.close()
         return 0
 
@@ -4286,21 +4448,188 @@ def _accept_backlog(server, limit=1.0):
         server.process_request(request, address)
 
 
-def _bind(host, port, handler, service):
+def _bind(host, port, handler, service, reuse_port=False):
     """A bound, listening Server, or CcproxyError with the reason in plain words."""
     try:
-        return Server((host, port), handler, service)
+        return Server((host, port), handler, service, reuse_port)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            reason = "port %d on %s is already in use" % (port, host)
-        elif exc.errno == errno.EACCES:
-            reason = ("permission denied binding %s:%d (ports below 1024 need root or "
-                      "CAP_NET_BIND_SERVICE)" % (host, port))
-        elif exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
-            reason = "cannot bind %s:%d: no such local address" % (host, port)
-        else:
-            reason = "cannot bind %s:%d: %s" % (host, port, exc.strerror or exc)
-        raise CcproxyError(reason) from exc
+        raise _bind_error(exc, host, port) from exc
+
+
+def _bind_error(exc, host, port):
+    """A CcproxyError that says why binding host:port failed."""
+    if exc.errno == errno.EADDRINUSE:
+        reason = "port %d on %s is already in use" % (port, host)
+    elif exc.errno == errno.EACCES:
+        reason = ("permission denied binding %s:%d (ports below 1024 need root or "
+                  "CAP_NET_BIND_SERVICE)" % (host, port))
+    elif exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        reason = "cannot bind %s:%d: no such local address" % (host, port)
+    else:
+        reason = "cannot bind %s:%d: %s" % (host, port, exc.strerror or exc)
+    return CcproxyError(reason)
+
+
+class Supervisor:
+    """`run --workers N`: N forked workers share the port with SO_REUSEPORT (the kernel
+    spreads connections across them); this process holds the PID file, restarts a
+    worker that dies, and forwards HUP (reload) and TERM (drain) to all of them.
+
+    Workers write reports into a state directory beside the PID file; whichever worker
+    answers /status, /metrics or /status/ready speaks for the whole service.
+    """
+
+    RESPAWN_PAUSE = 1.0          # a worker that died younger than this waits (no crash loop)
+
+    def __init__(self, config, reloader, pid_path, environ):
+        self.config, self.reloader, self.environ = config, reloader, environ
+        self.pidfile = PidFile(pid_path) if pid_path else None
+        self.dir = os.path.dirname(pid_path) if pid_path else None
+        self.workers, self.signals, self.wake = {}, [], threading.Event()
+        self.stopping = False
+
+    def open(self):
+        """Lock the PID file and check the port can be bound (fail fast, with the reason)."""
+        if self.pidfile:
+            self.pidfile.acquire()
+        probe = socket.socket(_address_family(self.config.host), socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind((self.config.host, self.config.port))     # bound, never listening
+        except OSError as exc:
+            if self.pidfile:
+                self.pidfile.release()
+            raise _bind_error(exc, self.config.host, self.config.port) from exc
+        finally:
+            probe.close()
+        self.dir = tempfile.mkdtemp(prefix="ccproxy-workers-", dir=self.dir)
+
+    def run(self, on_ready=None):
+        """Start the workers, supervise them until SIGTERM, then drain them all."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        for wid in range(self.config.workers):
+            self._spawn(wid)
+        if not self._wait_running():
+            self._stop()
+            raise CcproxyError("the workers did not start; see the log")
+        sd_notify("READY=1\nSTATUS=%d workers serving on %s:%d\nMAINPID=%d" % (
+            self.config.workers, self.config.host, self.config.port, os.getpid()),
+            self.environ)
+        log.info("ccproxy %s serving on http://%s:%d with %d workers (supervisor pid %d)",
+                 __version__, self.config.host, self.config.port, self.config.workers,
+                 os.getpid())
+        if on_ready:
+            on_ready(self.config.port)
+        self._loop()
+        return self._stop()
+
+    def _on_signal(self, signum, frame):
+        if self.stopping and signum != signal.SIGHUP:
+            self._forward(signal.SIGKILL)           # a second signal: at once
+            os._exit(1)
+        self.signals.append(signum)
+        self.wake.set()
+
+    def _spawn(self, wid):
+        pid = os.fork()
+        if pid == 0:                 # the worker
+            code = EXIT_FAIL
+            try:
+                if self.pidfile and self.pidfile.fd is not None:
+                    os.close(self.pidfile.fd)       # the lock stays with the supervisor
+                env = {k: v for k, v in self.environ.items()
+                       if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+                daemon = Daemon(self.config, self.reloader, None, env,
+                                Cluster(self.dir, wid, self.config.workers))
+                daemon.open()
+                code = daemon.run()
+            except BaseException:
+                log.exception("worker %d failed", wid)
+            finally:
+                os._exit(code)
+        self.workers[wid] = (pid, time.monotonic())
+
+    def _wait_running(self, timeout=START_WAIT):
+        deadline = time.monotonic() + timeout
+        cluster = Cluster(self.dir, -1, self.config.workers)
+        while time.monotonic() < deadline:
+            live, _ = cluster.read()
+            if sum(r.get("state") == "running" for r in live) >= self.config.workers:
+                return True
+            if any(os.waitpid(pid, os.WNOHANG)[0] for pid, _ in self.workers.values()):
+                return False
+            time.sleep(0.02)
+        return False
+
+    def _loop(self):
+        interval = watchdog_interval(self.environ)
+        while True:
+            self.wake.wait(min(interval or 0.5, 0.5))
+            self.wake.clear()
+            while self.signals:
+                signum = self.signals.pop(0)
+                if signum != signal.SIGHUP:
+                    log.info("%s: draining %d workers", signal.Signals(signum).name,
+                             len(self.workers))
+                    return
+                log.info("SIGHUP: each worker reloads its config")
+                self._forward(signal.SIGHUP)
+            self._reap()
+            if interval:
+                sd_notify("WATCHDOG=1", self.environ)
+
+    def _reap(self):
+        for wid, (pid, born) in list(self.workers.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done:
+                self._bury(wid, pid)
+                log.warning("worker %d (pid %d) exited (status %d); starting a new one",
+                            wid, pid, status)
+                if time.monotonic() - born < self.RESPAWN_PAUSE:
+                    time.sleep(self.RESPAWN_PAUSE)
+                self._spawn(wid)
+
+    def _bury(self, wid, pid):
+        """Keep a dead worker's last report (its counters) under another name."""
+        try:
+            os.replace(os.path.join(self.dir, "w%d.json" % wid),
+                       os.path.join(self.dir, "dead-%d.json" % pid))
+        except OSError:
+            pass
+
+    def _forward(self, signum):
+        for pid, _ in self.workers.values():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _stop(self):
+        """Drain every worker (each within drain_timeout), then release the PID file."""
+        self.stopping = True
+        sd_notify("STOPPING=1\nSTATUS=draining", self.environ)
+        self._forward(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.drain_timeout + 5
+        for wid, (pid, _) in self.workers.items():
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.05)
+            else:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.pidfile:
+            self.pidfile.release()
+        log.info("stopped")
+        return 0
 
 
 def default_pid_file(environ):
@@ -4333,7 +4662,6 @@ def _state_dir(environ):
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 STATUS_RUNNING, STATUS_DEAD, STATUS_STOPPED, STATUS_UNKNOWN = 0, 1, 3, 4
-START_WAIT = 15.0
 
 
 def _parser():
@@ -4344,6 +4672,7 @@ def _parser():
     common.add_argument("--pid-file", dest="pid_file", help="PID file path")
     common.add_argument("--log-file", dest="log_file", help="log file path")
     common.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
+    common.add_argument("--workers", help="processes sharing the port (default 1)")
     common.add_argument("--allow-remote", dest="allow_remote", action="store_const",
                         const=True, help="bind beyond loopback without CCPROXY_API_KEY")
     parser = argparse.ArgumentParser(
@@ -4370,7 +4699,7 @@ def _parser():
 
 def _cli_options(args):
     return {k: getattr(args, k, None) for k in
-            ("host", "port", "pid_file", "log_file", "log_level", "allow_remote")}
+            ("host", "port", "pid_file", "log_file", "log_level", "allow_remote", "workers")}
 
 
 def _load(args, environ):
@@ -4390,8 +4719,9 @@ def cmd_run(args, environ, ready_fd=None, log_file=None):
     try:
         config = _load(args, environ)
         configure_logging(config, log_file or config.log_file or None)
-        daemon = Daemon(config, lambda: _load(args, environ), _pid_path(config, environ),
-                        environ)
+        kind = Supervisor if config.workers > 1 else Daemon
+        daemon = kind(config, lambda: _load(args, environ), _pid_path(config, environ),
+                      environ)
         daemon.open()
     except CcproxyError as exc:
         _tell(ready_fd, "error %s" % exc)
@@ -4457,7 +4787,7 @@ def _reexec_from_bytecode(args, log_file, ready_fd):
 def _option_argv(args, log_file):
     """The common options of `args` as command-line words again."""
     words = []
-    for key in ("config", "host", "port", "pid_file", "log_level"):
+    for key in ("config", "host", "port", "pid_file", "log_level", "workers"):
         if getattr(args, key, None) is not None:
             words += ["--" + key.replace("_", "-"), str(getattr(args, key))]
     if log_file or getattr(args, "log_file", None):

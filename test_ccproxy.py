@@ -66,6 +66,16 @@ def wait_for(predicate, timeout=TIMEOUT, interval=0.02):
     raise AssertionError("condition not met within %gs" % timeout)
 
 
+def running(pid):
+    """True while `pid` runs; a zombie (exited, not yet reaped by a PID 1 that never
+    reaps, as in some containers) counts as gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def config(**kw):
     """A Config built the real way, then with test-only overrides (port 0)."""
     cfg = ccproxy.build_config(kw.pop("data", {}), kw.pop("environ", {}), {})
@@ -2945,6 +2955,78 @@ class TestLifecycleSubprocess(LifecycleCase):
         self.assertEqual(doc["providers"]["active"], ["b"])       # the old config serves
         self.assertEqual(doc["config"]["reload_failures"], 1)
         self.assertIn("base_url", doc["config"]["last_reload_error"])
+
+
+class TestWorkers(LifecycleCase):
+    """run --workers N: one service out of N processes."""
+
+    def report(self, wid, pid, served, fingerprint="f", heartbeat=None, tokens=0):
+        metrics = ccproxy.Metrics()
+        metrics.observe_request("messages", 200, 0.1)
+        metrics.add_tokens("p", 0, tokens)
+        return {"id": wid, "pid": pid, "state": "running", "fingerprint": fingerprint,
+                "heartbeat": time.time() if heartbeat is None else heartbeat,
+                "requests_served": served, "in_flight": 1, "reloads": 0, "reload_failures": 0,
+                "provider_stats": {"p": {"requests": served, "errors": 0, "status": "connected",
+                                         "last_check": time.time()}},
+                "metrics": ccproxy.export_metrics(metrics.snapshot())}
+
+    def test_cluster_view(self):
+        now = time.time()
+        live = [self.report(0, 10, 5, tokens=3), self.report(1, 11, 7, tokens=4)]
+        dead = [dict(self.report(0, 9, 100, tokens=50), state="stopped")]
+        view = ccproxy.cluster_view(live, dead, 2, "f", now)
+        self.assertEqual((view["requests_served"], view["in_flight"]), (112, 2))
+        self.assertIsNone(view["ready_error"])
+        self.assertEqual([w["pid"] for w in view["workers"]], [10, 11])
+        self.assertEqual(view["metrics"]["tokens"][("p", "output")], 57)   # dead ones count
+        self.assertEqual(view["metrics"]["requests"][(200, "messages")], 3)
+        self.assertEqual(view["metrics"]["duration"]["messages"][2], 3)
+        self.assertEqual(view["provider_stats"]["p"]["requests"], 12)
+        rows = [([live[0]], "worker count: 2 but status report count: 1"),
+                ([live[0], dict(live[1], heartbeat=now - 60)],
+                 "worker count: 2 but status report count: 1"),
+                ([live[0], dict(live[1], fingerprint="old")],
+                 "worker id: 1 has not received configuration")]
+        for reports, error in rows:
+            self.assertEqual(ccproxy.cluster_view(reports, [], 2, "f", now)["ready_error"], error)
+
+    def workers(self):
+        try:
+            return self.get("/status")[1]["workers"]
+        except OSError:      # queued on a worker that was just killed: reset, retried
+            return []
+
+    def test_share_the_port_survive_a_worker_kill_reload_and_stop(self):
+        path = self.write_config({"providers": [{"name": "a", "base_url": "http://127.0.0.1:9"}],
+                                  "workers": 2})
+        out = self.cli("start", "-c", path)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        supervisor = ccproxy.read_pid(self.pid_file)
+        for _ in range(30):
+            self.assertEqual(self.get("/health")[0], 200)
+        wait_for(lambda: self.get("/status")[1]["requests_served"] >= 30, timeout=5)
+        doc = self.get("/status")[1]
+        self.assertEqual(doc["pid"], supervisor)
+        pids = [w["pid"] for w in doc["workers"]]
+        self.assertEqual(len(set(pids)), 2)
+        self.assertNotIn(supervisor, pids)
+        self.assertEqual(self.get("/status/ready"), (200, {"status": "ok"}))
+        served = doc["requests_served"]
+        os.kill(pids[0], signal.SIGKILL)                 # the supervisor starts a new one
+        wait_for(lambda: len(self.workers()) == 2 and pids[0] not in
+                 [w["pid"] for w in self.workers()], timeout=10)
+        self.assertGreaterEqual(self.get("/status")[1]["requests_served"], served)
+        self.write_config({"providers": [{"name": "b", "base_url": "http://127.0.0.1:9"}],
+                           "workers": 2})
+        self.assertEqual(self.cli("reload", "-c", path).returncode, 0)
+        wait_for(lambda: self.get("/status")[1]["providers"]["active"] == ["b"] and len(
+            {w["config"] for w in self.workers()}) == 1, timeout=10)
+        live = [w["pid"] for w in self.workers()]
+        self.assertEqual(self.cli("stop", "-c", path).returncode, 0)
+        self.assertEqual(self.cli("status", "-c", path).returncode, 3)
+        for pid in live + [supervisor]:
+            self.assertFalse(running(pid), pid)
 
 
 class TestDrainAndSignals(LifecycleCase):

@@ -348,6 +348,7 @@ def main(argv=None):
         rows += latency_rows(up, port, body, n, prefixes, use_nginx)
         rows += load_rows(up, port, body, args.seconds, tmp, proxy.pid, prefixes)
         rows += connection_rows(port, body, proxy.pid)
+        rows += worker_rows(tmp, up, prefixes, body, args.seconds)
         rows.append(("start to first 200 on /health", "%.0f ms" % (start_time * 1000),
                      "-", "-"))
         rows += stream_rows(tmp, body, [int(x) for x in args.streams.split(",") if x], notes)
@@ -415,6 +416,26 @@ def _errors(errors):
     if isinstance(errors, int):
         return "%d errors" % errors
     return ", ".join("%d %s" % (n, k) for k, n in errors.items()) or "0 errors"
+
+
+def worker_rows(tmp, up, prefixes, body, seconds):
+    """Requests/s with 1 and 2 workers (run --workers N), pass-through, concurrency 32."""
+    results = {}
+    for workers in (1, 2):
+        proxy, port, _ = start_ccproxy(tmp, ccproxy_config(tmp, up, *prefixes),
+                                       {"CCPROXY_WORKERS": str(workers)})
+        try:
+            load(port, "/v1/messages", dict(body, model="pass_json"), 32, 1, tmp)  # warm up
+            results[workers] = load(port, "/v1/messages", dict(body, model="pass_json"), 32,
+                                    seconds, tmp)
+        finally:
+            proxy.terminate()
+            proxy.wait(30)
+    one, two = results[1][0], results[2][0]
+    return [("requests/s, pass-through, concurrency 32, 1 worker", "%.0f (%s)" % (
+                one, _errors(results[1][1])), "-", "-"),
+            ("requests/s, pass-through, concurrency 32, 2 workers", "%.0f (%s)" % (
+                two, _errors(results[2][1])), "-", "%.2f× one worker" % (two / one))]
 
 
 def connection_rows(port, body, pid):
