@@ -189,6 +189,15 @@ def check(condition, why):
         raise AssertionError(why)
 
 
+def claude_through(claude, fake, prompt, tools="", ptype="openai", **kw):
+    """Run `claude -p` through a ccproxy in front of `fake`; the parsed JSON result
+    of a successful run (anything else fails the scenario), and the seconds it took."""
+    with Ccproxy(openai_env(fake, ptype)) as proxy:
+        rc, result, out, seconds = run_claude(claude, proxy, prompt, tools, **kw)
+    check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+    return result, seconds
+
+
 def assert_streamed(fake, calls):
     """Every call streamed (no stream:false fallback), and exactly `calls` of them."""
     streams = [r["body"].get("stream") for r in fake.requests]
@@ -250,18 +259,14 @@ def cli_openai_scenarios(claude, skip):
     @scenario("claude-cli openai text", skip)
     def _():
         fake = FakeOpenAI("text").start()
-        with Ccproxy(openai_env(fake)) as proxy:
-            rc, result, out, _ = run_claude(claude, proxy, "say hi")
-        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        result, _ = claude_through(claude, fake, "say hi")
         check("Hello from the fake OpenAI server" in result["result"], result["result"])
         assert_streamed(fake, 1)
 
     @scenario("claude-cli openai bash tool round trip", skip)
     def _():
         fake = FakeOpenAI("tool").start()
-        with Ccproxy(openai_env(fake)) as proxy:
-            rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
-        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        result, _ = claude_through(claude, fake, "run echo", "Bash")
         check("hello-from-tool" in result["result"], "answer: %s" % result["result"])
         assert_streamed(fake, 2)
         tools = tool_messages(fake.requests[1])
@@ -271,9 +276,7 @@ def cli_openai_scenarios(claude, skip):
     @scenario("claude-cli openai two parallel tool calls", skip)
     def _():
         fake = FakeOpenAI("parallel").start()
-        with Ccproxy(openai_env(fake)) as proxy:
-            rc, result, out, _ = run_claude(claude, proxy, "run both", "Bash")
-        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        result, _ = claude_through(claude, fake, "run both", "Bash")
         assert_streamed(fake, 2)
         contents = [m["content"] for m in tool_messages(fake.requests[1])]
         check(len(contents) == 2 and "one" in contents[0] and "two" in contents[1],
@@ -283,9 +286,8 @@ def cli_openai_scenarios(claude, skip):
     @scenario("claude-cli deepseek reasoning then tool, reasoning echoed back", skip)
     def _():
         fake = FakeOpenAI("reasoning", quirk="deepseek").start()
-        with Ccproxy(openai_env(fake, "deepseek")) as proxy:
-            rc, result, out, _ = run_claude(claude, proxy, "think, then run echo", "Bash")
-        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        result, _ = claude_through(claude, fake, "think, then run echo", "Bash",
+                                   ptype="deepseek")
         assert_streamed(fake, 2)
         assistant = [m for m in fake.requests[1]["body"]["messages"]
                      if m.get("role") == "assistant"][-1]
@@ -297,10 +299,7 @@ def cli_openai_scenarios(claude, skip):
     def _():
         work = tempfile.mkdtemp(prefix="cc-work-")
         fake = FakeOpenAI("image", image_path=png_file(work)).start()
-        with Ccproxy(openai_env(fake)) as proxy:
-            rc, result, out, _ = run_claude(claude, proxy, "look at red.png", "Read",
-                                            workdir=work)
-        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        result, _ = claude_through(claude, fake, "look at red.png", "Read", workdir=work)
         assert_streamed(fake, 2)
         check("saw the image" in result["result"], "no image reached the model: %s"
               % result["result"])
@@ -311,9 +310,7 @@ def cli_quirk_scenarios(claude, skip):
         @scenario("claude-cli bash tool round trip, %s quirks" % ptype, skip)
         def _(ptype=ptype):
             fake = FakeOpenAI("tool", quirk=ptype).start()
-            with Ccproxy(openai_env(fake, ptype)) as proxy:
-                rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
-            check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+            result, _ = claude_through(claude, fake, "run echo", "Bash", ptype=ptype)
             check("hello-from-tool" in result["result"], "answer: %s" % result["result"])
             if ptype == "ollama":     # asked without streaming when tools are present
                 check(len(fake.requests) == 2, "%d upstream calls" % len(fake.requests))
@@ -330,9 +327,7 @@ def cli_failure_scenarios(claude, skip):
     @scenario("claude-cli waits out a 429 with retry-after: 2, then succeeds", skip)
     def _():
         fake = FakeOpenAI("text", fail="429", retry_after=2).start()
-        with Ccproxy(openai_env(fake)) as proxy:
-            rc, result, out, seconds = run_claude(claude, proxy, "say hi")
-        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        result, seconds = claude_through(claude, fake, "say hi")
         check(seconds >= 2.0, "answered after %.1f s, before retry-after" % seconds)
         check(len(fake.requests) == 2, "%d upstream calls" % len(fake.requests))
 
@@ -349,9 +344,7 @@ def cli_failure_scenarios(claude, skip):
     @scenario("claude-cli retries a mid-stream error and succeeds", skip)
     def _():
         fake = FakeOpenAI("text", fail="midstream").start()
-        with Ccproxy(openai_env(fake)) as proxy:
-            rc, result, out, _ = run_claude(claude, proxy, "say hi")
-        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        result, _ = claude_through(claude, fake, "say hi")
         check("Hello from the fake OpenAI server" in result["result"], result["result"])
         check(len(fake.requests) >= 2, "%d upstream calls" % len(fake.requests))
 
