@@ -19,11 +19,16 @@ Synopsis::
     python3 ccproxy.py restart  [options]
     python3 ccproxy.py reload               re-read the config (SIGHUP), keep connections
     python3 ccproxy.py status   [--json]    exit 0 running, 1 dead with PID file, 3 stopped
+    python3 ccproxy.py check                validate config, probe providers, explain
+    python3 ccproxy.py env                  exports that point Claude Code at the proxy
     python3 ccproxy.py version
+
+Options: -c/--config FILE, --host, --port, --pid-file, --log-file, --log-level,
+--workers N, --allow-remote.
 
 Endpoints: POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models (any path
 prefix, any query), GET /status, /health, /health/detailed, /status/ready, /health/ready,
-HEAD / and HEAD /api/hello.
+/metrics (Prometheus 0.0.4), HEAD / and HEAD /api/hello.
 
 Configuration precedence: built-in defaults < JSON config file (-c) < CCPROXY_* environment
 < command line.  One pure function (build_config) turns the three into a frozen Config;
@@ -34,13 +39,22 @@ Exit codes: 0 ok, 1 failure, 2 usage or config error; `status` uses the LSB code
 
 Design notes
 ------------
-Thread model: ThreadingHTTPServer, one daemon thread per connection.  The main thread
-never serves: it owns signals (handlers only queue the signal number and wake it), the
-systemd watchdog, reload and drain.  serve_forever runs on its own thread so that
-shutdown() can be called from the main thread without deadlock.
+Thread model: ThreadingHTTPServer, one daemon thread per connection, at most
+max_connections of them (then a few reserve slots that serve only the probes, then a
+fixed 503).  The main thread never serves: it owns signals (handlers only queue the
+signal number and wake it), the systemd watchdog, reload and drain.  serve_forever runs
+on its own thread so that shutdown() can be called from the main thread without
+deadlock.  `run --workers N` forks N such processes sharing the port (SO_REUSEPORT)
+under a supervisor; they write reports to a shared directory so that any of them can
+answer /status, /metrics and /status/ready for the whole service.
 
-Shutdown (SIGTERM/SIGINT): readiness turns 503, STOPPING=1 is sent, the listener is
-closed, in-flight requests (streams included) finish within drain_timeout, responses
+Start-up: a script is compiled from source at every start (never cached), and the
+compiler leaves ~13 MB in RSS; `run` therefore re-executes itself (same PID) into an
+interpreter that imports ccproxy from its cached bytecode, when it can write or find it.
+
+Shutdown (SIGTERM/SIGINT): readiness turns 503, STOPPING=1 is sent, the connections the
+kernel already queued are accepted, the listener is closed, idle keep-alive connections
+are closed, in-flight requests (streams included) finish within drain_timeout, responses
 still running carry Connection: close, the PID file is removed, exit 0.  A second signal
 exits at once.
 
@@ -2338,6 +2352,8 @@ class StreamTranslator:
         for call in calls if isinstance(calls, list) else []:
             if isinstance(call, dict):
                 out += self._tool_delta(call)
+        # A finish_reason is recorded, and reading goes on: with include_usage the usage
+        # comes in a later chunk with empty choices (fuergaosi233 stops here and loses it).
         if choice.get("finish_reason"):
             self.finish = choice["finish_reason"]
             if self.finish == "error":
@@ -2464,6 +2480,8 @@ class StreamTranslator:
                     self.deferred.append(key)      # another tool is open: emit it later
                 return []
             return self._start_tool(key)
+        # Tool input travels only in input_json_delta: the SDK ignores the input of
+        # content_block_start (inflaborg/ccrelay#119).
         if fragment and self.open and self.open[2] == key:
             return [self._delta({"type": "input_json_delta", "partial_json": fragment})]
         return []
@@ -2501,6 +2519,8 @@ class StreamTranslator:
             tail = b"".join(self._text(pending))
         else:
             tail = b""
+        # EOF with neither [DONE] nor a finish_reason is a truncation: it must never
+        # look like a finished answer, or the client keeps half a reply (§3.4 S6).
         if not self.done and not self.finish:
             return tail + self.error("api_error", "%s upstream stream ended early"
                                      % self.tr.route)
@@ -2510,6 +2530,8 @@ class StreamTranslator:
             out += self._start_tool(key)
             out += self._close_open()
         self.out_bytes += sum(len(t["args"]) for t in self.tools.values())
+        # All four usage keys, input_tokens > 0: Claude Code keeps message_start's
+        # input_tokens unless this one is positive (MadAppGang/claudish#123).
         usage = anthropic_usage(self.usage, self.tr.estimate, -(-self.out_bytes // 4))
         out.append(sse_event("message_delta", {"type": "message_delta", "delta": {
             "stop_reason": stop_reason(self.finish, self.had_tool, self.refusal),
@@ -3021,7 +3043,9 @@ class ConnectionPool:
 
 
 def _still_open(conn):
-    """An idle connection the server has not closed: readable now means EOF or junk."""
+    """An idle connection the server has not closed: readable now means EOF or junk.
+    Checking before reuse spares most stale-connection retries (servers close idle
+    keep-alive connections after their own timeout, nginx's is 75 s)."""
     sock = conn.sock
     if sock is None:
         return False
@@ -3625,6 +3649,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.command not in allowed:
             raise HTTPError(405, "invalid_request_error", "method %s not allowed on %s"
                             % (self.command, path), (("allow", ", ".join(allowed)),))
+        # Auth and size are decided from the head alone (reliability.md §6): a refused
+        # request never makes us read, or wait for, a body of tens of MB.
         self._check_auth(auth)
         if self.command == "POST":
             self.length = body_length(self.headers, self.server.service.config.max_body_bytes)
@@ -3636,6 +3662,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if auth == "client" and not service.config.api_key:
             return
+        # Only the socket peer counts as loopback: X-Forwarded-For never grants anything
+        # (Sonarr CVE-2026-30975, gin CVE-2020-28483).
         if service.config.api_key and key_matches(self.headers, service.api_key_digest):
             return
         raise HTTPError(401, "authentication_error", "invalid x-api-key"
