@@ -16,11 +16,11 @@ test:  ## run the test suite (installs pytest into .cache/py if it is missing)
 e2e:  ## real clients (Claude Code CLI, anthropic SDK, README curl, nginx in front) through ccproxy
 	$(PYTHON) e2e/run.py
 
-bench:  ## ccproxy against direct calls to the same fake upstream: one markdown table
+bench:  ## ccproxy against direct calls to the same fake upstream (PEERS=litellm adds LiteLLM)
 	@command -v nginx >/dev/null && command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && \
 	  command -v apt-get >/dev/null && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq nginx-light wrk >/dev/null 2>&1; }; } || true
-	$(PYTHON) bench/bench.py
+	$(PYTHON) bench/bench.py $(if $(PEERS),--peers $(PEERS))
 
 fuzz:  ## the seeded fuzz tests with many more iterations (FUZZ=200000 for longer)
 	@$(PYTHON) -c 'import pytest' 2>/dev/null || \

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark ccproxy against direct calls to the same fake upstream (the floor).
 
-    python3 bench/bench.py [--quick] [--streams 1000,5000]
+    python3 bench/bench.py [--quick] [--streams 1000,5000] [--peers litellm]
 
 Loopback only, bounded in time (about two minutes).  The fake upstream is nginx (static
 `return 200` locations) when it is installed, else bench/fake_upstream.py; requests/s
@@ -334,6 +334,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     parser.add_argument("--streams", default="1000,5000", help="open-stream counts")
     parser.add_argument("--seconds", type=int, default=5, help="seconds per load run")
+    parser.add_argument("--peers", default=os.environ.get("PEERS", ""),
+                        help="also measure these proxies (litellm)")
     args = parser.parse_args(argv)
     n = 100 if args.quick else 400
     tmp = tempfile.mkdtemp(prefix="ccproxy-bench-")
@@ -352,6 +354,8 @@ def main(argv=None):
         rows.append(("start to first 200 on /health", "%.0f ms" % (start_time * 1000),
                      "-", "-"))
         rows += stream_rows(tmp, body, [int(x) for x in args.streams.split(",") if x], notes)
+        if "litellm" in args.peers:
+            rows += litellm_rows(tmp, up, prefixes, body, n, args.seconds, notes)
     finally:
         proxy.terminate()
         proxy.wait(30)
@@ -472,6 +476,88 @@ def stream_rows(tmp, body, counts, notes):
         proxy.wait(30)
         fake.terminate()
         fake.wait(10)
+    return rows
+
+
+LITELLM_CONFIG = """model_list:
+  - model_name: tr_json
+    litellm_params: {model: openai/gpt-4o, api_base: "%(base)s%(json)s", api_key: k}
+  - model_name: tr_sse
+    litellm_params: {model: openai/gpt-4o, api_base: "%(base)s%(sse)s", api_key: k}
+litellm_settings:
+  drop_params: true     # else it answers Claude Code's body with 400 (reasoning_effort)
+"""
+
+
+def install_litellm():
+    """The LiteLLM proxy in a venv under .cache/bench (test-time only), or None."""
+    venv = os.path.join(ROOT, ".cache", "bench", "litellm")
+    binary = os.path.join(venv, "bin", "litellm")
+    if not os.path.exists(binary):
+        subprocess.run([sys.executable, "-m", "venv", venv], capture_output=True)
+        subprocess.run([os.path.join(venv, "bin", "pip"), "install", "--quiet",
+                        "litellm[proxy]"], capture_output=True, timeout=900)
+    return binary if os.path.exists(binary) else None
+
+
+def litellm_rows(tmp, up, prefixes, body, n, seconds, notes):
+    """The same translated-route measurements through the LiteLLM proxy (one worker)."""
+    binary = install_litellm()
+    if not binary:
+        notes.append("LiteLLM could not be installed (pip); its rows are missing")
+        return []
+    path = os.path.join(tmp, "litellm.yaml")
+    with open(path, "w") as f:
+        f.write(LITELLM_CONFIG % {"base": "http://127.0.0.1:%d" % up, "json": prefixes[0],
+                                  "sse": prefixes[1]})
+    port, started = free_port(), time.monotonic()
+    env = dict(os.environ, LITELLM_MASTER_KEY="k", LITELLM_LOCAL_MODEL_COST_MAP="True",
+               LITELLM_USE_CHAT_COMPLETIONS_URL_FOR_ANTHROPIC_MESSAGES="true")
+    proc = subprocess.Popen([binary, "--config", path, "--host", "127.0.0.1", "--port",
+                             str(port), "--num_workers", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_health(port, "/health/liveliness", 120)
+        start = time.monotonic() - started
+        return _peer_measures("LiteLLM", port, proc.pid, body, n, seconds, tmp, start)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def wait_health(port, path, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit("peer on port %d did not become healthy" % port)
+
+
+def _peer_measures(name, port, pid, body, n, seconds, tmp, start):
+    rss_idle = proc_stat(pid)[0]
+    sequential(port, "/v1/messages", dict(body, model="tr_json"), 10)
+    via, _ = sequential(port, "/v1/messages", dict(body, model="tr_json"), max(n // 4, 20))
+    total, first = sequential(port, "/v1/messages", dict(body, model="tr_sse", stream=True),
+                              10, True)
+    rows = [("%s: latency p50, 50 KB body, translated" % name, "%.2f ms" % (
+                pct(via, 0.5) * 1000), "-", "-"),
+            ("%s: time to first byte, stream" % name, "%.2f ms" % (pct(first, 0.5) * 1000),
+             "-", "-"),
+            ("%s: 1000-event stream relayed" % name, "%.1f ms" % (pct(total, 0.5) * 1000),
+             "-", "-")]
+    for concurrency in (16, 64):
+        rps, errors, cpu = load(port, "/v1/messages", dict(body, model="tr_json"),
+                                concurrency, seconds, tmp, pid)
+        rows.append(("%s: requests/s at concurrency %d" % (name, concurrency),
+                     "%.0f (%s)" % (rps, _errors(errors)), "-",
+                     "CPU %.1f ms/request" % cpu))
+    rows.append(("%s: RSS idle, start to healthy" % name, "%.0f MB, %.1f s" % (
+        rss_idle, start), "-", "-"))
     return rows
 
 
