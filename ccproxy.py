@@ -4015,7 +4015,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         parser, st = SSEParser(), StreamTranslator(tr)
         try:
             payloads = self._first_payloads(resp, parser)
-            first = b"".join(st.feed(p) for p in payloads)
+            # Commit on the first event alone; a read that brought hundreds (a burst
+            # after a silent reasoning phase) is translated after the head went out.
+            first = st.feed(payloads[0]) if payloads else b""
         except UpstreamReplyError as exc:
             client.discard(resp)
             status = 529 if exc.etype == "overloaded_error" else 500
@@ -4035,7 +4037,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.fields["stream_ttfb"] = time.monotonic() - self.t0
         done = False
         try:
-            done = self._pump_translated(resp, parser, st, frame)
+            done = self._pump_translated(resp, parser, st, frame, payloads[1:])
         finally:
             client.release(resp) if done else client.discard(resp)
             self._learn(tr, st.usage)
@@ -4052,13 +4054,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if payloads or not data:
                 return payloads
 
-    def _pump_translated(self, resp, parser, st, frame):
+    def _pump_translated(self, resp, parser, st, frame, pending):
         """Translate and write each upstream chunk the moment it is read; True when the
         upstream ended cleanly.  Errors after the commit end in an SSE error event and
-        nothing after it (§3.5)."""
+        nothing after it (§3.5).  `pending`: payloads read but not yet translated."""
         while True:
             try:
-                data = resp.read1(RELAY_CHUNK)
+                data = resp.read1(RELAY_CHUNK) if not pending else None
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 kind = "timed out" if isinstance(exc, socket.timeout) else "broken"
                 self.fields["upstream_status"] = "stream_error"
@@ -4067,7 +4069,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return False
             out = []
             try:
-                for payload in (parser.feed(data) if data else parser.close()):
+                if data is None:
+                    payloads, pending, data = pending, [], b"pending"
+                else:
+                    payloads = parser.feed(data) if data else parser.close()
+                for payload in payloads:
                     out.append(st.feed(payload))
                 if not data:
                     out.append(st.end())
