@@ -145,6 +145,7 @@ DEFAULT_BODY_TIMEOUT = 300.0      # absolute: the whole body (64 MiB on a slow l
 DEFAULT_MAX_CONNECTIONS = 1024    # client connections served at once
 START_WAIT = 15.0                 # seconds `start` (and a supervisor) waits for "ready"
 RESERVE_CONNECTIONS = 16          # beyond the cap: slots that serve only /health, /status
+PING_INTERVAL = 15.0              # a translated stream silent this long gets an SSE ping
 CIRCUIT_THRESHOLD = 3             # consecutive failures that open a provider's circuit
 CIRCUIT_COOLDOWN = 30.0           # seconds it stays open before one trial call
 #: Histogram buckets (seconds): whole requests run from milliseconds to many minutes.
@@ -2959,6 +2960,37 @@ class Cluster:
         return cluster_view(live, dead, self.expected, fingerprint, time.time())
 
 
+class Pinger:
+    """SSE pings for translated streams whose upstream has gone quiet (translation.md
+    §3.4): reasoning models think for minutes before their first token, and proxies in
+    between cut idle connections (nginx's default proxy_read_timeout is 60 s).  One
+    thread for all streams; each stream's writes are serialised by its write_lock."""
+
+    def __init__(self):
+        self._lock, self._streams, self._thread = threading.Lock(), set(), None
+
+    def add(self, handler):
+        with self._lock:
+            self._streams.add(handler)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pinger", daemon=True)
+                self._thread.start()
+
+    def remove(self, handler):
+        with self._lock:
+            self._streams.discard(handler)
+        with handler.write_lock:           # no ping is being written after this
+            handler.pinging = False
+
+    def _run(self):
+        while True:
+            time.sleep(min(1.0, PING_INTERVAL / 4))
+            with self._lock:
+                streams = list(self._streams)
+            for handler in streams:
+                handler.ping_if_idle(PING_INTERVAL)
+
+
 class Calibration:
     """Per-route ratio of real prompt_tokens to our estimate (translation.md §5):
     r <- 0.8 r + 0.2 P/E, clamped to [0.5, 2]; estimates are multiplied by r."""
@@ -3267,6 +3299,7 @@ class Service:
         self.signatures = ThoughtSignatures()
         self.metrics = Metrics()
         self.deadlines = Deadlines()
+        self.pinger = Pinger()
         self.cluster = None          # set in a worker of `run --workers N`
         self.build = build_info()
         self.api_key_digest = key_digest(config.api_key)
@@ -3568,6 +3601,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             self.request_id, self.t0, self.sent = new_request_id(), time.monotonic(), False
             self.fields, self.body_read, self.upstream_started = {}, False, None
+            self.write_lock, self.pinging, self.last_write = threading.Lock(), False, 0.0
             deadlines.arm(self.connection, self.server.service.config.header_timeout, "head")
             super().handle_one_request()
         except (ConnectionError, socket.timeout):
@@ -3726,7 +3760,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _write(self, data):
         self.sent = True
-        self.wfile.write(data)
+        with self.write_lock:
+            self.wfile.write(data)
+            self.last_write = time.monotonic()
+
+    def ping_if_idle(self, interval):
+        """Called by the Pinger thread: one SSE ping if nothing was written lately."""
+        with self.write_lock:
+            if self.pinging and time.monotonic() - self.last_write >= interval:
+                try:
+                    self.wfile.write(self.ping_frame)
+                    self.last_write = time.monotonic()
+                except OSError:
+                    pass            # the stream's own thread sees the broken client
 
     def _send(self, status, headers=(), body=b"", close=False):
         """A complete response in one write (head and body together: no Nagle stall)."""
@@ -4035,10 +4081,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         frame = _chunk if chunked else bytes
         self._write(self._head(200, SSE_HEADERS, (framing,)) + frame(st.start() + first))
         self.fields["stream_ttfb"] = time.monotonic() - self.t0
+        self.ping_frame, self.pinging = frame(sse_event("ping", {"type": "ping"})), True
+        self.server.service.pinger.add(self)
         done = False
         try:
             done = self._pump_translated(resp, parser, st, frame, payloads[1:])
         finally:
+            self.server.service.pinger.remove(self)
             client.release(resp) if done else client.discard(resp)
             self._learn(tr, st.usage)
             if st.usage:

@@ -713,6 +713,7 @@ class SocketlessHandler(ccproxy.Handler):
     def __init__(self, raw, service, peer="127.0.0.1"):
         self.rfile, self.wfile = io.BufferedReader(io.BytesIO(raw)), io.BytesIO()
         self.connection, self.requests_here = None, 0
+        self.write_lock = threading.Lock()
         self.server, self.client_address = _FakeServer(service), (peer, 50000)
         self.close_connection = True
 
@@ -2057,6 +2058,32 @@ class TestTranslationEndToEnd(unittest.TestCase):
                 events = parse_events(out)
                 check_grammar(self, events)
                 self.assertEqual(events[-1]["type"], "error")
+
+    def test_pings_while_the_upstream_is_silent(self):
+        release = threading.Event()
+
+        def behave(h, body):
+            h.start_stream()
+            h.chunk(chunk({"content": "x"}).encode())
+            h.wfile.flush()
+            release.wait(TIMEOUT)           # silent, as a model that thinks
+            for piece in (chunk(finish="stop"), "data: [DONE]\n\n"):
+                h.chunk(piece.encode())
+            h.chunk(b"")
+        with unittest.mock.patch.object(ccproxy, "PING_INTERVAL", 0.3), \
+                FakeUpstream(behave) as up, Proxy(openai_provider(up.url)) as px:
+            conn = px.conn()
+            conn.request("POST", "/v1/messages", json.dumps(dict(BODY, stream=True)))
+            resp = conn.getresponse()
+            received = b""
+            while received.count(b"event: ping") < 3:    # message_start's ping + 2
+                received += resp.read1(65536)
+            release.set()
+            received += resp.read()
+            conn.close()
+        events = parse_events(received)
+        self.assertEqual(check_grammar(self, events)[0]["text"], "x")
+        self.assertGreaterEqual([e["type"] for e in events].count("ping"), 3)
 
     def test_39_error_as_first_event_is_a_plain_http_error(self):
         resp, out, _ = self.stream('data: {"error": {"code": 429, "message": "rate limit"}}\n\n')
