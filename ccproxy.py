@@ -3936,10 +3936,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.fields.update(provider=provider.name, attempts=attempt)
             url, data, headers, tr = self._prepare(provider, model, endpoint, query,
                                                    request.get("raw"), request.get("body"))
-            resp = self._attempt(provider, method, url, data, headers, last)
+            client, resp = self._attempt(provider, method, url, data, headers, last)
             if resp is None:
                 continue
-            client = self.server.service.upstreams.client(provider)
             if resp.status >= 400:
                 if self._relay_error(client, provider, resp, last):
                     return
@@ -3967,7 +3966,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return openai_url(provider), data, openai_headers(provider, stream), tr
 
     def _attempt(self, provider, method, url, data, headers, last):
-        """Open one upstream call; None when it failed and the next one should be tried."""
+        """Open one upstream call: (client, response), the response None when it failed
+        and the next provider should be tried."""
         service = self.server.service
         client = service.upstreams.client(provider)
         started = time.monotonic()
@@ -3981,13 +3981,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if last:
                 status, etype, message, headers = failure_reply(exc, provider.name)
                 raise HTTPError(status, etype, message, headers) from exc
-            return None
+            return client, None
         latency = time.monotonic() - started
         service.record_upstream(provider.name, resp.status, latency, resp.headers)
         self.upstream_started = time.monotonic()
         self.fields.update(upstream_status=resp.status, ttfb_ms=int(
             (time.monotonic() - self.t0) * 1000))
-        return resp
+        return client, resp
 
     def _relay_error(self, client, provider, resp, last):
         """Relay an upstream error, or return False to let the next provider try."""
