@@ -278,9 +278,11 @@ def cli_openai_scenarios(claude, skip):
         fake = FakeOpenAI("parallel").start()
         result, _ = claude_through(claude, fake, "run both", "Bash")
         assert_streamed(fake, 2)
-        contents = [m["content"] for m in tool_messages(fake.requests[1])]
-        check(len(contents) == 2 and "one" in contents[0] and "two" in contents[1],
-              "tool results: %s" % contents)
+        # Claude Code runs both calls at once and lists the results in the order they
+        # finished, so match each result to its call by id, not by position.
+        results = {m["tool_call_id"]: m["content"] for m in tool_messages(fake.requests[1])}
+        check(len(results) == 2 and "one" in results.get("call_1", "")
+              and "two" in results.get("call_2", ""), "tool results: %s" % results)
         check("one" in result["result"] and "two" in result["result"], result["result"])
 
     @scenario("claude-cli deepseek reasoning then tool, reasoning echoed back", skip)
