@@ -4844,6 +4844,27 @@ def fresh_bytecode(path):
         return False
 
 
+def malloc_tunables(current):
+    """GLIBC_TUNABLES for the daemon: the user's, plus no per-thread malloc cache.
+    glibc keeps up to 7 freed chunks per size class in every thread (tcache); with a
+    thread per connection that is memory no other stream can use.  Measured with 50 KB
+    Claude Code bodies: 1000 open streams 105 -> 87 MB RSS, 5000 streams 232 -> 165 MB,
+    latency unchanged.  A tcache_count the user set wins; other C libraries ignore it."""
+    if "glibc.malloc.tcache_count=" in current:
+        return current
+    return ":".join(filter(None, (current, "glibc.malloc.tcache_count=0")))
+
+
+def reexec_environ(environ, ready_fd):
+    """The environment of the re-executed daemon: marked so it does not re-exec again,
+    with the start-up pipe and the malloc tunables (read by glibc before Python starts)."""
+    env = dict(environ, CCPROXY_NO_REEXEC="1",
+               GLIBC_TUNABLES=malloc_tunables(environ.get("GLIBC_TUNABLES", "")))
+    if ready_fd is not None:
+        env["CCPROXY_READY_FD"] = str(ready_fd)
+    return env
+
+
 def _reexec_from_bytecode(args, log_file, ready_fd):
     """Hand the long-running process to a fresh interpreter that imports ccproxy from
     its cached bytecode.  A script is compiled from source at every start and never
@@ -4855,10 +4876,9 @@ def _reexec_from_bytecode(args, log_file, ready_fd):
     path = os.path.realpath(__file__)
     if not path.endswith(".py") or not fresh_bytecode(path):
         return
-    env = dict(os.environ, CCPROXY_NO_REEXEC="1")
     if ready_fd is not None:
         os.set_inheritable(ready_fd, True)
-        env["CCPROXY_READY_FD"] = str(ready_fd)
+    env = reexec_environ(os.environ, ready_fd)
     code = ("import sys; sys.path.insert(0, %r); import ccproxy; sys.exit(ccproxy.main())"
             % os.path.dirname(path))
     sys.stdout.flush()

@@ -362,6 +362,19 @@ class TestPureFunctions(unittest.TestCase):
             with self.subTest(host=host):
                 self.assertEqual(ccproxy.is_loopback_host(host), expected)
 
+    def test_malloc_tunables_add_no_thread_cache_and_keep_the_users(self):
+        for current, expected in [
+                ("", "glibc.malloc.tcache_count=0"),
+                ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:"
+                                             "glibc.malloc.tcache_count=0"),
+                ("glibc.malloc.tcache_count=7", "glibc.malloc.tcache_count=7")]:
+            with self.subTest(current=current):
+                self.assertEqual(ccproxy.malloc_tunables(current), expected)
+        env = ccproxy.reexec_environ({"HOME": "/h"}, 7)
+        self.assertEqual(env, {"HOME": "/h", "CCPROXY_NO_REEXEC": "1", "CCPROXY_READY_FD": "7",
+                               "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
+        self.assertNotIn("CCPROXY_READY_FD", ccproxy.reexec_environ({}, None))
+
     def test_presented_key_and_constant_time_match(self):
         digest = ccproxy.key_digest("secret")
         for pairs, ok in [([("x-api-key", "secret")], True),
@@ -2920,6 +2933,16 @@ class TestLifecycleSubprocess(LifecycleCase):
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertNotEqual(ccproxy.read_pid(self.pid_file), pid)
         self.assertEqual(self.cli("status").returncode, 0)
+
+    @unittest.skipUnless(os.path.exists("/proc/self/environ"), "needs /proc")
+    def test_daemon_reexecs_into_cached_bytecode(self):
+        # (Its /proc/PID/environ can't show the tunables: glibc 2.36 rewrites that
+        # string in place while parsing it.  reexec_environ is tested on its own.)
+        self.assertEqual(self.cli("start").returncode, 0)
+        with open("/proc/%d/cmdline" % ccproxy.read_pid(self.pid_file), "rb") as f:
+            argv = f.read().split(b"\0")
+        self.assertEqual(argv[1], b"-c")                  # the cached-bytecode interpreter
+        self.assertIn(b"import ccproxy", argv[2])
 
     def test_stop_when_not_running_is_success(self):
         out = self.cli("stop")
