@@ -1535,6 +1535,36 @@ class TestTranslationRequest(unittest.TestCase):
         self.assertEqual(out["max_completion_tokens"], 4096)
         self.assertNotIn("max_tokens", out)
 
+    def test_tools_cache_is_exact_and_the_spliced_body_is_the_same(self):
+        name = "mcp__server__" + "x" * 57
+        def tools():          # parsed afresh each call, as each request's are
+            return json.loads(json.dumps([
+                {"name": name, "description": "d ü", "input_schema": self.SCHEMA},
+                {"name": "Read", "input_schema": {"type": "object"}}]))
+        body = {"model": "claude-sonnet-5-5", "max_tokens": 100, "stream": True,
+                "messages": [user("hi")], "tools": tools(), "tool_choice": {"type": "any"}}
+        cache = ccproxy.ToolsCache(size=2)
+        quirks, gemini = translation().quirks, translation("gemini").quirks
+        first = cache.get(body["tools"], quirks)
+        self.assertIs(cache.get(tools(), quirks), first)                  # a hit
+        self.assertIsNot(cache.get(tools(), gemini), first)               # per dialect
+        changed = tools()
+        changed[1]["input_schema"]["required"] = ["x"]                    # same names
+        self.assertEqual(cache.get(changed, quirks).tools[1]["function"]["parameters"],
+                         {"type": "object", "required": ["x"], "properties": {}})
+        self.assertLessEqual(len(cache._map), 2)
+        for prepared in (None, first):
+            with self.subTest(cached=prepared is not None):
+                tr = translation()
+                data, stream = ccproxy.translated_request(body, tr, prepared)
+                self.assertEqual(json.loads(data), ccproxy.anthropic_to_openai(body, translation()))
+                self.assertTrue(data.isascii() and stream)
+                self.assertEqual(tr.names[json.loads(data)["tools"][0]["function"]["name"]], name)
+                self.assertEqual(ccproxy.estimate_input_tokens(body, tools_size=first.size),
+                                 ccproxy.estimate_input_tokens(body))
+        data, _ = ccproxy.translated_request(dict(body, tools=[]), translation())
+        self.assertNotIn("tools", json.loads(data))
+
     def test_deepseek_echo_and_gemini_signature_round_trip(self):
         history = [user("go"), assistant([
             {"type": "thinking", "thinking": "hmm", "signature": "ccproxy:r:x"},
@@ -2255,7 +2285,14 @@ class TestMetricsFormat(unittest.TestCase):
             px.call("POST", "/v1/messages", BODY)
             px.call("POST", "/v1/messages", dict(BODY, stream=True))
             px.call("GET", "/nope")
-            resp, out = px.call("GET", "/metrics")
+            # A request is counted once its access line is written, just after the
+            # client has its last byte: the scrape may race the stream's bookkeeping.
+            def scrape():
+                resp, out = px.call("GET", "/metrics")
+                counted = (b'code="200",route="messages"} 2' in out
+                           and b'code="404",route="other"} 1' in out)
+                return counted and (resp, out)
+            resp, out = wait_for(scrape)
         self.assertEqual(resp.getheader("Content-Type"), ccproxy.METRICS_CONTENT_TYPE)
         text = out.decode()
         self.assertTrue(text.endswith("\n"))
