@@ -2074,6 +2074,15 @@ class TestTranslationEndToEnd(unittest.TestCase):
         doc = json.loads(sent["body"])
         self.assertEqual((doc["model"], doc["stream"]), ("gpt-4o", True))
 
+    def test_a_whole_crlf_stream_in_one_read(self):
+        # The head goes out after the first event; the rest of that read follows.
+        text = (": OPENROUTER PROCESSING\r\n\r\n" + "".join(
+            chunk({"content": c}) for c in "abc").replace("\n", "\r\n")
+            + chunk(finish="stop").replace("\n", "\r\n") + "data: [DONE]\r\n\r\n")
+        resp, out, _ = self.stream(text, ptype="openrouter")
+        blocks = check_grammar(self, parse_events(out))
+        self.assertEqual([b.get("text") for b in blocks], ["abc"])
+
     def test_one_tool_and_two_interleaved(self):
         resp, out, _ = self.stream(TOOL_TRACE)
         blocks = check_grammar(self, parse_events(out))
