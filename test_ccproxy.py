@@ -2987,8 +2987,8 @@ class TestLifecycleSubprocess(LifecycleCase):
         self.assertEqual(self.cli("start").returncode, 0)
         with open("/proc/%d/cmdline" % ccproxy.read_pid(self.pid_file), "rb") as f:
             argv = f.read().split(b"\0")
-        self.assertEqual(argv[1], b"-c")                  # the cached-bytecode interpreter
-        self.assertIn(b"import ccproxy", argv[2])
+        self.assertEqual(argv[1:3], [b"-S", b"-c"])       # the cached-bytecode interpreter
+        self.assertIn(b"import ccproxy", argv[3])
 
     def test_stop_when_not_running_is_success(self):
         out = self.cli("stop")
