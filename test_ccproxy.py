@@ -943,6 +943,33 @@ class TestProxyEndToEnd(unittest.TestCase):
                 self.assertEqual(req["headers"][name], value)
             self.assertTrue(resp.getheader("request-id").startswith("req_ccp_"))
 
+    def test_heads_and_bodies_larger_than_the_read_buffers(self):
+        # Both sides read through READ_BUFFER (2 KB) buffers: 6 KB heads, 300 KB bodies.
+        big = dict(MESSAGE_JSON, content=[{"type": "text", "text": "é" * 150000}])
+        out_headers = [("x-up-%d" % i, "v" * 100) for i in range(60)]
+        frames = [sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                  "delta": {"type": "text_delta", "text": "%d" % i * 3000}}) for i in range(20)]
+
+        def behave(h, body):
+            if not json.loads(body).get("stream"):
+                return h.reply(200, big, out_headers)
+            h.start_stream(out_headers)
+            h.chunk(b"".join(frames))
+            h.chunk(b"")
+        in_headers = {"x-client-%d" % i: "w" * 100 for i in range(60)}
+        body = dict(BODY, messages=[{"role": "user", "content": "q" * 300000}])
+        with FakeUpstream(behave) as up, Proxy(one_provider(up.url)) as px:
+            for stream in (False, True):
+                with self.subTest(stream=stream):
+                    resp, out = px.call("POST", "/v1/messages", dict(body, stream=stream),
+                                        in_headers)
+                    self.assertEqual(resp.status, 200)
+                    self.assertEqual(out, b"".join(frames) if stream else
+                                     json.dumps(big).encode())
+                    self.assertEqual(resp.getheader("x-up-59"), "v" * 100)
+                    self.assertEqual(json.loads(up.requests[-1]["body"]), dict(body, stream=stream))
+                    self.assertEqual(up.requests[-1]["headers"]["x-client-59"], "w" * 100)
+
     def test_stream_is_relayed_chunk_by_chunk(self):
         gates = [threading.Event() for _ in STREAM]
         failures = []
