@@ -3088,6 +3088,8 @@ class ToolsCache:
                tuple(t.get("name") if isinstance(t, dict) else None for t in tools))
         with self._lock:
             hit = self._map.get(key)
+            if hit is not None:
+                self._map.move_to_end(key)
         if hit is not None and hit.source == tools:
             return hit
         prepared = prepare_tools(tools, quirks)

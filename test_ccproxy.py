@@ -1580,6 +1580,13 @@ class TestTranslationRequest(unittest.TestCase):
         self.assertEqual(cache.get(changed, quirks).tools[1]["function"]["parameters"],
                          {"type": "object", "required": ["x"], "properties": {}})
         self.assertLessEqual(len(cache._map), 2)
+        lru = ccproxy.ToolsCache(size=2)
+        a, b, c = ([{"name": n, "input_schema": {}}] for n in "ABC")
+        kept = lru.get(a, quirks)
+        lru.get(b, quirks)
+        lru.get(json.loads(json.dumps(a)), quirks)                        # A used last
+        lru.get(c, quirks)                                                # B goes
+        self.assertIs(lru.get(a, quirks), kept)
         for prepared in (None, first):
             with self.subTest(cached=prepared is not None):
                 tr = translation()
