@@ -50,7 +50,8 @@ answer /status, /metrics and /status/ready for the whole service.
 
 Start-up: a script is compiled from source at every start (never cached), and the
 compiler leaves ~13 MB in RSS; `run` therefore re-executes itself (same PID) into an
-interpreter that imports ccproxy from its cached bytecode, when it can write or find it.
+interpreter that imports ccproxy from its cached bytecode, when it can write or find it,
+without site (-S) and without glibc's per-thread malloc cache (see malloc_tunables).
 
 Shutdown (SIGTERM/SIGINT): readiness turns 503, STOPPING=1 is sent, the connections the
 kernel already queued are accepted, the listener is closed, idle keep-alive connections
@@ -4944,7 +4945,7 @@ def malloc_tunables(current):
     """GLIBC_TUNABLES for the daemon: the user's, plus no per-thread malloc cache.
     glibc keeps up to 7 freed chunks per size class in every thread (tcache); with a
     thread per connection that is memory no other stream can use.  Measured with 50 KB
-    Claude Code bodies: 1000 open streams 105 -> 87 MB RSS, 5000 streams 232 -> 165 MB,
+    Claude Code bodies: 1000 open streams 105 -> 87 MB RSS, 5000 streams 232 -> 157 MB,
     latency unchanged.  A tcache_count the user set wins; other C libraries ignore it."""
     if "glibc.malloc.tcache_count=" in current:
         return current
