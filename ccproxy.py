@@ -1884,6 +1884,7 @@ class PreparedTools:
 
 
 def prepare_tools(tools, quirks):
+    """The client's tools as PreparedTools (uncached; ToolsCache.get keeps them)."""
     names = {}
     converted = convert_tools(tools, quirks, names)
     size = len(_compact(tools).encode()) if isinstance(tools, list) and tools else 0
