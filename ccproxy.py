@@ -212,6 +212,8 @@ QUIRK_DEFAULTS = {
     "no_required": False,              # tool_choice "required" unsupported: send "auto"
     "no_parallel_flag": False,         # drop parallel_tool_calls
     "gemini_signatures": False,        # keep and replay extra_content.google.thought_signature
+    "sig_in_id": False,                # ...carried in the tool id itself (§3.4): survives
+                                       # restarts and reaches whichever worker answers next
 }
 _OPENAI_REASONING = r"^(o\d|gpt-5)"
 PROVIDER_QUIRKS = {
@@ -229,7 +231,8 @@ PROVIDER_QUIRKS = {
     "deepseek": {"no_vision": True, "max_output": 8192, "reasoning": "deepseek",
                  "reasoning_models": r"reasoner", "reasoning_echo": "reasoning_content"},
     "gemini": {"schema_dialect": "gemini", "reasoning": "reasoning_effort",
-               "reasoning_models": r"(2\.5|gemini-3)", "gemini_signatures": True},
+               "reasoning_models": r"(2\.5|gemini-3)", "gemini_signatures": True,
+               "sig_in_id": True},
     "ollama": {"stream_tools": False, "think_tags": True, "no_parallel_flag": True},
     "openai-compatible": {"think_tags": True},
 }
@@ -1512,7 +1515,31 @@ def alnum9(tool_id):
 
 
 def _tool_id(tool_id, quirks):
+    tool_id = split_signature(tool_id)[0]
     return alnum9(tool_id) if quirks["tool_id_style"] == "alnum9" else tool_id
+
+
+SIG_IN_ID = "__ts_"
+
+
+def id_with_signature(tool_id, sig):
+    """A tool id that carries a Gemini thought signature (§3.4 sig_in_id, as LiteLLM
+    does): base64url, so the id stays in Anthropic's [a-zA-Z0-9_-] alphabet."""
+    return tool_id + SIG_IN_ID + base64.urlsafe_b64encode(
+        sig.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def split_signature(tool_id):
+    """(upstream id, thought signature or None) of a tool id from id_with_signature."""
+    base, sep, encoded = tool_id.partition(SIG_IN_ID)
+    if not sep or not encoded:
+        return tool_id, None
+    try:
+        sig = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_",
+                               validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):      # binascii.Error is a ValueError
+        return tool_id, None
+    return (base, sig) if sig else (tool_id, None)
 
 
 def clean_schema(schema, dialect):
@@ -1754,8 +1781,10 @@ def _tool_call(block, quirks, tr):
     call = {"id": _tool_id(str(block.get("id", "")), quirks), "type": "function",
             "function": {"name": mapped, "arguments": json.dumps(
                 args if args else {}, separators=(",", ":"), ensure_ascii=False)}}
-    if quirks["gemini_signatures"] and tr.signatures is not None:
-        sig = tr.signatures.get(str(block.get("id", "")))
+    if quirks["gemini_signatures"]:
+        raw_id = str(block.get("id", ""))
+        sig = split_signature(raw_id)[1] or (
+            tr.signatures.get(raw_id) if tr.signatures is not None else None)
         if sig:
             call["extra_content"] = {"google": {"thought_signature": sig}}
     return call
@@ -2226,18 +2255,24 @@ def _tool_uses(message, tr):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not fn.get("name"):
             continue
-        tool_id = ids.make(str(call.get("id") or ""))
-        _remember_signature(tr, tool_id, call)
+        tool_id = _signed_id(tr, ids.make(str(call.get("id") or "")), (
+            (call.get("extra_content") or {}).get("google") or {}).get("thought_signature"))
         out.append({"type": "tool_use", "id": tool_id,
                     "name": tr.names.get(fn["name"], fn["name"]),
                     "input": parse_tool_arguments(fn.get("arguments"))})
     return out
 
 
-def _remember_signature(tr, tool_id, call):
-    sig = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
-    if sig and tr.signatures is not None:
+def _signed_id(tr, tool_id, sig):
+    """The client's id for a tool call that came with a thought signature: the
+    signature kept in the LRU and, on sig_in_id routes, in the id itself."""
+    if not sig or not isinstance(sig, str):
+        return tool_id
+    if tr.quirks["sig_in_id"]:
+        tool_id = id_with_signature(tool_id, sig)
+    if tr.signatures is not None:
         tr.signatures.put(tool_id, sig)
+    return tool_id
 
 
 def sse_event(name, data):
@@ -2540,9 +2575,7 @@ class StreamTranslator:
     def _start_tool(self, key):
         tool = self.tools[key]
         tool["started"], self.had_tool = True, True
-        tool_id = self.ids.make(tool["id"])
-        if tool["sig"] and self.tr.signatures is not None:
-            self.tr.signatures.put(tool_id, tool["sig"])
+        tool_id = _signed_id(self.tr, self.ids.make(tool["id"]), tool["sig"])
         out = self._open_block("tool", {"type": "tool_use", "id": tool_id, "name":
                                         self.tr.names.get(tool["name"], tool["name"]),
                                         "input": {}}, key)

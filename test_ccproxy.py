@@ -362,6 +362,16 @@ class TestPureFunctions(unittest.TestCase):
             with self.subTest(host=host):
                 self.assertEqual(ccproxy.is_loopback_host(host), expected)
 
+    def test_thought_signatures_ride_in_tool_ids(self):
+        sig = "CiQB+/x=" * 40
+        signed = ccproxy.id_with_signature("call_1", sig)
+        self.assertRegex(signed, r"^call_1__ts_[A-Za-z0-9_-]+$")
+        for tool_id, expected in [(signed, ("call_1", sig)), ("call_1", ("call_1", None)),
+                                  ("a__ts_", ("a__ts_", None)), ("a__ts_%%", ("a__ts_%%", None)),
+                                  ("a__ts_" + "_w", ("a__ts__w", None))]:     # not UTF-8
+            with self.subTest(tool_id=tool_id[:20]):
+                self.assertEqual(ccproxy.split_signature(tool_id), expected)
+
     def test_malloc_tunables_add_no_thread_cache_and_keep_the_users(self):
         for current, expected in [
                 ("", "glibc.malloc.tcache_count=0"),
@@ -1874,24 +1884,36 @@ class TestTranslationStream(unittest.TestCase):
                           events[-2]["usage"]["output_tokens"]), (900, 40))
 
     def test_28_gemini_whole_calls_without_index_and_signatures(self):
-        tr = translation("gemini", "gemini-3-pro")
         text = chunk({"tool_calls": [tc(id="g1", name="Read", args='{"p":1}', sig="SIG1"),
                                      tc(id="g2", name="Bash", args='{"c":2}', sig="SIG2")]},
                      finish="stop") + "data: [DONE]\n\n"
-        events = run_stream(text, tr)
-        blocks = check_grammar(self, events)
-        self.assertEqual([b["id"] for b in blocks], ["g1", "g2"])
-        self.assertEqual(events[-2]["delta"]["stop_reason"], "tool_use")
-        history = {"messages": [user("go"), assistant([
-            {"type": "tool_use", "id": "g1", "name": "Read", "input": {"p": 1}},
-            {"type": "tool_use", "id": "g2", "name": "Bash", "input": {"c": 2}}]),
-            user([{"type": "tool_result", "tool_use_id": "g1", "content": "a"},
-                  {"type": "tool_result", "tool_use_id": "g2", "content": "b"}])],
-            "model": "m", "max_tokens": 10}
-        out = ccproxy.anthropic_to_openai(history, tr)
-        sigs = [c["extra_content"]["google"]["thought_signature"]
-                for c in out["messages"][1]["tool_calls"]]
-        self.assertEqual(sigs, ["SIG1", "SIG2"])
+        # The signatures come back from the process's LRU, and (sig_in_id, on by
+        # default for Gemini) from the ids alone: after a restart, or in another worker.
+        for sig_in_id in (False, True):
+            with self.subTest(sig_in_id=sig_in_id):
+                tr = translation("gemini", "gemini-3-pro", sig_in_id=sig_in_id)
+                events = run_stream(text, tr)
+                blocks = check_grammar(self, events)
+                ids = [b["id"] for b in blocks]
+                self.assertEqual([ccproxy.split_signature(i) for i in ids],
+                                 [("g1", "SIG1" if sig_in_id else None),
+                                  ("g2", "SIG2" if sig_in_id else None)])
+                self.assertTrue(all(ccproxy.TOOL_ID_RE.match(i) for i in ids))
+                self.assertEqual(events[-2]["delta"]["stop_reason"], "tool_use")
+                history = {"messages": [user("go"), assistant([
+                    {"type": "tool_use", "id": ids[0], "name": "Read", "input": {"p": 1}},
+                    {"type": "tool_use", "id": ids[1], "name": "Bash", "input": {"c": 2}}]),
+                    user([{"type": "tool_result", "tool_use_id": ids[0], "content": "a"},
+                          {"type": "tool_result", "tool_use_id": ids[1], "content": "b"}])],
+                    "model": "m", "max_tokens": 10}
+                later = translation("gemini", "gemini-3-pro") if sig_in_id else tr
+                out = ccproxy.anthropic_to_openai(history, later)
+                calls = out["messages"][1]["tool_calls"]
+                self.assertEqual([c["extra_content"]["google"]["thought_signature"]
+                                  for c in calls], ["SIG1", "SIG2"])
+                self.assertEqual([c["id"] for c in calls], ["g1", "g2"])
+                self.assertEqual([m["tool_call_id"] for m in out["messages"][2:4]],
+                                 ["g1", "g2"])
 
     def test_29_reasoning_then_text_and_the_deepseek_round_trip(self):
         tr = translation("deepseek", "deepseek-reasoner")

@@ -323,6 +323,12 @@ def cli_quirk_scenarios(claude, skip):
                 sig = calls[0]["tool_calls"][0].get("extra_content", {})
                 check(sig.get("google", {}).get("thought_signature") == "sig-0",
                       "thought signature not replayed: %s" % calls)
+                # Claude Code saw the id with the signature in it (sig_in_id); Gemini
+                # gets its own id back, on the call and on the result.
+                results = tool_messages(fake.requests[1])
+                check(calls[0]["tool_calls"][0]["id"] == "call_1" and
+                      [m["tool_call_id"] for m in results] == ["call_1"],
+                      "ids sent back: %s" % calls)
 
 
 def cli_failure_scenarios(claude, skip):
