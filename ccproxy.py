@@ -303,6 +303,7 @@ class ProviderConfig:
     ca_bundle: str = ""
     api_version: str = ""          # Azure: sent as ?api-version=
     quirks: tuple = ()             # (flag, value) overrides of the type's preset
+    headers: tuple = dataclasses.field(default=(), repr=False)   # (name, value), every call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +381,7 @@ PROVIDER_ENV = (
 FILE_ONLY_KEYS = ("providers", "routes", "fallback")
 PROVIDER_KEYS = ("name", "type", "base_url", "api_key", "api_key_env", "model", "big_model",
                  "small_model", "connect_timeout", "read_timeout", "ca_bundle", "api_version",
-                 "quirks")
+                 "quirks", "headers")
 ROUTE_KEYS = ("match", "provider", "model")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
@@ -505,10 +506,37 @@ def _provider_fields(where, name, ptype, raw, environ):
     for field in ("model", "big_model", "small_model", "ca_bundle", "api_version"):
         fields[field] = _convert(where + "." + field, "str", raw.get(field, ""))
     fields["quirks"] = _quirks(where + ".quirks", raw.get("quirks", {}))
+    fields["headers"] = _extra_headers(where + ".headers", raw.get("headers", {}))
     for field in ("connect_timeout", "read_timeout"):
         if field in raw:
             fields[field] = _convert(where + "." + field, "seconds", raw[field])
     return ProviderConfig(**fields)
+
+
+#: Headers a provider's "headers" may not set: ccproxy frames the message itself.
+FRAMING_HEADERS = REQUEST_DROP | {"transfer-encoding"}
+HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")      # RFC 9110 §5.6.2 token
+
+
+def _extra_headers(where, raw):
+    """A provider's own headers (OpenRouter's HTTP-Referer and X-Title, a gateway's
+    tenant header): names are tokens, values single-line strings, framing is ours."""
+    if not isinstance(raw, dict):
+        raise ConfigError("%s must be an object of header names to strings" % where)
+    for name, value in raw.items():
+        if not HEADER_NAME_RE.match(name) or name.lower() in FRAMING_HEADERS:
+            raise ConfigError("%s: %s is not a header ccproxy can send" % (where, _shown(name)))
+        if not isinstance(value, str) or not header_value_ok(value):
+            raise ConfigError("%s.%s must be a one-line string" % (where, name))
+    return tuple(raw.items())
+
+
+def with_provider_headers(headers, provider):
+    """`headers` with the provider's own added; one of theirs replaces ours."""
+    if not provider.headers:
+        return headers
+    mine = {name.lower() for name, _ in provider.headers}
+    return [h for h in headers if h[0].lower() not in mine] + list(provider.headers)
 
 
 def _quirks(where, raw):
@@ -964,7 +992,7 @@ def passthrough_headers(client_headers, provider, config):
         headers.extend((n, v) for n, v in client_headers.items()
                        if n.lower() in CLIENT_KEY_HEADERS)
     headers.append(("accept-encoding", "identity"))
-    return headers
+    return with_provider_headers(headers, provider)
 
 
 #: Endpoint name -> path under {base}/v1/ on an Anthropic upstream.
@@ -2034,7 +2062,7 @@ def openai_headers(provider, stream):
         quirks = quirks_for(provider)
         headers.append(("api-key", provider.api_key) if quirks["auth"] == "api-key" else
                        ("authorization", "Bearer " + provider.api_key))
-    return headers
+    return with_provider_headers(headers, provider)
 
 
 def translated_request(body, tr, prepared=None):
@@ -2778,9 +2806,9 @@ def probe_request(provider):
     if provider.type == "anthropic":
         if not provider.api_key:
             return None
-        return anthropic_url(provider, "models", ""), [
+        return anthropic_url(provider, "models", ""), with_provider_headers([
             ("x-api-key", provider.api_key), ("anthropic-version", "2023-06-01"),
-            ("accept-encoding", "identity")]
+            ("accept-encoding", "identity")], provider)
     return provider.base_url + "/models", openai_headers(provider, False)
 
 

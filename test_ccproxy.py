@@ -267,6 +267,13 @@ class TestConfig(unittest.TestCase):
             ({}, {"providers": [{"type": "openai", "quirks": []}]},
              "providers[0].quirks must be an object"),
             ({}, {"providers": [{"type": "azure"}]}, "providers[0].base_url is required"),
+            ({}, {"providers": [{"headers": ["X-Title"]}]},
+             "providers[0].headers must be an object"),
+            ({}, {"providers": [{"headers": {"Content-Length": "1"}}]},
+             "providers[0].headers: \"Content-Length\" is not a header ccproxy can send"),
+            ({}, {"providers": [{"headers": {"X Title": "a"}}]}, "is not a header"),
+            ({}, {"providers": [{"headers": {"X-Title": "a\r\nHost: evil"}}]},
+             "providers[0].headers.X-Title must be a one-line string"),
             ({}, {"providers": [{"base_url": "ftp://x"}]}, "providers[0].base_url must be"),
             ({}, {"providers": [{"base_url": "https://u:p@x"}]}, "must not carry a user"),
             ({}, {"providers": [{"name": "a b"}]}, "providers[0].name must be"),
@@ -286,6 +293,21 @@ class TestConfig(unittest.TestCase):
                     ccproxy.build_config(data, env, {})
                 self.assertIn(expected, str(cm.exception))
                 self.assertTrue(str(cm.exception).startswith("config: "))
+
+    def test_provider_headers_go_on_every_call_and_replace_ours(self):
+        cfg = ccproxy.build_config({"providers": [
+            {"name": "or", "type": "openrouter", "api_key": "sk-or", "headers": {
+                "HTTP-Referer": "https://example.org", "X-Title": "ccproxy"}},
+            {"name": "gw", "base_url": "http://127.0.0.1:9", "api_key": "k",
+             "headers": {"X-Api-Key": "gateway-key"}}]}, {}, {})
+        orp, gw = cfg.providers
+        self.assertNotIn("sk-or", repr(cfg))
+        for headers in (ccproxy.openai_headers(orp, True), ccproxy.probe_request(orp)[1]):
+            self.assertEqual(headers[-2:], [("HTTP-Referer", "https://example.org"),
+                                            ("X-Title", "ccproxy")])
+            self.assertIn(("authorization", "Bearer sk-or"), headers)
+        sent = ccproxy.passthrough_headers(headers_of([("x-api-key", "client")]), gw, cfg)
+        self.assertEqual([v for n, v in sent if n.lower() == "x-api-key"], ["gateway-key"])
 
     def test_remote_bind_needs_a_key_or_explicit_permission(self):
         self.assertEqual(ccproxy.build_config(
