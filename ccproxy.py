@@ -212,6 +212,7 @@ QUIRK_DEFAULTS = {
     "no_required": False,              # tool_choice "required" unsupported: send "auto"
     "no_parallel_flag": False,         # drop parallel_tool_calls
     "gemini_signatures": False,        # keep and replay extra_content.google.thought_signature
+    "send_user": False,                # metadata.user_id -> user, as sha256 hex[:32] (§1.1)
     "sig_in_id": False,                # ...carried in the tool id itself (§3.4): survives
                                        # restarts and reaches whichever worker answers next
 }
@@ -1971,6 +1972,14 @@ def is_reasoning_model(quirks, model):
     return bool(quirks["reasoning"]) and (not pattern or re.search(pattern, model or "") is not None)
 
 
+def thinking_budget(body):
+    """thinking.budget_tokens when the client set one, else None."""
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    budget = thinking.get("budget_tokens") if thinking.get("type") == "enabled" else None
+    return budget if isinstance(budget, int) and not isinstance(budget, bool) and (
+        budget > 0) else None
+
+
 def reasoning_effort(body):
     """The effort the client asked for (§1.6), or None for no reasoning."""
     thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
@@ -1993,10 +2002,25 @@ def _reasoning_fields(body, quirks, model):
         return {}
     placement = quirks["reasoning"]
     if placement == "openrouter":
+        # OpenRouter takes Claude Code's own budget for Anthropic and Gemini models
+        # (reasoning.max_tokens); OpenAI's models think in efforts.
+        budget = thinking_budget(body)
+        if budget and not re.search(r"^(openai/)?(o\d|gpt-5)", model or ""):
+            return {"reasoning": {"max_tokens": budget}}
         return {"reasoning": {"effort": effort}}
     if placement == "deepseek":
         return {"thinking": {"type": "enabled"}}
     return {"reasoning_effort": effort}
+
+
+def _user_field(body):
+    """{"user": …} from metadata.user_id, hashed: Claude Code's value is a JSON blob
+    of device and session ids that no provider needs to read."""
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    user = metadata.get("user_id")
+    if not isinstance(user, str) or not user:
+        return {}
+    return {"user": hashlib.sha256(user.encode("utf-8", "surrogateescape")).hexdigest()[:32]}
 
 
 def anthropic_to_openai(body, tr, prepared=None):
@@ -2020,6 +2044,8 @@ def anthropic_to_openai(body, tr, prepared=None):
     if isinstance(stops, list) and stops and not reasoning:
         out["stop"] = [str(s) for s in stops[:4]]
     out.update(_reasoning_fields(body, quirks, model))
+    if quirks["send_user"]:
+        out.update(_user_field(body))
     _add_tools(out, body, tr, prepared or prepare_tools(body.get("tools"), quirks))
     fmt = (body.get("output_config") or {}).get("format") if isinstance(
         body.get("output_config"), dict) else None

@@ -1572,11 +1572,24 @@ class TestTranslationRequest(unittest.TestCase):
         self.assertEqual(out["temperature"], 0.5)
         out, _ = to_openai(body, "openrouter", "openai/o3")
         self.assertEqual(out["reasoning"], {"effort": "high"})
+        out, _ = to_openai(body, "openrouter", "anthropic/claude-sonnet-4.5")
+        self.assertEqual(out["reasoning"], {"max_tokens": 10000})
+        out, _ = to_openai(dict(body, thinking={"type": "adaptive"}), "openrouter",
+                           "google/gemini-2.5-pro")
+        self.assertEqual(out["reasoning"], {"effort": "medium"})
         out, _ = to_openai(body, "deepseek", "deepseek-reasoner")
         self.assertEqual(out["thinking"], {"type": "enabled"})
         for budget, effort in ((1024, "low"), (8192, "medium"), (8193, "high")):
             self.assertEqual(ccproxy.reasoning_effort(
                 {"thinking": {"type": "enabled", "budget_tokens": budget}}), effort)
+
+    def test_metadata_user_id_becomes_a_hashed_user_only_when_asked(self):
+        body = {"messages": [user("hi")], "metadata": {"user_id": '{"device_id":"d"}'}}
+        self.assertNotIn("user", to_openai(body)[0])
+        out, _ = to_openai(body, send_user=True)
+        self.assertRegex(out["user"], r"^[0-9a-f]{32}$")
+        self.assertNotIn("device", out["user"])
+        self.assertNotIn("user", to_openai({"messages": [user("hi")]}, send_user=True)[0])
 
     def test_17_unknown_fields_never_reach_the_upstream(self):
         body = {"messages": [user("hi")], "context_management": {"edits": []},
