@@ -210,6 +210,8 @@ QUIRK_DEFAULTS = {
     "tool_id_style": "",               # alnum9 (Mistral): ids of 9 alphanumerics
     "auth": "bearer",                  # or api-key (Azure)
     "no_required": False,              # tool_choice "required" unsupported: send "auto"
+    "no_named_choice": False,          # a named tool_choice unsupported: send "required"
+    "no_choice_none": False,           # tool_choice "none" ignored: send no tools instead
     "no_parallel_flag": False,         # drop parallel_tool_calls
     "gemini_signatures": False,        # keep and replay extra_content.google.thought_signature
     "send_user": False,                # metadata.user_id -> user, as sha256 hex[:32] (§1.1)
@@ -234,7 +236,8 @@ PROVIDER_QUIRKS = {
     "gemini": {"schema_dialect": "gemini", "reasoning": "reasoning_effort",
                "reasoning_models": r"(2\.5|gemini-3)", "gemini_signatures": True,
                "sig_in_id": True},
-    "ollama": {"stream_tools": False, "think_tags": True, "no_parallel_flag": True},
+    "ollama": {"stream_tools": False, "think_tags": True, "no_parallel_flag": True,
+               "no_choice_none": True},
     "openai-compatible": {"think_tags": True},
 }
 
@@ -1956,6 +1959,8 @@ def convert_tool_choice(choice, quirks):
         return None, None
     kind = choice.get("type")
     parallel = False if choice.get("disable_parallel_tool_use") else None
+    if kind == "tool" and choice.get("name") and quirks["no_named_choice"]:
+        kind = "any"
     if kind == "any":
         return ("auto" if quirks["no_required"] else "required"), parallel
     if kind == "tool" and choice.get("name"):
@@ -2062,10 +2067,10 @@ def anthropic_to_openai(body, tr, prepared=None):
 def _add_tools(out, body, tr, prepared):
     quirks = tr.quirks
     tr.names.update(prepared.names)
-    if not prepared.tools:
+    choice, parallel = convert_tool_choice(body.get("tool_choice"), quirks)
+    if not prepared.tools or (choice == "none" and quirks["no_choice_none"]):
         return                           # OpenAI 400s on tool_choice without tools
     out["tools"] = prepared.tools
-    choice, parallel = convert_tool_choice(body.get("tool_choice"), quirks)
     if choice is not None:
         out["tool_choice"] = choice
     if parallel is not None and not quirks["no_parallel_flag"]:

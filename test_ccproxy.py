@@ -1556,6 +1556,13 @@ class TestTranslationRequest(unittest.TestCase):
         out, _ = to_openai({"messages": [user("hi")], "tools": tools,
                             "tool_choice": {"type": "any"}}, no_required=True)
         self.assertEqual(out["tool_choice"], "auto")
+        out, _ = to_openai({"messages": [user("hi")], "tools": tools,
+                            "tool_choice": {"type": "tool", "name": "Read"}}, no_named_choice=True)
+        self.assertEqual(out["tool_choice"], "required")
+        out, _ = to_openai({"messages": [user("hi")], "tools": tools,
+                            "tool_choice": {"type": "none"}}, "ollama", "qwen3")
+        for key in ("tools", "tool_choice", "parallel_tool_calls"):     # ignored "none"
+            self.assertNotIn(key, out)
 
     def test_16_reasoning(self):
         body = {"messages": [user("hi")], "temperature": 0.5,
