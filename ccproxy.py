@@ -148,6 +148,8 @@ DEFAULT_MAX_CONNECTIONS = 1024    # client connections served at once
 START_WAIT = 15.0                 # seconds `start` (and a supervisor) waits for "ready"
 RESERVE_CONNECTIONS = 16          # beyond the cap: slots that serve only /health, /status
 PING_INTERVAL = 15.0              # a translated stream silent this long gets an SSE ping
+FIRST_EVENT_WAIT = 10.0           # a translated stream commits (head, message_start) once
+                                  # its first upstream event is this late (§3.4 S0)
 CIRCUIT_THRESHOLD = 3             # consecutive failures that open a provider's circuit
 CIRCUIT_COOLDOWN = 30.0           # seconds it stays open before one trial call
 #: Histogram buckets (seconds): whole requests run from milliseconds to many minutes.
@@ -3117,7 +3119,7 @@ class Pinger:
 
     def _run(self):
         while True:
-            time.sleep(min(1.0, PING_INTERVAL / 4))
+            time.sleep(min(1.0, PING_INTERVAL / 4, FIRST_EVENT_WAIT / 4))
             with self._lock:
                 streams = list(self._streams)
             for handler in streams:
@@ -3782,6 +3784,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.request_id, self.t0, self.sent = new_request_id(), time.monotonic(), False
             self.fields, self.body_read, self.upstream_started = {}, False, None
             self.write_lock, self.pinging, self.last_write = threading.Lock(), False, 0.0
+            self.pending_head = None
             deadlines.arm(self.connection, self.server.service.config.header_timeout, "head")
             super().handle_one_request()
         except (ConnectionError, socket.timeout):
@@ -3945,14 +3948,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.last_write = time.monotonic()
 
     def ping_if_idle(self, interval):
-        """Called by the Pinger thread: one SSE ping if nothing was written lately."""
+        """Called by the Pinger thread: one SSE ping if nothing was written lately; for
+        a stream still waiting for its first event, after FIRST_EVENT_WAIT, the head
+        and message_start (which ends in a ping) instead."""
         with self.write_lock:
-            if self.pinging and time.monotonic() - self.last_write >= interval:
-                try:
-                    self.wfile.write(self.ping_frame)
-                    self.last_write = time.monotonic()
-                except OSError:
-                    pass            # the stream's own thread sees the broken client
+            head = self.pending_head
+            wait = FIRST_EVENT_WAIT if head is not None else interval
+            if not self.pinging or time.monotonic() - self.last_write < wait:
+                return
+            self.pending_head, self.sent = None, True
+            if head is not None:
+                self.fields["stream_ttfb"] = time.monotonic() - self.t0
+            try:
+                self.wfile.write(head if head is not None else self.ping_frame)
+            except OSError:
+                pass                # the stream's own thread sees the broken client
+            self.last_write = time.monotonic()
 
     def _send(self, status, headers=(), body=b"", close=False):
         """A complete response in one write (head and body together: no Nagle stall)."""
@@ -4240,34 +4251,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
                            output_tokens=usage.get("output_tokens"))
 
     def _translate_stream(self, client, resp, tr):
-        """S0 (§3.4): wait for the first upstream event; an error there becomes a plain
-        HTTP error (so 429 + retry-after works), anything else commits the stream."""
+        """S0 (§3.4): wait for the first upstream event.  An error before it becomes a
+        plain HTTP error (so 429 + retry-after works); the event commits the stream, and
+        so does a wait past FIRST_EVENT_WAIT (the Pinger writes the head then: a model
+        that thinks for minutes must not leave the client, or a proxy, without one)."""
         parser, st = SSEParser(), StreamTranslator(tr)
-        try:
-            payloads, rest = self._first_payloads(resp, parser)
-            first = b"".join(st.feed(p) for p in payloads)
-        except UpstreamReplyError as exc:
-            client.discard(resp)
-            status = 529 if exc.etype == "overloaded_error" else 500
-            raise HTTPError(status, exc.etype, str(exc)) from exc
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            client.discard(resp)
-            raise HTTPError(500, "api_error", "%s upstream stream failed before the first "
-                            "event: %s" % (tr.route, _os_error_text(exc))) from exc
-        if not payloads:
-            client.discard(resp)
-            raise HTTPError(500, "api_error", "%s upstream stream was empty" % tr.route)
         chunked = self.request_version == "HTTP/1.1"
         self.close_connection = self.close_connection or not chunked
         framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
         frame = _chunk if chunked else bytes
-        self._write(self._head(200, SSE_HEADERS, (framing,)) + frame(st.start() + first))
-        self.fields["stream_ttfb"] = time.monotonic() - self.t0
-        self.ping_frame, self.pinging = frame(sse_event("ping", {"type": "ping"})), True
+        self.ping_frame = frame(sse_event("ping", {"type": "ping"}))
+        self.pending_head = self._head(200, SSE_HEADERS, (framing,)) + frame(st.start())
+        self.pinging, self.last_write = True, time.monotonic()
         self.server.service.pinger.add(self)
         done = False
         try:
-            done = self._pump_translated(resp, parser, st, frame, rest)
+            rest = self._first_event(resp, parser, st, frame)
+            done = rest is not None and self._pump_translated(resp, parser, st, frame, rest)
         finally:
             self.server.service.pinger.remove(self)
             client.release(resp) if done else client.discard(resp)
@@ -4276,6 +4276,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._note_tokens(anthropic_usage(st.usage, tr.estimate, 1))
         if chunked:
             self._write(b"0\r\n\r\n")
+
+    def _first_event(self, resp, parser, st, frame):
+        """Read and write the first event (with the head, unless the Pinger sent it);
+        the bytes read after it, or None when the stream ended in an error event."""
+        try:
+            payloads, rest = self._first_payloads(resp, parser)
+            if not payloads:
+                raise UpstreamReplyError("api_error", "%s upstream stream was empty"
+                                         % st.tr.route)
+            first = b"".join(st.feed(p) for p in payloads)
+        except (UpstreamReplyError, OSError, http.client.HTTPException, ValueError) as exc:
+            etype, message = (exc.etype, str(exc)) if isinstance(exc, UpstreamReplyError) else (
+                "api_error", "%s upstream stream failed before the first event: %s"
+                % (st.tr.route, _os_error_text(exc)))
+            with self.write_lock:
+                head, self.pending_head = self.pending_head, None
+            if head is not None:                  # not committed: a plain HTTP error
+                raise HTTPError(529 if etype == "overloaded_error" else 500, etype,
+                                message) from exc
+            self.fields["upstream_status"] = "stream_error"
+            self._write(frame(st.error(etype, message)))
+            return None
+        with self.write_lock:
+            head, self.pending_head = self.pending_head, None
+        if head is not None:
+            self.fields["stream_ttfb"] = time.monotonic() - self.t0
+        self._write((head or b"") + frame(first))
+        return rest
 
     @staticmethod
     def _first_payloads(resp, parser):
@@ -4378,8 +4406,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 def _chunk(data):
-    """One HTTP/1.1 chunk (RFC 9112 §7.1), in one buffer so it goes out in one send."""
-    return b"%x\r\n%s\r\n" % (len(data), data)
+    """One HTTP/1.1 chunk (RFC 9112 §7.1), in one buffer so it goes out in one send.
+    Nothing for no data: an empty chunk would end the body (the last-chunk is
+    written on its own, as b"0\\r\\n\\r\\n")."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
 
 
 _DATE_CACHE = [0, ""]

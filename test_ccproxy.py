@@ -2181,6 +2181,15 @@ class TestTranslationEndToEnd(unittest.TestCase):
         blocks = check_grammar(self, parse_events(out))
         self.assertEqual([b.get("text") for b in blocks], ["abc"])
 
+    def test_a_first_chunk_with_only_the_role(self):
+        # OpenAI's first chunk is {"role": "assistant", "content": ""}: no client event.
+        resp, out, _ = self.stream(chunk({"role": "assistant", "content": ""}) +
+                                   chunk({"content": "Hi"}) + chunk(finish="stop") +
+                                   "data: [DONE]\n\n")
+        events = parse_events(out)
+        self.assertEqual(check_grammar(self, events)[0]["text"], "Hi")
+        self.assertEqual(events[-1]["type"], "message_stop")
+
     def test_one_tool_and_two_interleaved(self):
         resp, out, _ = self.stream(TOOL_TRACE)
         blocks = check_grammar(self, parse_events(out))
@@ -2234,6 +2243,41 @@ class TestTranslationEndToEnd(unittest.TestCase):
         events = parse_events(received)
         self.assertEqual(check_grammar(self, events)[0]["text"], "x")
         self.assertGreaterEqual([e["type"] for e in events].count("ping"), 3)
+
+    def test_a_late_first_event_commits_the_stream_at_the_wait(self):
+        # §3.4 S0: after FIRST_EVENT_WAIT the head and message_start go out; an error
+        # after that can only be an SSE error event.
+        for tail, last in (([chunk({"content": "x"}), chunk(finish="stop"), "data: [DONE]\n\n"],
+                            "message_stop"),
+                           (['data: {"error": {"code": 429, "message": "slow down"}}\n\n'],
+                            "error")):
+            with self.subTest(last=last):
+                release = threading.Event()
+
+                def behave(h, body):
+                    h.start_stream()
+                    h.wfile.flush()
+                    release.wait(TIMEOUT)           # the model thinks, silently
+                    for piece in tail:
+                        h.chunk(piece.encode())
+                    h.chunk(b"")
+                with unittest.mock.patch.object(ccproxy, "FIRST_EVENT_WAIT", 0.2), \
+                        FakeUpstream(behave) as up, Proxy(openai_provider(up.url)) as px:
+                    conn = px.conn()
+                    conn.request("POST", "/v1/messages", json.dumps(dict(BODY, stream=True)))
+                    started = time.monotonic()
+                    resp = conn.getresponse()       # returns only once the head came
+                    self.assertLess(time.monotonic() - started, TIMEOUT / 2)
+                    self.assertEqual(resp.status, 200)
+                    received = resp.read1(65536)
+                    self.assertIn(b"event: message_start", received)
+                    release.set()
+                    received += resp.read()
+                    conn.close()
+                events = parse_events(received)
+                check_grammar(self, events)
+                self.assertEqual([e["type"] for e in events].count("message_start"), 1)
+                self.assertEqual(events[-1]["type"], last)
 
     def test_39_error_as_first_event_is_a_plain_http_error(self):
         resp, out, _ = self.stream('data: {"error": {"code": 429, "message": "rate limit"}}\n\n')
