@@ -150,6 +150,7 @@ RESERVE_CONNECTIONS = 16          # beyond the cap: slots that serve only /healt
 PING_INTERVAL = 15.0              # a translated stream silent this long gets an SSE ping
 FIRST_EVENT_WAIT = 10.0           # a translated stream commits (head, message_start) once
                                   # its first upstream event is this late (§3.4 S0)
+STOP_AND_RELOAD = frozenset((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 CIRCUIT_THRESHOLD = 3             # consecutive failures that open a provider's circuit
 CIRCUIT_COOLDOWN = 30.0           # seconds it stays open before one trial call
 #: Histogram buckets (seconds): whole requests run from milliseconds to many minutes.
@@ -4640,8 +4641,11 @@ class Daemon:
         return self.drain()
 
     def _install_signals(self):
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in STOP_AND_RELOAD:
             signal.signal(sig, self._on_signal)
+        # A worker is forked with these blocked (Supervisor._spawn): one that arrived
+        # since is delivered now, to these handlers.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_AND_RELOAD)
 
     def _on_signal(self, signum, frame):
         # Runs in the main thread between bytecodes: only queue and wake, except a
@@ -4809,7 +4813,7 @@ class Supervisor:
 
     def run(self, on_ready=None):
         """Start the workers, supervise them until SIGTERM, then drain them all."""
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in STOP_AND_RELOAD:
             signal.signal(sig, self._on_signal)
         for wid in range(self.config.workers):
             self._spawn(wid)
@@ -4835,8 +4839,13 @@ class Supervisor:
         self.wake.set()
 
     def _spawn(self, wid):
+        # Until the worker has its own handlers, the supervisor's would swallow a HUP
+        # or TERM sent to it (a reload lost for good): block them across the fork.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_AND_RELOAD)
         pid = os.fork()
-        if pid == 0:                 # the worker
+        if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:                        # the worker
             code = EXIT_FAIL
             try:
                 if self.pidfile and self.pidfile.fd is not None:
@@ -4877,10 +4886,22 @@ class Supervisor:
                              len(self.workers))
                     return
                 log.info("SIGHUP: each worker reloads its config")
+                self._reload_own()
                 self._forward(signal.SIGHUP)
             self._reap()
             if interval:
                 sd_notify("WATCHDOG=1", self.environ)
+
+    def _reload_own(self):
+        """The config a worker started from now on gets: the new one when it is valid
+        (else the workers keep theirs too, and count the failure)."""
+        try:
+            config = self.reloader()
+        except CcproxyError as exc:
+            log.error("reload: %s", exc)
+            return
+        c = self.config          # the listener and the worker count need a restart
+        self.config = dataclasses.replace(config, host=c.host, port=c.port, workers=c.workers)
 
     def _reap(self):
         for wid, (pid, born) in list(self.workers.items()):

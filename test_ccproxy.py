@@ -3260,6 +3260,12 @@ class TestWorkers(LifecycleCase):
         self.assertEqual(self.cli("reload", "-c", path).returncode, 0)
         wait_for(lambda: self.get("/status")[1]["providers"]["active"] == ["b"] and len(
             {w["config"] for w in self.workers()}) == 1, timeout=10)
+        reloaded = self.workers()[0]["config"]
+        victim = self.workers()[0]["pid"]           # one that dies after the reload...
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(self.workers()) == 2 and victim not in
+                 [w["pid"] for w in self.workers()], timeout=10)
+        self.assertEqual({w["config"] for w in self.workers()}, {reloaded})  # ...comes back new
         live = [w["pid"] for w in self.workers()]
         self.assertEqual(self.cli("stop", "-c", path).returncode, 0)
         self.assertEqual(self.cli("status", "-c", path).returncode, 3)
