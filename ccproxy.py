@@ -144,6 +144,7 @@ READ_BUFFER = 2048                # per-socket read buffer, both sides: heads ar
                                   # per 1000 open streams (make bench)
 DEFAULT_HEADER_TIMEOUT = 30.0     # absolute: first byte to the end of the request head
 DEFAULT_BODY_TIMEOUT = 300.0      # absolute: the whole body (64 MiB on a slow link)
+FRESH_GRACE = 1.0                 # seconds a drain waits for new connections' requests
 DEFAULT_MAX_CONNECTIONS = 1024    # client connections served at once
 START_WAIT = 15.0                 # seconds `start` (and a supervisor) waits for "ready"
 RESERVE_CONNECTIONS = 16          # beyond the cap: slots that serve only /health, /status
@@ -3488,10 +3489,19 @@ class Service:
         self._idle = threading.Condition()
         self.in_flight = self.requests_served = 0
         self.waiting = set()         # keep-alive connections idle between requests
+        self.connecting = 0          # accepted connections whose first request is not in
 
     def begin_request(self):
         with self._idle:
             self.in_flight += 1
+
+    def connection_opened(self, delta=1):
+        """Count a connection from its accept until its first request begins (delta -1):
+        its client has sent, or is sending, a request the drain must not lose."""
+        with self._idle:
+            self.connecting += delta
+            if not self.in_flight and not self.connecting:
+                self._idle.notify_all()
 
     def end_request(self):
         with self._idle:
@@ -3508,15 +3518,22 @@ class Service:
             waiting = list(self.waiting)
         for sock in waiting:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
+                # A request whose bytes are here already is served (Connection: close):
+                # shutting it down would reset a request the client counts as sent.
+                if not select.select([sock], [], [], 0)[0]:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, ValueError):
                 pass
 
     def wait_idle(self, timeout):
         """Wait until no request is in flight; return how many are still running."""
         deadline = time.monotonic() + timeout
+        # New connections get a moment for their request's first bytes; one that sends
+        # nothing (a TCP health check) must not hold the drain for long.
+        fresh = time.monotonic() + min(FRESH_GRACE, timeout)
         with self._idle:
-            while self.in_flight and time.monotonic() < deadline:
+            while time.monotonic() < deadline and (
+                    self.in_flight or (self.connecting and time.monotonic() < fresh)):
                 self._idle.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             return self.in_flight
 
@@ -3695,11 +3712,13 @@ class Server(http.server.ThreadingHTTPServer):
         """A thread per connection up to max_connections; then a few reserve slots that
         serve only the probe endpoints (long streams must not starve /health); then a
         fixed 503 written without a thread."""
+        self.service.connection_opened()
         if self.slots.acquire(blocking=False):
             slot = (self.slots, self.RequestHandlerClass)
         elif self.reserve.acquire(blocking=False):
             slot = (self.reserve, self.overflow_handler)
         else:
+            self.service.connection_opened(-1)
             return self._refuse(request)
         threading.Thread(target=self._serve, args=(request, client_address, slot),
                          daemon=True).start()
@@ -3800,12 +3819,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         service = self.server.service
         if service.draining and self.requests_here:
             return False
-        if self.connection is not None:
+        if self.connection is not None and self.requests_here:
             with service._idle:
                 service.waiting.add(self.connection)
         try:
             return bool(self.rfile.peek(1))
         finally:
+            if not self.requests_here:
+                service.connection_opened(-1)
             self.requests_here += 1
             with service._idle:
                 service.waiting.discard(self.connection)

@@ -3339,6 +3339,30 @@ class TestDrainAndSignals(LifecycleCase):
             self.assertEqual(proc.wait(TIMEOUT), 0)
         self.assertEqual(result.get("status"), 200, result)
 
+    def test_a_connection_accepted_before_the_drain_still_gets_its_answer(self):
+        # Its client connected, then the drain began, then its request arrived: it is
+        # served (make soak lost such requests as ConnectionResetError at a restart).
+        with FakeUpstream() as up:
+            proc = self.start_with(up.url)
+            fresh = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+            wait_for(lambda: self.get("/health")[0] == 200)      # accepted, served
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: not self.accepts())                  # the drain is on
+            body = json.dumps(BODY).encode()
+            fresh.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+                          b"\r\n\r\n%s" % (len(body), body))
+            raw = b""
+            while True:                                # Connection: close ends it
+                data = fresh.recv(65536)
+                if not data:
+                    break
+                raw += data
+            fresh.close()
+            status, headers, out = parse_response(raw, "POST")
+            self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertEqual((status, json.loads(out)), (200, MESSAGE_JSON))
+        self.assertEqual(headers["Connection"], "close")
+
     def test_hung_upstream_exits_within_the_drain_timeout(self):
         release = threading.Event()
         with self.slow_upstream(release) as up:
