@@ -3491,13 +3491,17 @@ class Service:
         self.waiting = set()         # keep-alive connections idle between requests
         self.connecting = 0          # accepted connections whose first request is not in
 
-    def begin_request(self):
+    def begin_request(self, first=False):
+        """A request is in flight; `first`: its connection's first, which stops counting
+        as connecting in the same step (the drain must never see neither)."""
         with self._idle:
             self.in_flight += 1
+            self.connecting -= first
 
     def connection_opened(self, delta=1):
-        """Count a connection from its accept until its first request begins (delta -1):
-        its client has sent, or is sending, a request the drain must not lose."""
+        """Count a connection from its accept until its first request begins (then
+        begin_request(first=True)) or it ends without one (delta -1): its client has
+        sent, or is sending, a request the drain must not lose."""
         with self._idle:
             self.connecting += delta
             if not self.in_flight and not self.connecting:
@@ -3783,15 +3787,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
     rbufsize = READ_BUFFER
     status_only = False          # the optional status listener serves /status* only
     overflow = False             # a reserve slot past max_connections: probes only
+    fresh = False                # counted in Service.connecting (set per connection)
 
     def setup(self):
         self.timeout = self.server.service.config.idle_timeout
-        self.requests_here = 0
+        self.requests_here, self.fresh = 0, True     # fresh: counted as connecting
         super().setup()
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass                 # not TCP (tests use socketpairs)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            if self.fresh:               # the connection ended without a request
+                self.fresh = False
+                self.server.service.connection_opened(-1)
 
     def handle_one_request(self):
         deadlines = self.server.service.deadlines
@@ -3825,8 +3838,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             return bool(self.rfile.peek(1))
         finally:
-            if not self.requests_here:
-                service.connection_opened(-1)
             self.requests_here += 1
             with service._idle:
                 service.waiting.discard(self.connection)
@@ -3841,7 +3852,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self):
         service = self.server.service
         service.deadlines.disarm(self.connection)        # the head is in
-        service.begin_request()
+        service.begin_request(self.fresh)
+        self.fresh = False
         try:
             self._route()
         except HTTPError as exc:
