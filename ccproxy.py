@@ -1985,8 +1985,7 @@ def thinking_budget(body):
     """thinking.budget_tokens when the client set one, else None."""
     thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
     budget = thinking.get("budget_tokens") if thinking.get("type") == "enabled" else None
-    return budget if isinstance(budget, int) and not isinstance(budget, bool) and (
-        budget > 0) else None
+    return budget if isinstance(budget, int) and not isinstance(budget, bool) else None
 
 
 def reasoning_effort(body):
@@ -1994,8 +1993,8 @@ def reasoning_effort(body):
     thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
     kind = thinking.get("type")
     if kind == "enabled":
-        budget = thinking.get("budget_tokens")
-        budget = budget if isinstance(budget, int) and not isinstance(budget, bool) else 8192
+        budget = thinking_budget(body)
+        budget = 8192 if budget is None else budget
         return "low" if budget <= 1024 else "medium" if budget <= 8192 else "high"
     if kind == "adaptive":
         effort = (body.get("output_config") or {}).get("effort") if isinstance(
@@ -2014,7 +2013,7 @@ def _reasoning_fields(body, quirks, model):
         # OpenRouter takes Claude Code's own budget for Anthropic and Gemini models
         # (reasoning.max_tokens); OpenAI's models think in efforts.
         budget = thinking_budget(body)
-        if budget and not re.search(r"^(openai/)?(o\d|gpt-5)", model or ""):
+        if budget and budget > 0 and not re.search(r"^(openai/)?(o\d|gpt-5)", model or ""):
             return {"reasoning": {"max_tokens": budget}}
         return {"reasoning": {"effort": effort}}
     if placement == "deepseek":
@@ -4324,20 +4323,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
             etype, message = (exc.etype, str(exc)) if isinstance(exc, UpstreamReplyError) else (
                 "api_error", "%s upstream stream failed before the first event: %s"
                 % (st.tr.route, _os_error_text(exc)))
-            with self.write_lock:
-                head, self.pending_head = self.pending_head, None
+            head = self._take_pending_head()
             if head is not None:                  # not committed: a plain HTTP error
                 raise HTTPError(529 if etype == "overloaded_error" else 500, etype,
                                 message) from exc
             self.fields["upstream_status"] = "stream_error"
             self._write(frame(st.error(etype, message)))
             return None
-        with self.write_lock:
-            head, self.pending_head = self.pending_head, None
+        head = self._take_pending_head()
         if head is not None:
             self.fields["stream_ttfb"] = time.monotonic() - self.t0
         self._write((head or b"") + frame(first))
         return rest
+
+    def _take_pending_head(self):
+        """The head the Pinger has not written yet (now it never will), or None."""
+        with self.write_lock:
+            head, self.pending_head = self.pending_head, None
+        return head
 
     @staticmethod
     def _first_payloads(resp, parser):

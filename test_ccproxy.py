@@ -172,6 +172,21 @@ MESSAGE_JSON = {"id": "msg_1", "type": "message", "role": "assistant", "model": 
                 "usage": {"input_tokens": 5, "output_tokens": 1}}
 
 
+def thinking_upstream(before, release, after):
+    """A fake upstream's behave: stream `before`, go silent (as a model that thinks)
+    until `release` is set, then stream `after` and end."""
+    def behave(h, body):
+        h.start_stream()
+        for piece in before:
+            h.chunk(piece.encode())
+        h.wfile.flush()
+        release.wait(TIMEOUT)
+        for piece in after:
+            h.chunk(piece.encode())
+        h.chunk(b"")
+    return behave
+
+
 def sse(event, data):
     return b"event: %s\ndata: %s\n\n" % (event.encode(), json.dumps(data).encode())
 
@@ -2225,15 +2240,8 @@ class TestTranslationEndToEnd(unittest.TestCase):
 
     def test_pings_while_the_upstream_is_silent(self):
         release = threading.Event()
-
-        def behave(h, body):
-            h.start_stream()
-            h.chunk(chunk({"content": "x"}).encode())
-            h.wfile.flush()
-            release.wait(TIMEOUT)           # silent, as a model that thinks
-            for piece in (chunk(finish="stop"), "data: [DONE]\n\n"):
-                h.chunk(piece.encode())
-            h.chunk(b"")
+        behave = thinking_upstream([chunk({"content": "x"})], release,
+                                   [chunk(finish="stop"), "data: [DONE]\n\n"])
         with unittest.mock.patch.object(ccproxy, "PING_INTERVAL", 0.3), \
                 FakeUpstream(behave) as up, Proxy(openai_provider(up.url)) as px:
             conn = px.conn()
@@ -2258,14 +2266,7 @@ class TestTranslationEndToEnd(unittest.TestCase):
                             "error")):
             with self.subTest(last=last):
                 release = threading.Event()
-
-                def behave(h, body):
-                    h.start_stream()
-                    h.wfile.flush()
-                    release.wait(TIMEOUT)           # the model thinks, silently
-                    for piece in tail:
-                        h.chunk(piece.encode())
-                    h.chunk(b"")
+                behave = thinking_upstream([], release, tail)
                 with unittest.mock.patch.object(ccproxy, "FIRST_EVENT_WAIT", 0.2), \
                         FakeUpstream(behave) as up, Proxy(openai_provider(up.url)) as px:
                     conn = px.conn()
