@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,15 +20,11 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench import free_port  # noqa: E402  (one helper for both scripts)
 CCPROXY = os.path.join(HERE, "..", "ccproxy.py")
 BODY = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 100, "stream": True,
                    "messages": [{"role": "user", "content": "hi"}]}).encode()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_file(path, timeout=10.0):
