@@ -410,16 +410,21 @@ class TestPureFunctions(unittest.TestCase):
                 self.assertEqual(ccproxy.split_signature(tool_id), expected)
 
     def test_malloc_tunables_add_no_thread_cache_and_keep_the_users(self):
+        ours = "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=1"
         for current, expected in [
-                ("", "glibc.malloc.tcache_count=0"),
+                ("", ours),
                 ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:"
                                              "glibc.malloc.tcache_count=0"),
-                ("glibc.malloc.tcache_count=7", "glibc.malloc.tcache_count=7")]:
+                ("glibc.malloc.tcache_count=7", "glibc.malloc.tcache_count=7:"
+                                                "glibc.malloc.arena_max=1"),
+                ("glibc.malloc.tcache_count=7:glibc.malloc.arena_max=4",
+                 "glibc.malloc.tcache_count=7:glibc.malloc.arena_max=4"),
+                ("glibc.rtld.nns=2", "glibc.rtld.nns=2:" + ours)]:
             with self.subTest(current=current):
                 self.assertEqual(ccproxy.malloc_tunables(current), expected)
         env = ccproxy.reexec_environ({"HOME": "/h"}, 7)
         self.assertEqual(env, {"HOME": "/h", "CCPROXY_NO_REEXEC": "1", "CCPROXY_READY_FD": "7",
-                               "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
+                               "GLIBC_TUNABLES": ours})
         self.assertNotIn("CCPROXY_READY_FD", ccproxy.reexec_environ({}, None))
 
     def test_presented_key_and_constant_time_match(self):
@@ -606,6 +611,19 @@ class TestPureFunctions(unittest.TestCase):
                 with self.assertRaises(ccproxy.HTTPError) as cm:
                     ccproxy.parse_json_object(raw)
                 self.assertEqual(cm.exception.status, 400)
+
+    def test_take_body_hands_the_parsed_body_out_once(self):
+        # A holder keeps only the raw bytes while an upstream thinks; a fallback attempt
+        # gets the body parsed again.
+        raw = b'{"model": "m", "messages": []}'
+        for holder, expected, left in [
+                ({"raw": raw, "body": {"model": "kept"}}, {"model": "kept"}, {"raw": raw}),
+                ({"raw": raw}, {"model": "m", "messages": []}, {"raw": raw}),
+                ({"raw": b"", "body": None}, None, {"raw": b""}),
+                ({}, None, {})]:
+            with self.subTest(holder=holder):
+                self.assertEqual(ccproxy._take_body(holder), expected)
+                self.assertEqual(holder, left)
 
     def test_model_rewrites(self):
         self.assertEqual(json.loads(ccproxy.rewrite_model_json(
@@ -996,7 +1014,7 @@ class TestProxyEndToEnd(unittest.TestCase):
             wait_for(lambda: (px.service.connecting, px.service.in_flight) == (0, 0))
 
     def test_heads_and_bodies_larger_than_the_read_buffers(self):
-        # Both sides read through READ_BUFFER (2 KB) buffers: 6 KB heads, 300 KB bodies.
+        # Both sides read through READ_BUFFER (512 B) buffers: 6 KB heads, 300 KB bodies.
         big = dict(MESSAGE_JSON, content=[{"type": "text", "text": "é" * 150000}])
         out_headers = [("x-up-%d" % i, "v" * 100) for i in range(60)]
         frames = [sse("content_block_delta", {"type": "content_block_delta", "index": 0,
@@ -1150,6 +1168,61 @@ class TestProxyEndToEnd(unittest.TestCase):
                     self.assertEqual(stats["first"]["status"], "disconnected")
                     self.assertEqual(stats["second"]["status"], "connected")
         self.assertEqual(len(second.requests), 2)
+
+    def test_fallback_to_a_translated_provider_parses_the_body_again(self):
+        # The first attempt took the parsed body (see _take_body); the second, to an
+        # OpenAI provider, must still see every message.
+        def openai(h, body):
+            return h.reply(200, reply({"role": "assistant", "content": "from oa"}))
+        body = dict(BODY, messages=[{"role": "user", "content": "first"},
+                                    {"role": "assistant", "content": "a"},
+                                    {"role": "user", "content": "last"}])
+        with FakeUpstream(lambda h, b: h.reply(503, b"down")) as first, \
+                FakeUpstream(openai) as second:
+            cfg = config(providers=(provider_cfg("first", first.url), ccproxy.ProviderConfig(
+                name="oa", type="openai", base_url=second.url, api_key="k", model="gpt-4o")),
+                fallback=("first", "oa"))
+            with Proxy(cfg) as px:
+                resp, out = px.call("POST", "/v1/messages", body)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(json.loads(out)["content"], [{"type": "text", "text": "from oa"}])
+        sent = json.loads(second.requests[0]["body"])
+        self.assertEqual([m["content"] for m in sent["messages"]], ["first", "a", "last"])
+        self.assertEqual(json.loads(first.requests[0]["body"]), body)
+
+    def test_connection_threads_leave_no_trace_in_threading(self):
+        # Connections run on bare _thread threads: with the daemon's logging, serving
+        # them must register nothing in threading (no _DummyThread per connection).
+        cfg = config(providers=(provider_cfg("a", "http://127.0.0.1:9"),))
+        saved = logging.logThreads
+        try:
+            ccproxy.configure_logging(cfg)
+            self.assertFalse(logging.logThreads)
+            with Proxy(cfg) as px:
+                px.call("GET", "/health")         # starts the deadline thread
+                before = threading.active_count()
+                for _ in range(5):
+                    resp, _ = px.call("GET", "/health")
+                    self.assertEqual(resp.status, 200)
+                self.assertEqual(threading.active_count(), before, threading.enumerate())
+        finally:
+            logging.logThreads = saved
+            for handler in list(ccproxy.log.handlers):
+                ccproxy.log.removeHandler(handler)
+            ccproxy.log.propagate = True
+
+    def test_a_thread_that_cannot_start_is_a_503_not_a_lost_slot(self):
+        cfg = config(providers=(provider_cfg("a", "http://127.0.0.1:9"),), max_connections=1)
+        with Proxy(cfg) as px:
+            with unittest.mock.patch.object(ccproxy._thread, "start_new_thread",
+                                            side_effect=RuntimeError("no memory")):
+                with self.assertLogs("ccproxy", "ERROR"):
+                    resp, _ = px.call("GET", "/health")
+            self.assertEqual(resp.status, 503)
+            self.assertEqual(px.service.connecting, 0)
+            self.assertEqual(px.server.slots._value, 1)     # the one slot was given back
+            resp, _ = px.call("GET", "/health")
+            self.assertEqual(resp.status, 200)
 
     def test_no_fallback_on_401_nor_after_the_first_byte(self):
         def truncated(h, body):
