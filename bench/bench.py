@@ -294,7 +294,8 @@ def threaded_load(port, path, body, concurrency, seconds):
 
 
 def hold_streams(port, n, pid, body):
-    """Open n streaming calls at once; RSS of `pid` while all are open; how many end."""
+    """Open n streaming calls at once: (peak RSS of `pid` once 99% have their head, how
+    many completed, how many were open at that peak)."""
     sel, data = selectors.DefaultSelector(), json.dumps(dict(body, stream=True)).encode()
     request = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
@@ -305,7 +306,7 @@ def hold_streams(port, n, pid, body):
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ, [b"", False])
         socks.append(s)
-    peak, started, done, heads = 0.0, time.monotonic(), 0, 0
+    peak, started, done, heads, open_at_peak, ended = 0.0, time.monotonic(), 0, 0, 0, 0
     while done < n and time.monotonic() - started < 120:
         for key, _ in sel.select(timeout=0.5):
             state = key.data
@@ -318,13 +319,16 @@ def hold_streams(port, n, pid, body):
             state[0] = (state[0] + chunk)[-64:]
             if not chunk or state[0].endswith(b"0\r\n\r\n"):
                 done += state[0].endswith(b"0\r\n\r\n") and state[1]
+                ended += 1
                 sel.unregister(key.fileobj)
                 key.fileobj.close()
         if heads >= n * 0.99:
-            peak = max(peak, proc_stat(pid)[0])
+            rss = proc_stat(pid)[0]
+            if rss > peak:
+                peak, open_at_peak = rss, heads - ended
     for s in socks:
         s.close()
-    return peak, done
+    return peak, done, open_at_peak
 
 
 # ---- the run ----------------------------------------------------------------------
@@ -455,9 +459,10 @@ def connection_rows(port, body, pid):
 
 
 def stream_rows(tmp, body, counts, notes):
-    """RSS idle and with many open streams, against a slow stdlib fake (10 events 0.5 s
-    apart: every stream stays open about 5 s)."""
-    fake, up = start_stdlib_fake(tmp, 10, 0.5, "slow")
+    """RSS idle and with many open streams, against a slow stdlib fake (10 events 2 s
+    apart: every stream stays open about 20 s, long enough for 5000 to be open at once;
+    the table says how many were open at the peak)."""
+    fake, up = start_stdlib_fake(tmp, 10, 2.0, "slow")
     proxy, port, _ = start_ccproxy(tmp, ccproxy_config(tmp, up, "", ""))
     rows = []
     try:
@@ -465,12 +470,13 @@ def stream_rows(tmp, body, counts, notes):
         rows.append(("RSS idle", "%.1f MB" % proc_stat(proxy.pid)[0], "-", "-"))
         for n in counts:
             try:
-                peak, done = hold_streams(port, n, proxy.pid, dict(body, model="pass_sse"))
+                peak, done, held = hold_streams(port, n, proxy.pid,
+                                                dict(body, model="pass_sse"))
             except OSError as exc:
                 notes.append("%d streams: %s (raise ulimit -n)" % (n, exc))
                 continue
             rows.append(("RSS holding %d open streams" % n, "%.1f MB" % peak,
-                         "-", "%d/%d completed" % (done, n)))
+                         "-", "%d/%d completed, %d open at the peak" % (done, n, held)))
     finally:
         proxy.terminate()
         proxy.wait(30)
