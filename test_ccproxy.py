@@ -790,7 +790,7 @@ class SocketlessHandler(ccproxy.Handler):
 
     def __init__(self, raw, service, peer="127.0.0.1"):
         self.rfile, self.wfile = io.BufferedReader(io.BytesIO(raw)), io.BytesIO()
-        self.connection, self.requests_here = None, 0
+        self.connection, self.requests_here, self.fresh = None, 0, False
         self.write_lock = threading.Lock()
         self.server, self.client_address = _FakeServer(service), (peer, 50000)
         self.close_connection = True
@@ -1210,6 +1210,24 @@ class TestProxyEndToEnd(unittest.TestCase):
             for handler in list(ccproxy.log.handlers):
                 ccproxy.log.removeHandler(handler)
             ccproxy.log.propagate = True
+
+    def test_handler_state_lives_in_slots(self):
+        # An attribute missing from Handler.__slots__ would give every connection a
+        # __dict__ again (about 1 KB per open stream).
+        dicts = []
+        finish = ccproxy.Handler.finish
+
+        def spy(handler):
+            dicts.append(dict(getattr(handler, "__dict__", {})))
+            finish(handler)
+        with FakeUpstream() as up, Proxy(config(providers=(provider_cfg("a", up.url),))) \
+                as px, unittest.mock.patch.object(ccproxy.Handler, "finish", spy):
+            for method, path, body in [("POST", "/v1/messages", BODY), ("GET", "/health", None),
+                                       ("POST", "/v1/messages", dict(BODY, stream=True)),
+                                       ("GET", "/nope", None), ("POST", "/v1/messages", b"{")]:
+                px.call(method, path, body)
+            wait_for(lambda: len(dicts) == 5)
+        self.assertEqual(dicts, [{}] * 5)
 
     def test_a_thread_that_cannot_start_is_a_503_not_a_lost_slot(self):
         cfg = config(providers=(provider_cfg("a", "http://127.0.0.1:9"),), max_connections=1)
