@@ -193,6 +193,17 @@ def start_ccproxy(tmp, config_path, extra_env=None):
     raise SystemExit("ccproxy did not become healthy")
 
 
+def stop(proc, timeout):
+    """SIGTERM, and SIGKILL after `timeout`: a daemon still draining streams the fake
+    upstream is slow to end (25 s at most) must not fail the run."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def proc_stat(pid):
     """(RSS MB, CPU seconds) of a process, from /proc."""
     with open("/proc/%d/status" % pid) as f:
@@ -307,6 +318,7 @@ def hold_streams(port, n, pid, body):
         sel.register(s, selectors.EVENT_READ, [b"", False])
         socks.append(s)
     peak, started, done, heads, open_at_peak, ended = 0.0, time.monotonic(), 0, 0, 0, 0
+    failure = []          # the first answer that was not a 200 head
     while done < n and time.monotonic() - started < 120:
         for key, _ in sel.select(timeout=0.5):
             state = key.data
@@ -316,6 +328,8 @@ def hold_streams(port, n, pid, body):
                 continue
             if not state[1] and b"200 OK" in chunk[:64]:
                 state[1], heads = True, heads + 1
+            elif not state[1] and not state[0] and not failure:
+                failure.append(chunk[:200] or b"connection closed")
             state[0] = (state[0] + chunk)[-64:]
             if not chunk or state[0].endswith(b"0\r\n\r\n"):
                 done += state[0].endswith(b"0\r\n\r\n") and state[1]
@@ -328,6 +342,8 @@ def hold_streams(port, n, pid, body):
                 peak, open_at_peak = rss, heads - ended
     for s in socks:
         s.close()
+    if failure:
+        print("hold_streams(%d): first failure: %r" % (n, failure[0]), file=sys.stderr)
     return peak, done, open_at_peak
 
 
@@ -361,10 +377,8 @@ def main(argv=None):
         if "litellm" in args.peers:
             rows += litellm_rows(tmp, up, prefixes, body, n, args.seconds, notes)
     finally:
-        proxy.terminate()
-        proxy.wait(30)
-        fake.terminate()
-        fake.wait(10)
+        stop(proxy, 40)
+        stop(fake, 10)
     print_table(rows, source, use_nginx, notes)
     return 0
 
@@ -437,8 +451,7 @@ def worker_rows(tmp, up, prefixes, body, seconds):
             results[workers] = load(port, "/v1/messages", dict(body, model="pass_json"), 32,
                                     seconds, tmp)
         finally:
-            proxy.terminate()
-            proxy.wait(30)
+            stop(proxy, 40)
     one, two = results[1][0], results[2][0]
     return [("requests/s, pass-through, concurrency 32, 1 worker", "%.0f (%s)" % (
                 one, _errors(results[1][1])), "-", "-"),
@@ -478,10 +491,8 @@ def stream_rows(tmp, body, counts, notes):
             rows.append(("RSS holding %d open streams" % n, "%.1f MB" % peak,
                          "-", "%d/%d completed, %d open at the peak" % (done, n, held)))
     finally:
-        proxy.terminate()
-        proxy.wait(30)
-        fake.terminate()
-        fake.wait(10)
+        stop(proxy, 40)
+        stop(fake, 10)
     return rows
 
 
@@ -527,8 +538,7 @@ def litellm_rows(tmp, up, prefixes, body, n, seconds, notes):
         start = time.monotonic() - started
         return _peer_measures("LiteLLM", port, proc.pid, body, n, seconds, tmp, start)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc, 40)
 
 
 def wait_health(port, path, timeout):
