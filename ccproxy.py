@@ -3725,6 +3725,11 @@ class Server(http.server.ThreadingHTTPServer):
         self.reserve = threading.BoundedSemaphore(RESERVE_CONNECTIONS)
         self.overflow_handler = type("Overflow" + handler.__name__, (handler,),
                                      {"overflow": True})
+        # Built once: every thread keeps its arguments for as long as its connection.
+        self.normal = (self.slots, handler)
+        self.spare = (self.reserve, self.overflow_handler)
+        self.started = _thread.allocate_lock()       # see _serve; only the accept loop
+        self.started.acquire()                       # waits on it
         super().__init__(address, handler)
 
     def process_request(self, request, client_address):
@@ -3733,32 +3738,30 @@ class Server(http.server.ThreadingHTTPServer):
         fixed 503 written without a thread."""
         self.service.connection_opened()
         if self.slots.acquire(blocking=False):
-            slot = (self.slots, self.RequestHandlerClass)
+            slot = self.normal
         elif self.reserve.acquire(blocking=False):
-            slot = (self.reserve, self.overflow_handler)
+            slot = self.spare
         else:
             self.service.connection_opened(-1)
             return self._refuse(request)
-        started = _thread.allocate_lock()
-        started.acquire()
         try:
-            _thread.start_new_thread(self._serve, (request, client_address, slot, started))
+            _thread.start_new_thread(self._serve, (request, client_address, slot))
         except RuntimeError as exc:           # "can't start new thread": out of memory
             log.error("cannot start a thread for %s: %s", client_address[0], exc)
             slot[0].release()
             self.service.connection_opened(-1)
             return self._refuse(request)
-        started.acquire()
+        self.started.acquire()
 
-    def _serve(self, request, client_address, slot, started):
+    def _serve(self, request, client_address, slot):
         """One connection, on its own thread.  A bare _thread, not threading.Thread:
         that one costs 2.5 KB more per connection (an Event, a Condition, a name, a
         registry entry), which is 2.5 MB per 1000 open streams.  What Thread.start did
-        that matters is kept: process_request waits on `started` until this thread runs,
-        so the accept loop never runs ahead of the threads it starts; a burst of 1000
-        connections is taken in turn and few of them parse a body at the same moment
+        that matters is kept: process_request waits on `self.started` until this thread
+        runs, so the accept loop never runs ahead of the threads it starts; a burst of
+        1000 connections is taken in turn and few of them parse a body at the same moment
         (make bench: without the wait, 1000 streams took 64-73 MB instead of 61)."""
-        started.release()
+        self.started.release()
         try:
             slot[1](request, client_address, self)
         except Exception:
@@ -4186,15 +4189,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(200, {"input_tokens": tokens})
 
     def _forward(self, plan, endpoint, query, method, request):
-        """Try each (provider, model) in order until one answers; relay that answer.
-
-        A provider that fails before any byte reached the client (connection error, 5xx,
-        429, timeout) passes the request on; once bytes are sent there is no retry.
-        `request` holds the body ({"raw", "body"}, or empty for a GET).
-        """
+        """Relay the first answer of the providers in `plan` (see _answer).
+        `request` holds the body ({"raw", "body"}, or empty for a GET)."""
         body = request.get("body") or {}
         client_model, stream = body.get("model", ""), body.get("stream") is True
         body = None
+        answer = self._answer(plan, endpoint, query, method, request)
+        if answer is None:
+            return                       # an upstream error was relayed
+        request.clear()                  # answered: the body is needed no more
+        client, resp, tr, model = answer
+        if tr is not None:
+            return self._relay_translated(client, resp, tr, stream)
+        return self._relay(client, resp, client_model if model and
+                           model != client_model else "")
+
+    def _answer(self, plan, endpoint, query, method, request):
+        """Try each (provider, model) in order until one answers: (client, response,
+        Translation or None, upstream model), or None once an error was relayed.
+
+        A provider that fails before any byte reached the client (connection error, 5xx,
+        429, timeout) passes the request on; once bytes are sent there is no retry.  A
+        frame of its own: the upstream body, headers and URL are gone before a stream
+        that may last minutes is relayed (about 0.5 KB per open stream).
+        """
         stats = self.server.service.stats
         # Providers whose circuit is open are skipped, unless none is left to try.
         plan = [p for p in plan if stats.available(p[0].name)] or plan
@@ -4206,16 +4224,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             client, resp = self._attempt(provider, method, url, data, headers, last)
             if resp is None:
                 continue
-            if resp.status >= 400:
-                if self._relay_error(client, provider, resp, last):
-                    return
-                continue
-            request.clear()              # answered: the body is needed no more
-            data = None
-            if tr is not None:
-                return self._relay_translated(client, resp, tr, stream)
-            return self._relay(client, resp, client_model if model and
-                               model != client_model else "")
+            if resp.status < 400:
+                return client, resp, tr, model
+            if self._relay_error(client, provider, resp, last):
+                return None
+        return None                      # not reached: the last attempt answers or raises
 
     def _prepare(self, provider, model, endpoint, query, raw, body):
         """(url, body bytes, headers, Translation or None) for one attempt."""
