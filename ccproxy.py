@@ -3742,6 +3742,8 @@ class Server(http.server.ThreadingHTTPServer):
         elif self.reserve.acquire(blocking=False):
             slot = self.spare
         else:
+            log.warning("connection limit (%d) reached: answering 503",
+                        self.service.config.max_connections)
             self.service.connection_opened(-1)
             return self._refuse(request)
         try:
@@ -3771,8 +3773,6 @@ class Server(http.server.ThreadingHTTPServer):
             slot[0].release()
 
     def _refuse(self, request):
-        log.warning("connection limit (%d) reached: answering 503",
-                    self.service.config.max_connections)
         try:
             request.settimeout(1.0)
             request.sendall(REFUSAL)

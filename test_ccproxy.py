@@ -1234,9 +1234,11 @@ class TestProxyEndToEnd(unittest.TestCase):
         with Proxy(cfg) as px:
             with unittest.mock.patch.object(ccproxy._thread, "start_new_thread",
                                             side_effect=RuntimeError("no memory")):
-                with self.assertLogs("ccproxy", "ERROR"):
+                with self.assertLogs("ccproxy", "WARNING") as logs:
                     resp, _ = px.call("GET", "/health")
             self.assertEqual(resp.status, 503)
+            self.assertIn("cannot start a thread", "\n".join(logs.output))
+            self.assertNotIn("connection limit", "\n".join(logs.output))
             self.assertEqual(px.service.connecting, 0)
             self.assertEqual(px.server.slots._value, 1)     # the one slot was given back
             resp, _ = px.call("GET", "/health")
