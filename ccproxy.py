@@ -3723,11 +3723,9 @@ class Server(http.server.ThreadingHTTPServer):
         self.address_family = _address_family(address[0])
         self.slots = threading.BoundedSemaphore(service.config.max_connections)
         self.reserve = threading.BoundedSemaphore(RESERVE_CONNECTIONS)
-        self.overflow_handler = type("Overflow" + handler.__name__, (handler,),
-                                     {"overflow": True})
+        overflow = type("Overflow" + handler.__name__, (handler,), {"overflow": True})
         # Built once: every thread keeps its arguments for as long as its connection.
-        self.normal = (self.slots, handler)
-        self.spare = (self.reserve, self.overflow_handler)
+        self.normal, self.spare = (self.slots, handler), (self.reserve, overflow)
         self.started = _thread.allocate_lock()       # see _serve; only the accept loop
         self.started.acquire()                       # waits on it
         super().__init__(address, handler)
