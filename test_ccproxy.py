@@ -1194,7 +1194,7 @@ class TestProxyEndToEnd(unittest.TestCase):
         # Connections run on bare _thread threads: with the daemon's logging, serving
         # them must register nothing in threading (no _DummyThread per connection).
         cfg = config(providers=(provider_cfg("a", "http://127.0.0.1:9"),))
-        saved = logging.logThreads
+        saved = logging.logThreads, ccproxy.log.level
         try:
             ccproxy.configure_logging(cfg)
             self.assertFalse(logging.logThreads)
@@ -1206,9 +1206,11 @@ class TestProxyEndToEnd(unittest.TestCase):
                     self.assertEqual(resp.status, 200)
                 self.assertEqual(threading.active_count(), before, threading.enumerate())
         finally:
-            logging.logThreads = saved
+            logging.logThreads, level = saved
             for handler in list(ccproxy.log.handlers):
                 ccproxy.log.removeHandler(handler)
+                handler.close()
+            ccproxy.log.setLevel(level)
             ccproxy.log.propagate = True
 
     def test_handler_state_lives_in_slots(self):
