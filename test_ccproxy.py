@@ -1373,6 +1373,94 @@ class TestProxyEndToEnd(unittest.TestCase):
                         (k.lower(), v) for k, v in headers.items())[header.lower()])
 
 
+class TestResolver(unittest.TestCase):
+    """Upstream addresses: looked up once per RESOLVE_SECONDS, numeric hosts never (a
+    getaddrinfo() in a stream's thread cost 6 KB per open stream)."""
+
+    @staticmethod
+    def lookups(table):
+        """A getaddrinfo stand-in answering from `table`, counting its calls."""
+        calls = []
+
+        def lookup(host, port, family, kind):
+            calls.append(host)
+            if host not in table:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return [(socket.AF_INET, kind, 6, "", addr) for addr in table[host]]
+        return lookup, calls
+
+    def test_numeric_hosts_are_never_looked_up(self):
+        def lookup(*args):
+            raise AssertionError("looked up %r" % (args,))
+        resolver = ccproxy.Resolver(lookup=lookup)
+        for host, port, want in [
+                ("127.0.0.1", 80, [(socket.AF_INET, ("127.0.0.1", 80))]),
+                ("10.1.2.3", 8080, [(socket.AF_INET, ("10.1.2.3", 8080))]),
+                ("::1", 443, [(socket.AF_INET6, ("::1", 443, 0, 0))]),
+                ("fd00::5", 11434, [(socket.AF_INET6, ("fd00::5", 11434, 0, 0))])]:
+            with self.subTest(host=host):
+                self.assertEqual(resolver.addresses(host, port), want)
+
+    def test_names_are_looked_up_once_per_period(self):
+        lookup, calls = self.lookups({"api.test": [("192.0.2.1", 443), ("192.0.2.2", 443)]})
+        resolver = ccproxy.Resolver(lookup=lookup)
+        for _ in range(3):
+            self.assertEqual(resolver.addresses("api.test", 443),
+                             [(socket.AF_INET, ("192.0.2.1", 443)),
+                              (socket.AF_INET, ("192.0.2.2", 443))])
+        self.assertEqual(calls, ["api.test"])
+        resolver.seconds = 0.0                  # expired at once: every call looks up
+        resolver.forget("api.test", 443)
+        resolver.addresses("api.test", 443)
+        resolver.addresses("api.test", 443)
+        self.assertEqual(calls, ["api.test"] * 3)
+
+    def test_a_failed_lookup_is_not_kept(self):
+        lookup, calls = self.lookups({})
+        resolver = ccproxy.Resolver(lookup=lookup)
+        for _ in range(2):
+            with self.assertRaises(socket.gaierror):
+                resolver.addresses("gone.test", 80)
+        self.assertEqual(calls, ["gone.test"] * 2)
+
+    def test_connect_tries_each_address_and_forgets_a_host_that_moved(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))            # bound, never listening: refused
+        dead = closed.getsockname()
+        self.addCleanup(closed.close)
+        lookup, calls = self.lookups({"two.test": [dead, listener.getsockname()],
+                                      "one.test": [dead]})
+        resolver = ccproxy.Resolver(lookup=lookup)
+        sock = resolver.connect(("two.test", 80), TIMEOUT)
+        self.addCleanup(sock.close)
+        self.assertEqual(sock.getpeername(), listener.getsockname())
+        self.assertEqual(sock.gettimeout(), TIMEOUT)
+        for _ in range(2):
+            with self.assertRaises(ConnectionRefusedError):
+                resolver.connect(("one.test", 80), TIMEOUT)
+        self.assertEqual(calls, ["two.test", "one.test", "one.test"])
+
+    def test_the_upstream_client_connects_through_the_resolver(self):
+        with FakeUpstream() as up:
+            lookup, calls = self.lookups({"upstream.test": [("127.0.0.1", up.port)]})
+            client = ccproxy.UpstreamClient(provider_cfg("p", "http://x"),
+                                            ccproxy.ConnectionPool(),
+                                            ccproxy.Resolver(lookup=lookup))
+            url = "http://upstream.test:%d/v1/messages" % up.port
+            with unittest.mock.patch.dict(os.environ, {"NO_PROXY": "*", "no_proxy": "*"}):
+                for _ in range(2):
+                    resp = client.open("POST", url, b"{}", [])
+                    self.assertEqual(resp.status, 200)
+                    resp.read()
+                    client.discard(resp)            # a new connection each time
+            self.assertEqual(up.requests[0]["headers"]["Host"], "upstream.test:%d" % up.port)
+            self.assertEqual(calls, ["upstream.test"])
+
+
 class TestUpstreamClient(unittest.TestCase):
     """The urllib side: proxies from the environment, TLS with a private CA, reuse."""
 
