@@ -804,8 +804,8 @@ class _BytesSocket:
     def __init__(self, data):
         self.data = data
 
-    def makefile(self, mode):
-        return io.BytesIO(self.data)
+    def makefile(self, mode, buffering=None):
+        return io.BufferedReader(io.BytesIO(self.data), buffering or io.DEFAULT_BUFFER_SIZE)
 
 
 def parse_response(raw, method="GET"):
@@ -1371,6 +1371,77 @@ class TestProxyEndToEnd(unittest.TestCase):
                                "User-Agent", "X-Claude-Code-Session-Id"):
                     self.assertEqual(got["headers"][header], headers.get(header) or dict(
                         (k.lower(), v) for k, v in headers.items())[header.lower()])
+
+
+class TestReadHead(unittest.TestCase):
+    """The upstream head parser against http.client's own (the email package)."""
+
+    HEADS = [
+        b"Content-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"content-length: 12\r\nX-A:  spaced  \r\nx-a: again\r\n\r\n",
+        b"Retry-After:3\r\nEmpty:\r\nX-Bytes: caf\xe9\r\n\r\n",
+        b"X-Folded: one\r\n  two\r\n\tthree\r\nNext: n\r\n\r\n",
+        b"Bare-LF: yes\nOther: too\n\n",
+        b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nConnection: keep-alive, X-A\r\n\r\n",
+        b"No-Blank-Line: eof",
+        b"\r\n",
+    ]
+
+    def test_same_fields_as_http_client(self):
+        for head in self.HEADS:
+            with self.subTest(head=head):
+                mine = ccproxy.read_head(io.BytesIO(head))
+                theirs = http.client.parse_headers(io.BytesIO(head))
+                self.assertIsInstance(mine, http.client.HTTPMessage)
+                self.assertEqual(mine.items(), theirs.items())
+                self.assertEqual(mine.get_all("set-cookie"), theirs.get_all("set-cookie"))
+
+    def test_a_line_that_is_not_a_field_is_dropped_alone(self):
+        for head in [b"X-A: 1\r\ngarbage\r\nX-B: 2\r\n\r\n",
+                     b"X-A: 1\r\nBad Name: x\r\nX-B: 2\r\n\r\n",
+                     b"X-A: 1\r\nBad\t: x\r\nX-B: 2\r\n\r\n",
+                     b"X-A: 1\r\n: no name\r\nX-B: 2\r\n\r\n"]:
+            with self.subTest(head=head):
+                self.assertEqual(ccproxy.read_head(io.BytesIO(head)).items(),
+                                 [("X-A", "1"), ("X-B", "2")])
+
+    def test_limits_as_http_client(self):
+        with self.assertRaises(http.client.LineTooLong):
+            ccproxy.read_head(io.BytesIO(b"X: " + b"a" * 70000 + b"\r\n\r\n"))
+        with self.assertRaisesRegex(http.client.HTTPException, "more than 100 headers"):
+            ccproxy.read_head(io.BytesIO(b"X: 1\r\n" * 101 + b"\r\n"))
+        self.assertEqual(len(ccproxy.read_head(io.BytesIO(b"X: 1\r\n" * 99 + b"\r\n"))), 99)
+
+    def test_begin_reads_a_response_as_http_client_does(self):
+        responses = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhi",
+            b"HTTP/1.1 200 OK\r\n\r\nhi",                       # no length: ends at close
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+            b"HTTP/1.0 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nhi",
+            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: -4\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\nHTTP/1.1 201 Created\r\n"
+            b"Content-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 502\r\nContent-Length: x\r\n\r\n",
+        ]
+        for raw, method in [(r, "POST") for r in responses] + [(responses[0], "HEAD")]:
+            with self.subTest(raw=raw[:40], method=method):
+                mine = ccproxy._LeanResponse(_BytesSocket(raw), method=method)
+                theirs = http.client.HTTPResponse(_BytesSocket(raw), method=method)
+                mine.begin()
+                theirs.begin()
+                for attr in ("status", "reason", "version", "chunked", "length", "will_close"):
+                    self.assertEqual(getattr(mine, attr), getattr(theirs, attr), attr)
+                self.assertEqual(mine.headers.items(), theirs.headers.items())
+                self.assertEqual(mine.read(), theirs.read())
+        for raw, error in [(b"HTTP/2.0 200 OK\r\n\r\n", http.client.UnknownProtocol),
+                           (b"", http.client.RemoteDisconnected),
+                           (b"SMTP ready\r\n\r\n", http.client.BadStatusLine)]:
+            with self.subTest(raw=raw), self.assertRaises(error):
+                ccproxy._LeanResponse(_BytesSocket(raw)).begin()
 
 
 class TestResolver(unittest.TestCase):
