@@ -145,11 +145,11 @@ def start_nginx(tmp, events):
     return proc, port
 
 
-def start_stdlib_fake(tmp, events, delay=0.0, name="fake"):
+def start_stdlib_fake(tmp, events, delay=0.0, name="fake", loop=False):
     port_file = os.path.join(tmp, name + ".port")
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "fake_upstream.py"),
                              "--port-file", port_file, "--events", str(events),
-                             "--delay", str(delay)])
+                             "--delay", str(delay)] + (["--loop"] if loop else []))
     deadline = time.monotonic() + 10
     while not os.path.exists(port_file) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -475,7 +475,7 @@ def stream_rows(tmp, body, counts, notes):
     """RSS idle and with many open streams, against a slow stdlib fake (10 events 2 s
     apart: every stream stays open about 20 s, long enough for 5000 to be open at once;
     the table says how many were open at the peak)."""
-    fake, up = start_stdlib_fake(tmp, 10, 2.0, "slow")
+    fake, up = start_stdlib_fake(tmp, 10, 2.0, "slow", loop=True)
     proxy, port, _ = start_ccproxy(tmp, ccproxy_config(tmp, up, "", ""))
     rows = []
     try:
