@@ -3337,11 +3337,13 @@ class KeepAliveHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
     back once the body was read to the end, discard() closes it.
     """
 
-    def __init__(self, pool, context, connect_timeout, read_timeout, resolver):
+    def __init__(self, pool, provider, resolver, contexts):
+        # Not HTTPSHandler.__init__: since 3.12 it makes a TLS context of its own, and
+        # https_open is ours.
         urllib.request.HTTPHandler.__init__(self)
-        urllib.request.HTTPSHandler.__init__(self, context=context)
-        self.pool, self.context, self.resolver = pool, context, resolver
-        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.pool, self.resolver, self.contexts = pool, resolver, contexts
+        self.connect_timeout, self.read_timeout = provider.connect_timeout, provider.read_timeout
+        self.ca_bundle = provider.ca_bundle
 
     def http_open(self, req):
         """An idle connection to the host if there is one, else a new one.  (One
@@ -3363,7 +3365,7 @@ class KeepAliveHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
     def _connect(self, req, headers):
         if req.type == "https":
             conn = http.client.HTTPSConnection(req.host, timeout=self.connect_timeout,
-                                               context=self.context)
+                                               context=self.contexts.get(self.ca_bundle))
         else:
             conn = http.client.HTTPConnection(req.host, timeout=self.connect_timeout)
         conn.response_class = _LeanResponse
@@ -3526,16 +3528,38 @@ def check_tls_files(config):
     return config
 
 
-class UpstreamClient:
-    """One urllib opener per provider (its own TLS context and timeouts), one pool."""
+class TLSContexts:
+    """One TLS context per CA bundle, made at the first HTTPS connection that needs it.
+    A context loads the system CA store: 20 ms and 1.2 MB each.  Every provider had
+    its own, made at its first request, and plain-HTTP ones (a local Ollama or vLLM)
+    need none."""
 
-    def __init__(self, provider, pool, resolver=None):
-        context = tls_context(provider.ca_bundle)
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._contexts = {}
+
+    def get(self, ca_bundle=""):
+        with self._lock:
+            context = self._contexts.get(ca_bundle)
+            if context is None:
+                context = self._contexts[ca_bundle] = tls_context(ca_bundle)
+            return context
+
+    def clear(self):
+        with self._lock:
+            self._contexts.clear()
+
+
+class UpstreamClient:
+    """One urllib opener per provider (its own timeouts and CA bundle), one pool; the
+    resolver and the TLS contexts are shared by all providers (see Upstreams)."""
+
+    def __init__(self, provider, pool, resolver=None, contexts=None):
         self.pool = pool
         self.opener = urllib.request.build_opener(
             urllib.request.ProxyHandler(),      # HTTPS_PROXY / NO_PROXY as urllib does
-            KeepAliveHandler(pool, context, provider.connect_timeout, provider.read_timeout,
-                             resolver or Resolver()),
+            KeepAliveHandler(pool, provider, resolver or Resolver(),
+                             contexts or TLSContexts()),
             _NoRaise())
 
     def open(self, method, url, body, headers):
@@ -3589,7 +3613,7 @@ class Upstreams:
     def __init__(self):
         self._lock = threading.Lock()
         self._clients = {}
-        self.resolver = Resolver()
+        self.resolver, self.contexts = Resolver(), TLSContexts()
 
     def client(self, provider):
         with self._lock:
@@ -3597,7 +3621,8 @@ class Upstreams:
             if entry is None or entry[0] != provider:
                 if entry is not None:
                     entry[1].pool.close()
-                entry = (provider, UpstreamClient(provider, ConnectionPool(), self.resolver))
+                entry = (provider, UpstreamClient(provider, ConnectionPool(), self.resolver,
+                                                     self.contexts))
                 self._clients[provider.name] = entry
             return entry[1]
 
@@ -3703,6 +3728,7 @@ class Service:
         self.loaded_at = time.time()
         self.reloads += 1
         self.last_reload_error = None
+        self.upstreams.contexts.clear()      # new connections read the CA files again
         return changed
 
     def record_upstream(self, provider, status, latency, headers=None):

@@ -1580,6 +1580,23 @@ class TestUpstreamClient(unittest.TestCase):
                         self.assertEqual((resp.status, json.loads(out)), (200, MESSAGE_JSON))
                     self.assertEqual(px.service.upstreams.connections_opened(), 1)
 
+    def test_tls_contexts_are_shared_per_bundle_made_when_needed_and_cleared_on_reload(self):
+        contexts = ccproxy.TLSContexts()
+        system = contexts.get("")
+        self.assertIs(contexts.get(""), system)
+        contexts.clear()
+        self.assertIsNot(contexts.get(""), system)
+        service = ccproxy.Service(one_provider("http://127.0.0.1:9"))
+        with FakeUpstream() as up:                 # plain HTTP: no context at all
+            client = service.upstreams.client(provider_cfg("p", up.url))
+            resp = client.open("POST", up.url + "/v1/messages", b"{}", [])
+            resp.read()
+            client.release(resp)
+        self.assertEqual(service.upstreams.contexts._contexts, {})
+        made = service.upstreams.contexts.get("")
+        service.apply(service.config)
+        self.assertIsNot(service.upstreams.contexts.get(""), made)
+
     def test_a_bad_ca_bundle_fails_start_naming_the_key(self):
         cfg = ccproxy.build_config({"providers": [{"ca_bundle": "/nonexistent/ca.pem"}]}, {}, {})
         with self.assertRaisesRegex(ccproxy.ConfigError,
