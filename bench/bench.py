@@ -472,9 +472,9 @@ def connection_rows(port, body, pid):
 
 
 def stream_rows(tmp, body, counts, notes):
-    """RSS idle and with many open streams, against a slow stdlib fake (10 events 2 s
-    apart: every stream stays open about 20 s, long enough for 5000 to be open at once;
-    the table says how many were open at the peak)."""
+    """RSS idle and with many open streams, against a slow one-thread stdlib fake (10
+    events 2 s apart: every stream stays open about 20 s, long enough for 5000 to be
+    open at once; the table says how many were open at the peak)."""
     fake, up = start_stdlib_fake(tmp, 10, 2.0, "slow", loop=True)
     proxy, port, _ = start_ccproxy(tmp, ccproxy_config(tmp, up, "", ""))
     rows = []
