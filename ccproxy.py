@@ -3453,12 +3453,13 @@ class _LeanResponse(http.client.HTTPResponse):
             self.will_close = True               # the body ends when the connection does
 
 
-def read_head(fp):
+def read_head(fp, strict=False):
     """The fields of an HTTP head read from `fp` up to its blank line, as the
     http.client.HTTPMessage that http.client.parse_headers() returns, with the same
     values (leading blanks and the line end stripped, folded lines kept: compat32).
     A line that is not a field (no colon, or a blank before it: RFC 9112 §5.1) is
-    dropped; the email package would drop it and every field after it."""
+    dropped, where the email package drops it and every field after it; `strict`
+    (a request's head) raises ValueError for it, and for obs-fold (§5.2)."""
     fields = []
     while True:
         line = fp.readline(MAX_HEAD_LINE + 1)
@@ -3470,15 +3471,19 @@ def read_head(fp):
             raise http.client.HTTPException("got more than %d headers" % MAX_HEAD_FIELDS)
         text = line.decode("iso-8859-1")
         if text[0] in " \t":
-            if fields:                           # obs-fold (RFC 9112 §5.2)
+            if strict:
+                raise ValueError("obsolete line folding in the request head")
+            if fields:
                 fields[-1][1] += text
             continue
         name, colon, value = text.partition(":")
-        if colon and name and not any(c in name for c in " \t"):
+        if colon and name and " " not in name and "\t" not in name:
             fields.append([name, value.lstrip(" \t")])
+        elif strict:
+            raise ValueError("malformed header line %r" % text.rstrip("\r\n")[:80])
     msg = http.client.HTTPMessage()
     for name, value in fields:
-        msg[name] = value.rstrip("\r\n")
+        msg.set_raw(name, value.rstrip("\r\n"))
     return msg
 
 
@@ -3808,6 +3813,32 @@ def resolve_endpoint(path, status_only=False):
     if status_only:
         return None
     return next((e for suffix, e in API_ENDPOINTS if path.endswith(suffix)), None)
+
+
+def parse_request_line(line, protocol="HTTP/1.1"):
+    """(method, target, version, keep_alive) of a request line, by the rules of
+    BaseHTTPRequestHandler.parse_request (3.13); HTTPError for one it refuses."""
+    words, version, keep_alive = line.split(), "HTTP/0.9", False
+    if len(words) >= 3:
+        version = words[-1]
+        numbers = version[5:].split(".") if version.startswith("HTTP/") else ()
+        if len(numbers) != 2 or not all(n.isdigit() and len(n) <= 10 for n in numbers):
+            raise HTTPError(400, "invalid_request_error",
+                            "Bad request version (%r)" % version)
+        number = int(numbers[0]), int(numbers[1])
+        if number >= (2, 0):
+            raise HTTPError(505, "invalid_request_error",
+                            "Invalid HTTP version (%s)" % version[5:])
+        keep_alive = number >= (1, 1) and protocol >= "HTTP/1.1"
+    if not 2 <= len(words) <= 3:
+        raise HTTPError(400, "invalid_request_error", "Bad request syntax (%r)" % line)
+    method, target = words[:2]
+    if len(words) == 2 and method != "GET":
+        raise HTTPError(400, "invalid_request_error",
+                        "Bad HTTP/0.9 request type (%r)" % method)
+    if target.startswith("//"):            # gh-87389: never an absolute-form open redirect
+        target = "/" + target.lstrip("/")
+    return method, target, version, keep_alive
 
 
 def body_length(headers, limit):
@@ -4154,6 +4185,49 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         if service.config.api_key else "this endpoint answers loopback "
                         "clients only (no api_key is configured)",
                         (("x-should-retry", "false"),))
+
+    def parse_request(self):
+        """BaseHTTPRequestHandler.parse_request with read_head() for the email package:
+        a Claude Code request's head (21 fields) in 20 us instead of 43.  Stricter
+        where a proxy must be: a blank before a colon, a line that is no field, or
+        obs-fold is refused with 400 (RFC 9112 §5.1, §5.2: request smuggling), where
+        the email package ended the head there and took the rest for the body."""
+        self.command, self.request_version = None, self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        if not self.requestline.split():
+            return False
+        error = None
+        try:
+            self.command, self.path, self.request_version, keep_alive = parse_request_line(
+                self.requestline, self.protocol_version)
+            self.close_connection = not keep_alive
+            self.headers = read_head(self.rfile, strict=True)
+        except HTTPError as exc:
+            error = exc.status, exc.message
+        except http.client.LineTooLong:
+            error = 431, "Line too long"
+        except http.client.HTTPException:
+            error = 431, "Too many headers"
+        except ValueError as exc:
+            error = 400, str(exc)
+        if error:
+            self.send_error(*error)
+            return False
+        return self._connection_and_expect()
+
+    def _connection_and_expect(self):
+        """The end of BaseHTTPRequestHandler.parse_request: Connection, then Expect."""
+        connection = (self.headers.get("Connection") or "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive" and self.protocol_version >= "HTTP/1.1":
+            self.close_connection = False
+        expect = (self.headers.get("Expect") or "").lower()
+        if (expect == "100-continue" and self.protocol_version >= "HTTP/1.1"
+                and self.request_version >= "HTTP/1.1"):
+            return self.handle_expect_100()
+        return True
 
     def handle_expect_100(self):
         """Answer Expect: 100-continue with the final error instead of 100 when the

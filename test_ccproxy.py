@@ -927,6 +927,49 @@ class TestHandlerSocketless(unittest.TestCase):
         long_line = request_bytes("GET", "/" + "a" * 65537)
         self.assertEqual(parse_response(self.send(long_line))[0], 414)
 
+    def test_request_line_as_the_standard_library_reads_it(self):
+        class Stdlib(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def __init__(self, line):
+                self.rfile, self.wfile = io.BufferedReader(io.BytesIO(b"\r\n")), io.BytesIO()
+                self.raw_requestline, self.errors = line.encode() + b"\r\n", []
+
+            def send_error(self, code, message=None, explain=None):
+                self.errors.append((code, message))
+
+        for line in ["GET / HTTP/1.1", "POST /v1/messages HTTP/1.0", "GET /", "POST /",
+                     "GET / HTTP/2.0", "GET / HTTP/1", "GET / HTTP/1.1.1", "GET / FTP/1.1",
+                     "GET / HTTP/x.1", "GET", "GET / x HTTP/1.1", "GET / HTTP/1.01",
+                     "GET //evil.example/x HTTP/1.1", "OPTIONS * HTTP/1.1"]:
+            with self.subTest(line=line):
+                std = Stdlib(line)
+                ok = std.parse_request()
+                try:
+                    mine = ccproxy.parse_request_line(line)
+                except ccproxy.HTTPError as exc:
+                    self.assertFalse(ok)
+                    self.assertEqual([(exc.status, exc.message)], std.errors)
+                else:
+                    self.assertTrue(ok, std.errors)
+                    self.assertEqual(mine, (std.command, std.path, std.request_version,
+                                            not std.close_connection))
+        with self.assertRaisesRegex(ccproxy.HTTPError, "Bad request version"):
+            ccproxy.parse_request_line("GET / HTTP/1.00000000001")    # 3.13's length check
+
+    def test_a_head_that_could_smuggle_is_refused(self):
+        for extra, reason in [(b"Content-Length : 2", "malformed header line"),
+                              (b"Transfer-Encoding\t: chunked", "malformed header line"),
+                              (b"X-A: 1\r\n folded", "obsolete line folding"),
+                              (b"no colon here", "malformed header line")]:
+            with self.subTest(extra=extra):
+                raw = request_bytes("POST", "/v1/messages", [("Content-Length", "2")], b"{}")
+                raw = raw.replace(b"Host: x\r\n", b"Host: x\r\n" + extra + b"\r\n")
+                status, headers, body = parse_response(self.send(raw))
+                self.assertEqual((status, headers["Connection"]), (400, "close"))
+                self.assertAnthropicError(body, "invalid_request_error")
+                self.assertIn(reason, json.loads(body)["error"]["message"])
+
     def test_oversized_body_is_refused_unread(self):
         head = request_bytes("POST", "/v1/messages", [("Content-Length", "1001")])
         status, headers, body = parse_response(self.send(head + b"x" * 1001))
