@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import selectors
 import shutil
 import socket
@@ -214,6 +215,23 @@ def proc_stat(pid):
     return rss, (int(fields[11]) + int(fields[12])) / ticks
 
 
+def thread_stacks(pid):
+    """The mean resident KB of a process's thread stacks (its mappings of the stack
+    size): 8 means every stream's thread stays within two pages of C stack (README)."""
+    limit = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    size = 8192 if limit in (resource.RLIM_INFINITY, 0) else limit >> 10
+    sizes, current = [], None
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:          # a mapping's first line
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                current = (hi - lo) >> 10
+            elif line.startswith("Rss:") and current is not None and abs(current - size) <= 8:
+                sizes.append(int(line.split()[1]))
+    return sum(sizes) / len(sizes) if sizes else 0.0
+
+
 # ---- measurements ---------------------------------------------------------------
 
 def sequential(port, path, body, n, stream=False):
@@ -306,7 +324,8 @@ def threaded_load(port, path, body, concurrency, seconds):
 
 def hold_streams(port, n, pid, body):
     """Open n streaming calls at once: (peak RSS of `pid` once 99% have their head, how
-    many completed, how many were open at that peak)."""
+    many completed, how many were open at that peak, KB of C stack per thread once
+    all were open)."""
     sel, data = selectors.DefaultSelector(), json.dumps(dict(body, stream=True)).encode()
     request = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
@@ -318,7 +337,7 @@ def hold_streams(port, n, pid, body):
         sel.register(s, selectors.EVENT_READ, [b"", False])
         socks.append(s)
     peak, started, done, heads, open_at_peak, ended = 0.0, time.monotonic(), 0, 0, 0, 0
-    failure = []          # the first answer that was not a 200 head
+    failure, stacks = [], 0.0      # the first answer that was not a 200 head
     while done < n and time.monotonic() - started < 120:
         for key, _ in sel.select(timeout=0.5):
             state = key.data
@@ -336,6 +355,8 @@ def hold_streams(port, n, pid, body):
                 ended += 1
                 sel.unregister(key.fileobj)
                 key.fileobj.close()
+        if heads - ended == n and not stacks:
+            stacks = thread_stacks(pid)
         if heads >= n * 0.99:
             rss = proc_stat(pid)[0]
             if rss > peak:
@@ -344,7 +365,7 @@ def hold_streams(port, n, pid, body):
         s.close()
     if failure:
         print("hold_streams(%d): first failure: %r" % (n, failure[0]), file=sys.stderr)
-    return peak, done, open_at_peak
+    return peak, done, open_at_peak, stacks
 
 
 # ---- the run ----------------------------------------------------------------------
@@ -483,13 +504,14 @@ def stream_rows(tmp, body, counts, notes):
         rows.append(("RSS idle", "%.1f MB" % proc_stat(proxy.pid)[0], "-", "-"))
         for n in counts:
             try:
-                peak, done, held = hold_streams(port, n, proxy.pid,
-                                                dict(body, model="pass_sse"))
+                peak, done, held, stacks = hold_streams(port, n, proxy.pid,
+                                                        dict(body, model="pass_sse"))
             except OSError as exc:
                 notes.append("%d streams: %s (raise ulimit -n)" % (n, exc))
                 continue
             rows.append(("RSS holding %d open streams" % n, "%.1f MB" % peak,
-                         "-", "%d/%d completed, %d open at the peak" % (done, n, held)))
+                         "-", "%d/%d completed, %d open at the peak, %.1f KB of C stack "
+                         "each" % (done, n, held, stacks)))
     finally:
         stop(proxy, 40)
         stop(fake, 10)
@@ -592,9 +614,8 @@ def print_table(rows, source, nginx, notes):
 
 if __name__ == "__main__":
     try:
-        import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError):
+    except (ValueError, OSError):
         pass
     sys.exit(main())
