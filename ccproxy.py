@@ -142,7 +142,7 @@ POOL_IDLE_SECONDS = 60.0          # idle upstream connections older than this ar
 RESOLVE_SECONDS = 30.0            # an upstream host's addresses are looked up again after
                                   # this (Java's default DNS cache time)
 RELAY_CHUNK = 65536
-MAX_HEAD_LINE = 65536             # an upstream head's limits: http.client's own
+MAX_HEAD_LINE = 65536             # an HTTP head's limits, both sides (http.client's)
 MAX_HEAD_FIELDS = 100
 READ_BUFFER = 512                 # per-socket read buffer, both sides.  Bodies and
                                   # streams bypass it (read1); a head takes a few reads.
@@ -3423,7 +3423,7 @@ class _LeanResponse(http.client.HTTPResponse):
     def __init__(self, sock, debuglevel=0, method=None, url=None):
         # Arguments spelt out: passing on *args, **kwargs is a call through C (CPython
         # 3.11), 240 bytes further down the thread's stack at the deepest point of a
-        # stream's thread, which is then 7.8 KB; past 8 KB each open stream would keep
+        # stream's thread, which is then 7.9 KB; past 8 KB each open stream would keep
         # a third 4 KB stack page (see Handler.__init__).
         super().__init__(self._Socket(sock), debuglevel, method, url)
 
