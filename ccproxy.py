@@ -3479,8 +3479,10 @@ def read_head(fp, strict=False):
         name, colon, value = text.partition(":")
         if colon and name and " " not in name and "\t" not in name:
             fields.append([name, value.lstrip(" \t")])
-        elif strict:
-            raise ValueError("malformed header line %r" % text.rstrip("\r\n")[:80])
+        elif strict:      # the name alone: the rest of the line may hold a credential
+            raise ValueError("malformed header line: %s" % (
+                "a blank before the colon after %r" % name.strip()[:40] if colon
+                else "no colon"))
     msg = http.client.HTTPMessage()
     for name, value in fields:
         msg.set_raw(name, value.rstrip("\r\n"))
