@@ -3437,11 +3437,14 @@ class _LeanResponse(http.client.HTTPResponse):
         while status == http.client.CONTINUE:        # skip interim 100 heads
             read_head(self.fp)
             version, status, reason = self._read_status()
-        if version not in ("HTTP/1.0", "HTTP/0.9") and not version.startswith("HTTP/1."):
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
             raise http.client.UnknownProtocol(version)
         self.code = self.status = status
         self.reason = reason.strip()
-        self.version = 10 if version in ("HTTP/1.0", "HTTP/0.9") else 11
         self.headers = self.msg = read_head(self.fp)
         self.chunked = (self.headers.get("transfer-encoding") or "").lower() == "chunked"
         self.chunk_left = None
@@ -4460,7 +4463,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         `request` holds the body ({"raw", "body"}, or empty for a GET)."""
         body = request.get("body") or {}
         client_model, stream = body.get("model", ""), body.get("stream") is True
-        body = None
+        body = None                      # no reference here may outlive _take_body's pop
         answer = self._answer(plan, endpoint, query, method, request)
         if answer is None:
             return                       # an upstream error was relayed
