@@ -31,6 +31,9 @@ import ccproxy  # noqa: E402  (for the translated floor body)
 
 SAMPLE = os.path.join(ROOT, "..", "shared", "claude-code-wire", "samples",
                       "01-first-turn.request.json")
+#: What the benchmark's client sends with every call.
+CLIENT_HEADERS = {"content-type": "application/json", "x-api-key": "k",
+                  "anthropic-version": "2023-06-01"}
 ANTHROPIC_JSON = json.dumps({"id": "msg_b", "type": "message", "role": "assistant",
                              "model": "claude-x", "content": [{"type": "text", "text": "hi"}],
                              "stop_reason": "end_turn", "stop_sequence": None,
@@ -238,12 +241,10 @@ def sequential(port, path, body, n, stream=False):
     """n calls on one keep-alive connection: (latencies, times to first body byte)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     data = json.dumps(body).encode()
-    headers = {"content-type": "application/json", "x-api-key": "k",
-               "anthropic-version": "2023-06-01"}
     total, first = [], []
     for _ in range(n):
         started = time.perf_counter()
-        conn.request("POST", path, data, headers)
+        conn.request("POST", path, data, CLIENT_HEADERS)
         resp = conn.getresponse()
         chunk = resp.read1(65536) if stream else b""
         first.append(time.perf_counter() - started)
@@ -263,12 +264,10 @@ def interleaved_first_bytes(direct, proxied, n):
     conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=30)
              for port, _, _ in (direct, proxied)]
     times = ([], [])
-    headers = {"content-type": "application/json", "x-api-key": "k",
-               "anthropic-version": "2023-06-01"}
     for _ in range(n):
         for conn, (_, path, body), out in zip(conns, (direct, proxied), times):
             started = time.perf_counter()
-            conn.request("POST", path, body, headers)
+            conn.request("POST", path, body, CLIENT_HEADERS)
             resp = conn.getresponse()
             resp.read1(65536)
             out.append(time.perf_counter() - started)

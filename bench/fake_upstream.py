@@ -78,8 +78,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not body.get("stream"):
             return self._json(OPENAI_JSON if openai else TEXT)
         head, delta, tail = (openai_stream if openai else anthropic_stream)(self.events)
-        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n" + _chunk(b"".join(head)))
+        self.wfile.write(STREAM_HEAD + _chunk(b"".join(head)))
         for _ in range(self.events):
             if self.delay:
                 time.sleep(self.delay)
@@ -87,9 +86,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(_chunk(b"".join(tail)) + b"0\r\n\r\n")
 
     def _json(self, doc):
-        data = json.dumps(doc).encode()
-        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        self.wfile.write(json_reply(doc))
+
+
+STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def json_reply(doc):
+    """A whole 200 response with `doc` as its JSON body, for one write."""
+    data = json.dumps(doc).encode()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
 
 
 def _chunk(data):
@@ -163,15 +171,12 @@ class LoopServer:
     def _answer(self, conn, state, path, body):
         openai = path.endswith("/chat/completions")
         if not body.get("stream"):
-            data = json.dumps(OPENAI_JSON if openai else TEXT).encode()
-            return self._send(conn, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                              b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+            return self._send(conn, json_reply(OPENAI_JSON if openai else TEXT))
         head, state["delta"], state["tail"] = (openai_stream if openai else
                                                anthropic_stream)(self.events)
         self.sel.unregister(conn)          # nothing to read until the stream is over
         state["left"] = self.events
-        self._send(conn, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                   b"Transfer-Encoding: chunked\r\n\r\n" + _chunk(b"".join(head)))
+        self._send(conn, STREAM_HEAD + _chunk(b"".join(head)))
         self._schedule(conn, state)
 
     def _schedule(self, conn, state):
