@@ -3587,6 +3587,10 @@ class UpstreamClient:
     def release(self, resp):
         """Return a fully read response's connection to the pool, else close it."""
         conn = resp._ccproxy_conn
+        if resp.length == 0 and not resp.chunked:
+            # A Content-Length body relayed with read1 (an event stream from nginx or a
+            # cache): read1 marks the response closed only on EOF, never at its length.
+            resp.close()
         if resp.isclosed() and not resp.will_close and conn.sock is not None:
             self.pool.put(resp._ccproxy_pool_key, conn)
         else:

@@ -1327,6 +1327,29 @@ class TestProxyEndToEnd(unittest.TestCase):
             self.assertEqual(up.connections, 1)
             self.assertEqual(px.service.upstreams.connections_opened(), 1)
 
+    def test_one_upstream_connection_for_streams_framed_by_length(self):
+        """nginx serving a file, caches and buffering gateways send an event stream
+        with Content-Length instead of chunks.  Each such stream used to open a
+        connection of its own: read1 never marks that body done."""
+        openai_stream = (chunk({"content": "hi"}) + chunk(finish="stop") +
+                         "data: [DONE]\n\n").encode()
+
+        def behave(h, body):
+            data = openai_stream if h.path.endswith("/chat/completions") else b"".join(STREAM)
+            h.send_response(200)
+            h.send_header("Content-Type", "text/event-stream")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+        for make_config in (one_provider, openai_provider):
+            with self.subTest(make_config.__name__), FakeUpstream(behave) as up, \
+                    Proxy(make_config(up.url)) as px:
+                for _ in range(3):
+                    resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True))
+                    self.assertEqual(resp.status, 200)
+                    self.assertTrue(out.endswith(b'"message_stop"}\n\n'), out[-200:])
+                self.assertEqual(up.connections, 1)
+
     def test_client_disconnect_closes_the_upstream_within_a_second(self):
         upstream_gone = threading.Event()
 
