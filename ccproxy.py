@@ -958,6 +958,50 @@ def _safe_tool_id(tool_id):
     return "toolu_" + re.sub(r"[^a-zA-Z0-9_-]", "_", tool_id)[:40] + "_" + digest
 
 
+#: Top-level request members that come back byte for byte with every call of a
+#: session: Claude Code sends 32 KB of tools and 7 KB of system prompt in its 50 KB
+#: body, and parsing them was 64 of the 84 µs json.loads took (see MemberCache).
+REPEATED_MEMBERS = frozenset(("tools", "system"))
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")          # JSON's whitespace (RFC 8259 §2)
+_JSON_DECODER = json.JSONDecoder()
+
+
+def scan_json_object(raw, member):
+    """json.loads(raw) for a top-level object, each REPEATED_MEMBERS value read by
+    member(key, text, index) -> (value, end); the rest is parsed by json's own scanner,
+    one member at a time.  None for anything else, malformed or not an object:
+    json.loads then decides, with its own message."""
+    try:
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")   # as json.loads
+        i = _JSON_SPACE.match(text).end()
+        if not text.startswith("{", i):
+            return None
+        doc, i = _json_members(text, _JSON_SPACE.match(text, i + 1).end(), member)
+    except ValueError:
+        return None
+    ok = doc is not None and text.startswith("}", i)
+    return doc if ok and _JSON_SPACE.match(text, i + 1).end() == len(text) else None
+
+
+def _json_members(text, i, member):
+    """(the object's members as a dict, index of its closing brace) from text[i], the
+    first non-space after "{"; (None, i) when they are malformed."""
+    doc, space = {}, _JSON_SPACE.match
+    while text.startswith('"', i):
+        key, i = json.decoder.scanstring(text, i + 1)
+        i = space(text, i).end()
+        if not text.startswith(":", i):
+            return None, i
+        i = space(text, i + 1).end()
+        doc[key], i = (member(key, text, i) if key in REPEATED_MEMBERS
+                       else _JSON_DECODER.raw_decode(text, i))
+        i = space(text, i).end()
+        if not text.startswith(",", i):
+            return doc, i
+        i = space(text, i + 1).end()
+    return (doc, i) if not doc else (None, i)     # "{}", or a "," with no member after
+
+
 def _sanitize_block(block):
     """One content block for Anthropic, or None to drop it."""
     if not isinstance(block, dict):
@@ -3206,6 +3250,34 @@ class ToolsCache:
         return prepared
 
 
+class MemberCache:
+    """The values of REPEATED_MEMBERS seen last, found again by their text: a member
+    whose text is one seen before is not parsed again (a JSON array, object or string
+    ends where its text does, so the same text is the same value).  The values are
+    shared between requests and threads: nothing may change them (as with
+    PreparedTools.source).  For Claude Code's 50 KB body: 84 -> 31 µs."""
+
+    def __init__(self, size=4, min_chars=1024):
+        self._lock, self._seen = threading.Lock(), {}   # key -> ((text, value), ...)
+        self.size, self.min_chars = size, min_chars
+
+    def parse(self, raw):
+        """scan_json_object with this cache: a dict, or None (see there)."""
+        return scan_json_object(raw, self.member)
+
+    def member(self, key, text, i):
+        """(value, end) of the member value that starts at text[i]."""
+        for source, value in self._seen.get(key, ()):
+            if text.startswith(source, i):
+                return value, i + len(source)
+        value, end = _JSON_DECODER.raw_decode(text, i)
+        if end - i >= self.min_chars and isinstance(value, (list, dict, str)):
+            with self._lock:
+                kept = self._seen.get(key, ())[:self.size - 1]
+                self._seen[key] = ((text[i:end], value),) + kept
+        return value, end
+
+
 # ---- Upstream client -----------------------------------------------------------
 
 class ConnectionPool:
@@ -3669,6 +3741,7 @@ class Service:
         self.calibration = Calibration()
         self.signatures = ThoughtSignatures()
         self.tools = ToolsCache()
+        self.members = MemberCache()
         self.metrics = Metrics()
         self.deadlines = Deadlines()
         self.pinger = Pinger()
@@ -3871,10 +3944,13 @@ def body_length(headers, limit):
     return length
 
 
-def parse_json_object(raw):
-    """A request body as a JSON object; HTTPError 400 with a clear message otherwise."""
+def parse_json_object(raw, members=None):
+    """A request body as a JSON object; HTTPError 400 with a clear message otherwise.
+    `members`: a MemberCache, to take repeated members from instead of parsing them."""
     try:
-        doc = json.loads(raw)
+        doc = members.parse(raw) if members is not None else None
+        if doc is None:
+            doc = json.loads(raw)
     except RecursionError:
         raise HTTPError(400, "invalid_request_error", "request body is nested too deeply")
     except ValueError as exc:
@@ -3885,7 +3961,7 @@ def parse_json_object(raw):
     return doc
 
 
-def _take_body(request):
+def _take_body(request, members=None):
     """The parsed body for one attempt, taken out of the request holder.  While the
     upstream thinks (seconds, for a model), the request keeps only its raw bytes: a
     thousand streams opening at once would otherwise each pin 100 KB of parsed objects,
@@ -3893,7 +3969,7 @@ def _take_body(request):
     Claude Code's 50 KB bodies, 74 -> 66 MB).  A fallback attempt parses the bytes again."""
     body = request.pop("body", None)
     if body is None and request.get("raw"):
-        body = parse_json_object(request["raw"])
+        body = parse_json_object(request["raw"], members)
     return body
 
 
@@ -4437,7 +4513,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _proxy(self, endpoint, query):
         raw = self._read_body()
-        body = parse_json_object(raw)
+        body = parse_json_object(raw, self.server.service.members)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise HTTPError(400, "invalid_request_error", "model: a model name is required")
@@ -4493,8 +4569,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for attempt, (provider, model) in enumerate(plan, 1):
             last = attempt == len(plan)
             self.fields.update(provider=provider.name, attempts=attempt)
-            url, data, headers, tr = self._prepare(provider, model, endpoint, query,
-                                                   request.get("raw"), _take_body(request))
+            url, data, headers, tr = self._prepare(
+                provider, model, endpoint, query, request.get("raw"),
+                _take_body(request, self.server.service.members))
             client, resp = self._attempt(provider, method, url, data, headers, last)
             if resp is None:
                 continue

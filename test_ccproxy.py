@@ -605,12 +605,57 @@ class TestPureFunctions(unittest.TestCase):
                     self.assertEqual((cm.exception.status, cm.exception.close), (status, True))
 
     def test_parse_json_object(self):
-        self.assertEqual(ccproxy.parse_json_object(b'{"a": 1}'), {"a": 1})
-        for raw in (b"", b"{", b"[1]", b"\xff\xfe", b"[" * 100000, b'"x"'):
-            with self.subTest(raw=raw[:10]):
-                with self.assertRaises(ccproxy.HTTPError) as cm:
-                    ccproxy.parse_json_object(raw)
-                self.assertEqual(cm.exception.status, 400)
+        for members in (None, ccproxy.MemberCache(min_chars=1)):
+            self.assertEqual(ccproxy.parse_json_object(b'{"a": 1}', members), {"a": 1})
+            for raw in (b"", b"{", b"[1]", b"\xff\xfe", b"[" * 100000, b'"x"',
+                        b'{"a": ' + b"[" * 100000, b'{"tools": ' + b"[" * 100000):
+                with self.subTest(raw=raw[:10], members=members):
+                    with self.assertRaises(ccproxy.HTTPError) as cm:
+                        ccproxy.parse_json_object(raw, members)
+                    self.assertEqual(cm.exception.status, 400)
+
+    def test_member_cache_reads_bodies_as_json_loads_does(self):
+        tools = json.dumps([{"name": "Read", "description": "d" * 40}])
+        for raw in [
+                b'{}', b' {\n} ', b'{"a": 1}', b'{"a":1,"a":2}', b'{"tools": [1, 2]}',
+                ('{"tools": %s, "system": "s", "m": [1]}' % tools).encode(),
+                ('{ "system" :\t"x\\u00fc\\"" ,"tools":%s\r}\n' % tools).encode(),
+                '{"system": "\u00fc", "tools": []}'.encode("utf-16"),
+                b'\xef\xbb\xbf{"a": 1}', b'{"tools": 12, "system": null}',
+                b'{"\\u0074ools": [3], "tools": [4]}', b'{"a": NaN, "b": {"c": [{}]}}',
+                # Not an object, or malformed: None here, and json.loads decides.
+                b'', b'[1]', b'"x"', b'{', b'{,}', b'{"a":1,}', b'{"a" 1}',
+                b'{"a":1 "b":2}', b'{"a":1} x', b'{"tools": [1,]}', b'{}}', b'{"a":}',
+                b'\xff\xfe\xfd', b'{"tools": "\x01"}', b'{"a": 1', b'{"a"']:
+            with self.subTest(raw=raw[:40]):
+                try:
+                    expected = json.loads(raw)
+                except ValueError:
+                    expected = None
+                cache = ccproxy.MemberCache(min_chars=1)
+                for _ in range(2):                       # parsed, then from the cache
+                    self.assertEqual(cache.parse(raw),
+                                     expected if isinstance(expected, dict) else None)
+
+    def test_member_cache_gives_back_the_value_parsed_for_the_same_text(self):
+        def body(tools, separators=(", ", ": ")):
+            return json.dumps({"model": "m", "system": "s" * 20, "tools": tools},
+                              separators=separators).encode()
+        a, b, c = ([{"name": n, "input_schema": {"type": "object"}}] for n in "ABC")
+        cache = ccproxy.MemberCache(size=2, min_chars=10)
+        first, again = cache.parse(body(a)), cache.parse(body(a))
+        self.assertIsNot(again, first)                   # each request has its own dict
+        self.assertIs(again["tools"], first["tools"])
+        self.assertIs(again["system"], first["system"])
+        compact = cache.parse(body(a, (",", ":")))       # equal, but other text: parsed
+        self.assertEqual(compact["tools"], a)
+        self.assertIsNot(compact["tools"], first["tools"])
+        # A member whose text begins with a kept one's is not taken for it.
+        self.assertEqual(cache.parse(body(a + b))["tools"], a + b)
+        self.assertEqual(cache.parse(json.dumps({"tools": a[0]["name"]}).encode()),
+                         {"tools": "A"})                 # under min_chars: not kept
+        cache.parse(body(c))
+        self.assertEqual([json.loads(t) for t, _ in cache._seen["tools"]], [c, a + b])
 
     def test_take_body_hands_the_parsed_body_out_once(self):
         # A holder keeps only the raw bytes while an upstream thinks; a fallback attempt
@@ -2515,6 +2560,30 @@ class TestTranslationEndToEnd(unittest.TestCase):
             sent = up.requests[0]
         return resp, out, sent
 
+    def test_repeated_members_are_shared_and_never_changed(self):
+        """Every request gets the same tools and system objects from MemberCache: a
+        translation that changed one in place would change the next request's."""
+        schema = {"type": "object", "$schema": "x", "required": ["a", "gone"], "properties": {
+            "a": {"type": ["string", "null"], "const": "x", "format": "uri"},
+            "b": {"oneOf": [{"type": "integer", "exclusiveMinimum": 0, "enum": [1]}]}}}
+        body = dict(BODY, stream=True, tools=[
+            {"name": "T%d" % i, "description": "d" * 100, "input_schema": schema}
+            for i in range(8)], system=[
+            {"type": "text", "text": "x" * 2000, "cache_control": {"type": "ephemeral"}}])
+        stream = chunk({"content": "hi"}) + chunk(finish="stop") + "data: [DONE]\n\n"
+        for make_config in (one_provider, lambda url: openai_provider(url, "openai"),
+                            lambda url: openai_provider(url, "gemini")):
+            behave = None if make_config is one_provider else sse_behave(stream)
+            with FakeUpstream(behave) as up, Proxy(make_config(up.url)) as px:
+                for _ in range(2):
+                    resp, _ = px.call("POST", "/v1/messages", body)
+                    self.assertEqual(resp.status, 200)
+                seen = px.service.members._seen
+            self.assertEqual(sorted(seen), ["system", "tools"])
+            for source, value in seen["tools"] + seen["system"]:
+                self.assertEqual(value, json.loads(source))
+            self.assertEqual(seen["tools"][0][1], body["tools"])
+
     def test_text_stream_and_what_the_upstream_saw(self):
         resp, out, sent = self.stream(chunk({"content": "Hi"}) + chunk(finish="stop") +
                                       chunk(usage={"prompt_tokens": 9, "completion_tokens": 1},
@@ -3194,6 +3263,25 @@ class TestFuzz(unittest.TestCase):
                 pass
             except Exception as exc:
                 self.fail("seed %d: %r" % (seed, exc))
+
+    def test_member_cache_reads_as_json_loads_does(self):
+        """One cache for all documents, as the daemon has: hits across bodies too."""
+        cache = ccproxy.MemberCache(size=3, min_chars=1)
+        for seed in range(FUZZ_ITERATIONS):
+            rng = random.Random(seed)
+            doc = {k: random_json(rng, 1) for k in rng.sample(
+                ["tools", "system", "model", "messages"], rng.randrange(5))}
+            raw = json.dumps(doc, indent=rng.choice([None, 0, 1]), ensure_ascii=rng.random() < .5,
+                             separators=rng.choice([None, (",", ":"), (" ,", " : ")])).encode()
+            if rng.random() < 0.3:
+                at = rng.randrange(len(raw))
+                raw = raw[:at] + bytes([rng.randrange(256)]) + raw[at + 1:]
+            try:
+                expected = json.loads(raw)
+            except (ValueError, RecursionError):
+                expected = None
+            if cache.parse(raw) != (expected if isinstance(expected, dict) else None):
+                self.fail("seed %d: %r" % (seed, raw[:300]))
 
     def test_stream_translation_never_raises_unexpectedly(self):
         for seed in range(FUZZ_ITERATIONS):
