@@ -6,7 +6,7 @@ PREFIX ?= /usr/local
 UNIT_DIR ?= /etc/systemd/system
 export PYTHONPATH := $(PYDEPS)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: test e2e bench lint fuzz soak check-unit check-metrics install uninstall clean
+.PHONY: test e2e bench ab bench-tools lint fuzz soak check-unit check-metrics install uninstall clean
 
 test:  ## run the test suite (installs pytest into .cache/py if it is missing)
 	@$(PYTHON) -c 'import pytest' 2>/dev/null || \
@@ -16,11 +16,16 @@ test:  ## run the test suite (installs pytest into .cache/py if it is missing)
 e2e:  ## real clients (Claude Code CLI, anthropic SDK, README curl, nginx in front) through ccproxy
 	$(PYTHON) e2e/run.py
 
-bench:  ## ccproxy against direct calls to the same fake upstream (PEERS=litellm adds LiteLLM)
+bench: bench-tools  ## ccproxy against direct calls to the same fake upstream (PEERS=litellm adds LiteLLM)
+	$(PYTHON) bench/bench.py $(if $(PEERS),--peers $(PEERS))
+
+ab: bench-tools  ## two builds side by side in one run: make ab A=HEAD~1 [B=rev or file]
+	$(PYTHON) bench/ab.py $(or $(A),HEAD~1) $(B)
+
+bench-tools:  # nginx (the fake upstream) and wrk, from Debian's packages when root
 	@command -v nginx >/dev/null && command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && \
 	  command -v apt-get >/dev/null && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq nginx-light wrk >/dev/null 2>&1; }; } || true
-	$(PYTHON) bench/bench.py $(if $(PEERS),--peers $(PEERS))
 
 fuzz:  ## the seeded fuzz tests with many more iterations (FUZZ=200000 for longer)
 	@$(PYTHON) -c 'import pytest' 2>/dev/null || \
