@@ -21,8 +21,9 @@ import tempfile
 import bench
 
 #: (measure, route in bench.ccproxy_config, streamed)
-MEASURES = (("time to first byte, translated stream", "tr_sse", True),
-            ("time to first byte, pass-through stream", "pass_sse", True),
+MEASURES = (("time to first byte, translated 1000-event stream", "tr_sse", True),
+            ("time to first byte, translated 10-event stream", "tr_sse_short", True),
+            ("time to first byte, pass-through 1000-event stream", "pass_sse", True),
             ("latency, translated, 50 KB body", "tr_json", False),
             ("latency, pass-through, 50 KB body", "pass_json", False))
 

@@ -29,6 +29,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import ccproxy  # noqa: E402  (for the translated floor body)
 
+from fake_upstream import SHORT_EVENTS  # noqa: E402  (streams timed to the first byte)
+
 SAMPLE = os.path.join(ROOT, "..", "shared", "claude-code-wire", "samples",
                       "01-first-turn.request.json")
 #: What the benchmark's client sends with every call.
@@ -126,19 +128,23 @@ http {
     location = /json/chat/completions { default_type application/json; return 200 '%(oj)s'; }
     location /sse/ { alias %(dir)s/sse/; default_type text/event-stream;
                      error_page 405 =200 $uri; }
+    location /short/sse/ { alias %(dir)s/short/; default_type text/event-stream;
+                           error_page 405 =200 $uri; }
   }
 }
 """
 
 
 def start_nginx(tmp, events):
-    """nginx serving JSON replies and 1000-event SSE files, on a free port."""
-    for sub in ("v1", "chat"):
-        os.makedirs(os.path.join(tmp, "sse", sub), exist_ok=True)
-    anthropic, openai = sse_bodies(events)
-    for rel, text in (("sse/v1/messages", anthropic), ("sse/chat/completions", openai)):
-        with open(os.path.join(tmp, rel), "w") as f:
-            f.write(text)
+    """nginx serving JSON replies and SSE files (`events` long under /sse/, SHORT_EVENTS
+    under /short/sse/), on a free port."""
+    for top, count in (("sse", events), ("short", SHORT_EVENTS)):
+        for sub in ("v1", "chat"):
+            os.makedirs(os.path.join(tmp, top, sub), exist_ok=True)
+        anthropic, openai = sse_bodies(count)
+        for rel, text in (("v1/messages", anthropic), ("chat/completions", openai)):
+            with open(os.path.join(tmp, top, rel), "w") as f:
+                f.write(text)
     port = free_port()
     conf = os.path.join(tmp, "nginx.conf")
     with open(conf, "w") as f:
@@ -170,6 +176,8 @@ def ccproxy_config(tmp, upstream, prefix_json, prefix_sse):
          "api_key": "k", "model": "gpt-4o"},
         {"name": "tr_sse", "type": "openai-compatible", "base_url": base + prefix_sse,
          "api_key": "k", "model": "gpt-4o"}]
+    providers += [dict(p, name=p["name"] + "_short", base_url=base + "/short" + prefix_sse)
+                  for p in providers[1::2]]             # streams of SHORT_EVENTS
     routes = [{"match": p["name"], "provider": p["name"]} for p in providers]
     path = os.path.join(tmp, "ccproxy-%d.json" % upstream)
     with open(path, "w") as f:
@@ -430,10 +438,13 @@ def latency_rows(up, port, body, n, prefixes):
     for label, direct_path, direct_body, model in (
             ("pass-through", ps + "/v1/messages", dict(body, stream=True), "pass_sse"),
             ("translated", ps + "/chat/completions", dict(tr_body, stream=True), "tr_sse")):
-        floor_total, floor_first = sequential(up, direct_path, direct_body, n // 2, True)
-        total, first = sequential(port, "/v1/messages", dict(body, model=model, stream=True),
-                                  n // 2, True)
-        rows.append(added_row("time to first byte, stream, %s" % label, first, floor_first))
+        for events, prefix, suffix in ((SHORT_EVENTS, "/short", "_short"), (1000, "", "")):
+            floor_total, floor_first = sequential(up, prefix + direct_path, direct_body,
+                                                  n // 2, True)
+            total, first = sequential(port, "/v1/messages", dict(
+                body, model=model + suffix, stream=True), n // 2, True)
+            rows.append(added_row("time to first byte, %d-event stream, %s" % (
+                events, label), first, floor_first))
         rows.append(added_row("1000-event stream relayed, %s" % label, total, floor_total,
                               digits=1))
     return rows

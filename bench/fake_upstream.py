@@ -5,7 +5,8 @@
   POST /chat/completions    OpenAI: JSON, or SSE chunks ending in [DONE]
   GET  /v1/models, /models  a model list
 
-Streams have EVENTS content deltas, DELAY seconds apart (query-less: set by options).
+Streams have EVENTS content deltas, DELAY seconds apart (query-less: set by options),
+or SHORT_EVENTS under /short/ (the benchmark's time to first byte).
 Every socket gets TCP_NODELAY and each response goes out in as few writes as possible.
 --loop serves every connection from one thread (selectors), for thousands of slow
 streams at once: a thread per stream took 180% CPU and 730 MB at 5000 of them, and
@@ -53,6 +54,7 @@ def openai_stream(events):
             [chunk({}, "stop"), usage, b"data: [DONE]\n\n"])
 
 
+SHORT_EVENTS = 10
 OPENAI_JSON = {"id": "c", "choices": [{"message": {"role": "assistant", "content": "hi"},
                                        "finish_reason": "stop"}],
                "usage": {"prompt_tokens": 10, "completion_tokens": 1}}
@@ -77,9 +79,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         openai = self.path.endswith("/chat/completions")
         if not body.get("stream"):
             return self._json(OPENAI_JSON if openai else TEXT)
-        head, delta, tail = (openai_stream if openai else anthropic_stream)(self.events)
+        events = SHORT_EVENTS if self.path.startswith("/short/") else self.events
+        head, delta, tail = (openai_stream if openai else anthropic_stream)(events)
         self.wfile.write(STREAM_HEAD + _chunk(b"".join(head)))
-        for _ in range(self.events):
+        for _ in range(events):
             if self.delay:
                 time.sleep(self.delay)
             self.wfile.write(_chunk(delta))
