@@ -960,7 +960,7 @@ def _safe_tool_id(tool_id):
 
 #: Top-level request members that come back byte for byte with every call of a
 #: session: Claude Code sends 32 KB of tools and 7 KB of system prompt in its 50 KB
-#: body, and parsing them was 64 of the 84 µs json.loads took (see MemberCache).
+#: body, and parsing them was 64 of the 84 us json.loads took (see MemberCache).
 REPEATED_MEMBERS = frozenset(("tools", "system"))
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")          # JSON's whitespace (RFC 8259 §2)
 _JSON_DECODER = json.JSONDecoder()
@@ -3260,7 +3260,7 @@ class MemberCache:
     whose text is one seen before is not parsed again (a JSON array, object or string
     ends where its text does, so the same text is the same value).  The values are
     shared between requests and threads: nothing may change them (as with
-    PreparedTools.source).  For Claude Code's 50 KB body: 84 -> 31 µs."""
+    PreparedTools.source).  For Claude Code's 50 KB body: 84 -> 31 us."""
 
     def __init__(self, size=4, min_chars=1024):
         self._lock, self._seen = threading.Lock(), {}   # key -> ((text, value), ...)
