@@ -193,7 +193,8 @@ def start_ccproxy(tmp, config_path, extra_env=None, script=os.path.join(ROOT, "c
     port = free_port()
     env = dict(os.environ, CCPROXY_PORT=str(port), CCPROXY_LOG_LEVEL="warning",
                CCPROXY_PID_FILE=os.path.join(tmp, "ccproxy-%d.pid" % port),
-               CCPROXY_MAX_CONNECTIONS="12000", **(extra_env or {}))
+               CCPROXY_MAX_CONNECTIONS="12000")
+    env.update(extra_env or {})                      # which may set any of these
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, script, "run", "-c", config_path], env=env,
                             stderr=subprocess.DEVNULL)
