@@ -81,11 +81,9 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=25, help="calls per block")
     args = parser.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="ccproxy-ab-")
-    os.chmod(tmp, 0o755)          # nginx's worker runs as an unprivileged user
     body, source = bench.claude_code_body()
-    nginx = shutil.which("nginx") is not None
-    fake, up = bench.start_nginx(tmp, 1000) if nginx else bench.start_stdlib_fake(tmp, 1000)
-    config = bench.ccproxy_config(tmp, up, *(("/json", "/sse") if nginx else ("", "")))
+    fake, up, prefixes, _ = bench.start_fake(tmp)
+    config = bench.ccproxy_config(tmp, up, *prefixes)
     procs, builds = [], []
     try:
         for label, rev in (("A", args.a), ("B", args.b)):

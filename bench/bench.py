@@ -158,6 +158,15 @@ def start_nginx(tmp, events):
     return proc, port
 
 
+def start_fake(tmp):
+    """The fast fake upstream with 1000-event streams: nginx when installed, else the
+    stdlib one.  (process, port, (JSON path prefix, SSE path prefix), is nginx)."""
+    if shutil.which("nginx") is None:
+        return start_stdlib_fake(tmp, 1000) + (("", ""), False)
+    os.chmod(tmp, 0o755)          # nginx's worker runs as an unprivileged user
+    return start_nginx(tmp, 1000) + (("/json", "/sse"), True)
+
+
 def start_stdlib_fake(tmp, events, delay=0.0, name="fake", loop=False):
     port_file = os.path.join(tmp, name + ".port")
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "fake_upstream.py"),
@@ -400,11 +409,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     n = 100 if args.quick else 400
     tmp = tempfile.mkdtemp(prefix="ccproxy-bench-")
-    os.chmod(tmp, 0o755)          # nginx's worker runs as an unprivileged user
     body, source = claude_code_body()
-    use_nginx = shutil.which("nginx") is not None
-    fake, up = start_nginx(tmp, 1000) if use_nginx else start_stdlib_fake(tmp, 1000)
-    prefixes = ("/json", "/sse") if use_nginx else ("", "")
+    fake, up, prefixes, use_nginx = start_fake(tmp)
     proxy, port, start_time = start_ccproxy(tmp, ccproxy_config(tmp, up, *prefixes))
     rows, notes = [], []
     try:
