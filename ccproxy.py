@@ -144,6 +144,7 @@ RESOLVE_SECONDS = 30.0            # an upstream host's addresses are looked up a
 RELAY_CHUNK = 65536
 MAX_HEAD_LINE = 65536             # an HTTP head's limits, both sides (http.client's)
 MAX_HEAD_FIELDS = 100
+MAX_INTERIM = 16                  # 1xx heads skipped before a final one (RFC 9110 §15.2)
 READ_BUFFER = 512                 # per-socket read buffer, both sides.  Bodies and
                                   # streams bypass it (read1); a head takes a few reads.
                                   # At 512 bytes it comes from Python's small-object
@@ -3511,7 +3512,17 @@ class _LeanResponse(http.client.HTTPResponse):
         if self.headers is not None:
             return
         version, status, reason = self._read_status()
-        while status == http.client.CONTINUE:        # skip interim 100 heads
+        interim = 0
+        while status < 200:
+            # RFC 9110 §15.2: any number of interim (1xx) heads may precede the final
+            # one, and each is read and dropped.  Taking a 103 Early Hints for the answer
+            # left the real one on the wire, and the next client to borrow the pooled
+            # connection read it (issue #17).  101 answers an Upgrade we never ask for.
+            interim += 1
+            if status == 101 or interim > MAX_INTERIM:
+                raise http.client.HTTPException("upstream sent %s" % (
+                    "101 Switching Protocols unasked" if status == 101
+                    else "more than %d interim responses" % MAX_INTERIM))
             read_head(self.fp)
             version, status, reason = self._read_status()
         if version in ("HTTP/1.0", "HTTP/0.9"):
@@ -3527,7 +3538,7 @@ class _LeanResponse(http.client.HTTPResponse):
         self.chunk_left = None
         self.will_close = self._check_close()
         self.length = None if self.chunked else _content_length(self.headers)
-        if status in (204, 304) or status < 200 or self._method == "HEAD":
+        if status in (204, 304) or self._method == "HEAD":
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True               # the body ends when the connection does

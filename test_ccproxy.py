@@ -1372,6 +1372,68 @@ class TestProxyEndToEnd(unittest.TestCase):
             self.assertEqual(up.connections, 1)
             self.assertEqual(px.service.upstreams.connections_opened(), 1)
 
+    def test_interim_responses_never_reach_another_client(self):
+        """Issue #17: a 103 Early Hints taken for the answer left the real one on the
+        pooled connection, and the next client read it.  Every upstream answer names
+        the request it answers; every client must get its own, on one connection."""
+        def interim(h, codes):
+            for code in codes:
+                h.send_response_only(code)
+                h.send_header("Link", "</style.css>; rel=preload")
+                h.end_headers()
+
+        def behave(h, body):
+            doc = json.loads(body)
+            marker = str(doc.get("messages", [{}])[0].get("content"))
+            interim(h, doc.get("interim", [103]))
+            if h.path.endswith("/chat/completions"):
+                return sse_behave(chunk({"content": marker}) + chunk(finish="stop") +
+                                  "data: [DONE]\n\n")(h, body)
+            if not doc.get("stream"):
+                return h.reply(200, dict(MESSAGE_JSON, content=[
+                    {"type": "text", "text": marker}]))
+            h.start_stream()
+            h.chunk(sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "text_delta", "text": marker}}))
+            h.chunk(b"")
+        cases = [("pass-through", one_provider, False), ("pass-through stream", one_provider,
+                 True), ("translated", openai_provider, False),
+                 ("translated stream", openai_provider, True)]
+        for label, make_config, stream in cases:
+            with self.subTest(label), FakeUpstream(behave) as up, \
+                    Proxy(make_config(up.url)) as px:
+                for n, codes in enumerate(([103], [100, 102, 103], [], [103, 103])):
+                    marker = "answer-%d" % n
+                    body = dict(BODY, stream=stream, interim=codes,
+                                messages=[{"role": "user", "content": marker}])
+                    resp, out = px.call("POST", "/v1/messages", body)
+                    self.assertEqual(resp.status, 200, out[:300])
+                    self.assertIn(marker.encode(), out)
+                    self.assertNotIn(b"answer-%d" % (n - 1), out)
+                self.assertEqual(up.connections, 1)
+
+    def test_a_101_or_endless_interim_heads_fail_the_call_and_its_connection(self):
+        def behave(h, body):
+            codes = json.loads(body).get("interim")
+            if codes == [101]:
+                h.send_response_only(101)
+                h.send_header("Upgrade", "websocket")
+                h.end_headers()
+            else:
+                for code in codes or ():
+                    h.send_response_only(code)
+                    h.end_headers()
+            h.reply(200, MESSAGE_JSON)
+        with FakeUpstream(behave) as up, Proxy(one_provider(up.url)) as px:
+            for codes in ([101], [103] * (ccproxy.MAX_INTERIM + 1)):
+                with self.subTest(codes=codes[:2]):
+                    resp, out = px.call("POST", "/v1/messages", dict(BODY, interim=codes))
+                    self.assertEqual(resp.status, 500, out)
+                    self.assertEqual(json.loads(out)["error"]["type"], "api_error")
+            resp, out = px.call("POST", "/v1/messages", dict(BODY, interim=[]))
+            self.assertEqual((resp.status, json.loads(out)), (200, MESSAGE_JSON))
+            self.assertEqual(up.connections, 3)      # neither doubtful connection reused
+
     def test_one_upstream_connection_for_streams_framed_by_length(self):
         """nginx serving a file, caches and buffering gateways send an event stream
         with Content-Length instead of chunks.  Each such stream used to open a
@@ -1550,6 +1612,17 @@ class TestReadHead(unittest.TestCase):
                     self.assertEqual(getattr(mine, attr), getattr(theirs, attr), attr)
                 self.assertEqual(mine.headers.items(), theirs.headers.items())
                 self.assertEqual(mine.read(), theirs.read())
+        # Unlike http.client (which skips only 100), every interim head is skipped.
+        raw = (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 102 Processing\r\n"
+               b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        mine = ccproxy._LeanResponse(_BytesSocket(raw), method="POST")
+        mine.begin()
+        self.assertEqual((mine.status, mine.headers.items(), mine.read()),
+                         (200, [("Content-Length", "2")], b"hi"))
+        for raw in (b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                    b"HTTP/1.1 103 Early Hints\r\n\r\n" * (ccproxy.MAX_INTERIM + 1)):
+            with self.subTest(raw=raw[:30]), self.assertRaises(http.client.HTTPException):
+                ccproxy._LeanResponse(_BytesSocket(raw)).begin()
         for raw, error in [(b"HTTP/2.0 200 OK\r\n\r\n", http.client.UnknownProtocol),
                            (b"", http.client.RemoteDisconnected),
                            (b"SMTP ready\r\n\r\n", http.client.BadStatusLine)]:
