@@ -675,6 +675,27 @@ def _check_exposure(config):
                           % exposed[0])
 
 
+#: Settings a running daemon keeps until it restarts: its listeners, its PID file, its
+#: worker count and connection cap.  A reload that changes one logs a warning.
+RESTART_ONLY = ("host", "port", "pid_file", "status_host", "status_port", "workers",
+                "max_connections")
+
+
+def reloaded_config(running, new):
+    """(the config a reload of `new` would really run, the restart-only settings it
+    changed): the new settings on the listeners that stay.  Exposure is checked on
+    that, not on `new`: a reload to host 127.0.0.1 without api_key, on a daemon bound
+    to 0.0.0.0, kept the open listener and dropped its key (issue #17)."""
+    changed = [f for f in RESTART_ONLY if getattr(running, f) != getattr(new, f)]
+    effective = dataclasses.replace(new, **{f: getattr(running, f) for f in RESTART_ONLY})
+    try:
+        _check_exposure(effective)
+    except ConfigError as exc:
+        raise ConfigError("reload refused: the daemon keeps listening on %s until it "
+                          "restarts, and %s" % (running.host, exc.args[0])) from None
+    return effective, changed
+
+
 def config_fingerprint(config):
     """sha256 over the effective settings; keys enter only as their own hashes."""
     doc = dataclasses.asdict(dataclasses.replace(config, source="", fingerprint=""))
@@ -3820,13 +3841,9 @@ class Service:
             return self.in_flight
 
     def apply(self, config):
-        """Swap in a new config; return the names of settings that need a restart."""
-        old = self.config
-        fixed = ("host", "port", "pid_file", "status_host", "status_port", "workers",
-                 "max_connections")
-        changed = [f for f in fixed if getattr(old, f) != getattr(config, f)]
-        keep = {f: getattr(old, f) for f in fixed}
-        self.config = dataclasses.replace(config, **keep)
+        """Swap in a new config; return the names of settings that need a restart.
+        ConfigError, and nothing changed, when the result would be unsafe."""
+        self.config, changed = reloaded_config(self.config, config)
         self.api_key_digest = key_digest(config.api_key)
         self.loaded_at = time.time()
         self.reloads += 1
@@ -5161,15 +5178,15 @@ class Daemon:
         """Validate the new config to the side; keep the old one if it is bad (nginx)."""
         sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic() * 1e6), self.environ)
         try:
-            config = self.reloader()
+            changed = self.service.apply(self.reloader())
         except CcproxyError as exc:
             self.service.reload_failures += 1
             self.service.last_reload_error = str(exc)
             log.error("reload failed, keeping the running config: %s", exc)
         else:
-            for name in self.service.apply(config):
+            for name in changed:
                 log.warning("reload: %s changed; it takes effect after a restart", name)
-            log.setLevel(config.log_level.upper())
+            log.setLevel(self.service.config.log_level.upper())
             log.info("reloaded config %s", self.service.config.fingerprint)
         sd_notify("READY=1\nSTATUS=serving", self.environ)
 
@@ -5366,12 +5383,9 @@ class Supervisor:
         """The config a worker started from now on gets: the new one when it is valid
         (else the workers keep theirs too, and count the failure)."""
         try:
-            config = self.reloader()
+            self.config = reloaded_config(self.config, self.reloader())[0]
         except CcproxyError as exc:
             log.error("reload: %s", exc)
-            return
-        c = self.config          # the listener and the worker count need a restart
-        self.config = dataclasses.replace(config, host=c.host, port=c.port, workers=c.workers)
 
     def _reap(self):
         for wid, (pid, born) in list(self.workers.items()):
@@ -5816,9 +5830,11 @@ def cmd_reload(args, environ):
     while before and time.monotonic() < deadline:
         after = (fetch_status(config) or {}).get("config") or {}
         if after.get("reload_failures", 0) > before.get("reload_failures", 0):
+            # The daemon refused the config: a configuration error, as when it is
+            # refused here (exit 2).
             print("ccproxy: reload failed, still serving the old config: %s"
                   % after.get("last_reload_error"), file=sys.stderr)
-            return EXIT_FAIL
+            return EXIT_USAGE
         if after.get("reloads", 0) > before.get("reloads", 0):
             print("ccproxy reloaded (pid %d, config %s)" % (pid, after.get("fingerprint")))
             return EXIT_OK

@@ -332,6 +332,42 @@ class TestConfig(unittest.TestCase):
         with self.assertRaises(ccproxy.ConfigError):
             ccproxy.build_config({"status_host": "0.0.0.0", "status_port": 9000}, {}, {})
 
+    def test_a_reload_is_checked_on_the_listeners_that_stay(self):
+        """Issue #17: the exposure check ran on the new file's host while the old
+        listener stayed, so a reload could drop the key of a daemon open to the net."""
+        remote = config(host="0.0.0.0", api_key="k")
+        status = config(status_host="0.0.0.0", status_port=9000, api_key="k")
+        rows = [  # running, new file's settings, refused?, restart-only changes
+            (remote, {"host": "127.0.0.1"}, True, None),
+            (remote, {"host": "0.0.0.0", "api_key": "k2"}, False, []),
+            (remote, {"host": "127.0.0.1", "allow_remote": True}, False, ["host"]),
+            (status, {}, True, None),
+            (config(), {"port": 4000}, False, ["port"]),
+        ]
+        for running, data, refused, changed in rows:
+            with self.subTest(data=data, running=running.host):
+                new = ccproxy.build_config(data, {}, {})
+                if refused:
+                    with self.assertRaisesRegex(ccproxy.ConfigError, "reload refused: the "
+                                                "daemon keeps listening on "):
+                        ccproxy.reloaded_config(running, new)
+                    continue
+                effective, got = ccproxy.reloaded_config(running, new)
+                self.assertEqual(got, changed)
+                self.assertEqual((effective.host, effective.port, effective.api_key),
+                                 (running.host, running.port, new.api_key))
+
+    def test_an_unsafe_reload_keeps_the_running_config_and_counts_a_failure(self):
+        running = config(host="0.0.0.0", api_key="k")
+        daemon = ccproxy.Daemon(running, lambda: ccproxy.build_config({}, {}, {}), None, {})
+        daemon.reload()
+        service = daemon.service
+        self.assertIs(service.config, running)
+        self.assertEqual((service.reloads, service.reload_failures), (0, 1))
+        self.assertIn("reload refused", service.last_reload_error)
+        self.assertEqual(service.api_key_digest, ccproxy.key_digest("k"))
+        daemon.close()
+
     def test_secrets_never_appear_in_errors_or_repr(self):
         with self.assertRaises(ccproxy.ConfigError) as cm:
             ccproxy.build_config({"api_key": 12345678}, {}, {})
