@@ -115,6 +115,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import sys
 import tempfile
 import threading
@@ -184,21 +185,36 @@ REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expec
 #: Response headers never copied to the client: hop-by-hop, framing, and ids we replace.
 RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server", "request-id"}
 
-#: provider type -> (default base URL, environment variables that may hold its key).
+class ProviderType(collections.namedtuple("ProviderType", "base_url key_vars key_hosts "
+                                                           "needs_key")):
+    """What a provider type brings: its default base URL; the environment variables
+    that may hold its key, and the hosts (fnmatch patterns) such a key may be sent to;
+    whether its calls need a key at all (local servers need none).  A custom base_url
+    never gets a key from those variables: a user's OPENAI_API_KEY must not reach a
+    self-hosted or third-party host (issue #18)."""
+
+
 #: The anthropic type reads no usual variable on purpose: with no key configured the
 #: client's own key is forwarded (the zero-config pass-through), and ANTHROPIC_API_KEY
 #: in the proxy's environment is usually the client's.
 PROVIDER_TYPES = {
-    "anthropic": ("https://api.anthropic.com", ()),
-    "openai": ("https://api.openai.com/v1", ("OPENAI_API_KEY",)),
-    "azure": ("", ("AZURE_OPENAI_API_KEY",)),
-    "groq": ("https://api.groq.com/openai/v1", ("GROQ_API_KEY",)),
-    "openrouter": ("https://openrouter.ai/api/v1", ("OPENROUTER_API_KEY",)),
-    "deepseek": ("https://api.deepseek.com", ("DEEPSEEK_API_KEY",)),
-    "gemini": ("https://generativelanguage.googleapis.com/v1beta/openai",
-               ("GEMINI_API_KEY", "GOOGLE_API_KEY")),
-    "ollama": ("http://127.0.0.1:11434/v1", ()),
-    "openai-compatible": ("", ("OPENAI_API_KEY",)),
+    "anthropic": ProviderType("https://api.anthropic.com", (), (), False),
+    "openai": ProviderType("https://api.openai.com/v1", ("OPENAI_API_KEY",),
+                           ("api.openai.com",), True),
+    "azure": ProviderType("", ("AZURE_OPENAI_API_KEY",), (
+        "*.openai.azure.com", "*.cognitiveservices.azure.com", "*.services.ai.azure.com"),
+        True),
+    "groq": ProviderType("https://api.groq.com/openai/v1", ("GROQ_API_KEY",),
+                         ("api.groq.com",), True),
+    "openrouter": ProviderType("https://openrouter.ai/api/v1", ("OPENROUTER_API_KEY",),
+                               ("openrouter.ai",), True),
+    "deepseek": ProviderType("https://api.deepseek.com", ("DEEPSEEK_API_KEY",),
+                             ("api.deepseek.com",), True),
+    "gemini": ProviderType("https://generativelanguage.googleapis.com/v1beta/openai",
+                           ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+                           ("generativelanguage.googleapis.com",), True),
+    "ollama": ProviderType("http://127.0.0.1:11434/v1", (), (), False),
+    "openai-compatible": ProviderType("", (), (), False),
 }
 
 #: Every quirk flag with its default (translation.md §6).  A provider type is a row of
@@ -254,7 +270,9 @@ PROVIDER_QUIRKS = {
     "openai-compatible": {"think_tags": True},
 }
 
-STATUS_WORDS = ("connected", "rate_limited", "disconnected", "auth_failed", "unknown")
+#: Provider status words that still take calls: a provider nobody has called yet counts.
+#: The others: rate_limited, disconnected, auth_failed, unconfigured (it has no key).
+USABLE = ("connected", "unknown")
 TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
 CCPROXY_SIGNATURE_PREFIX = "ccproxy:"
 
@@ -312,6 +330,8 @@ class ProviderConfig:
     type: str = "anthropic"
     base_url: str = ""
     api_key: str = dataclasses.field(default="", repr=False)
+    key_source: str = ""           # where the key comes (or would come) from: "api_key",
+                                   # a variable's name, or "file PATH"; never the key
     model: str = ""
     big_model: str = ""
     small_model: str = ""
@@ -359,6 +379,9 @@ class Config:
     fallback: tuple = ()
     source: str = ""
     fingerprint: str = ""
+    warnings: tuple = ()              # what start-up says but does not refuse
+    given: tuple = ()                 # (setting, where it was set): file key, variable
+                                      # or --option; the rest are defaults
 
     def provider(self, name):
         """The provider called `name` (config validation guarantees it exists)."""
@@ -371,6 +394,7 @@ SETTINGS = (
     ("host", ("CCPROXY_HOST",), "host", "host"),
     ("port", ("CCPROXY_PORT",), "port", "port"),
     ("api_key", ("CCPROXY_API_KEY",), "secret", None),
+    ("api_key_file", ("CCPROXY_API_KEY_FILE",), "str", None),
     ("allow_remote", ("CCPROXY_ALLOW_REMOTE",), "bool", "allow_remote"),
     ("pid_file", ("CCPROXY_PID_FILE",), "str", "pid_file"),
     ("log_file", ("CCPROXY_LOG_FILE",), "str", "log_file"),
@@ -392,13 +416,15 @@ SETTINGS = (
 #: Environment variables that configure the primary (first) provider.
 PROVIDER_ENV = (
     ("type", "CCPROXY_PROVIDER"), ("base_url", "CCPROXY_BASE_URL"),
-    ("api_key", "CCPROXY_UPSTREAM_API_KEY"), ("model", "CCPROXY_MODEL"),
+    ("api_key", "CCPROXY_UPSTREAM_API_KEY"), ("api_key_file", "CCPROXY_UPSTREAM_API_KEY_FILE"),
+    ("model", "CCPROXY_MODEL"),
     ("big_model", "CCPROXY_BIG_MODEL"), ("small_model", "CCPROXY_SMALL_MODEL"),
 )
 FILE_ONLY_KEYS = ("providers", "routes", "fallback")
-PROVIDER_KEYS = ("name", "type", "base_url", "api_key", "api_key_env", "model", "big_model",
-                 "small_model", "connect_timeout", "read_timeout", "ca_bundle", "api_version",
-                 "quirks", "headers")
+KEY_FIELDS = ("api_key", "api_key_env", "api_key_file")
+PROVIDER_KEYS = ("name", "type", "base_url") + KEY_FIELDS + (
+    "model", "big_model", "small_model", "connect_timeout", "read_timeout", "ca_bundle",
+    "api_version", "quirks", "headers")
 ROUTE_KEYS = ("match", "provider", "model")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
@@ -487,7 +513,7 @@ def _check_url(key, url):
     return url.rstrip("/")
 
 
-def _provider(index, raw, environ):
+def _provider(index, raw, environ, read_key):
     """Validate one provider entry of the config file into a ProviderConfig."""
     where = "providers[%d]" % index
     if not isinstance(raw, dict):
@@ -503,22 +529,17 @@ def _provider(index, raw, environ):
     if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
         raise ConfigError("%s.name must be 1-64 letters, digits, '_', '.' or '-', got %s"
                           % (where, _shown(name)))
-    return _provider_fields(where, name, ptype, raw, environ)
+    return _provider_fields(where, name, ptype, raw, environ, read_key)
 
 
-def _provider_fields(where, name, ptype, raw, environ):
+def _provider_fields(where, name, ptype, raw, environ, read_key):
     """The typed fields of one provider, defaults from PROVIDER_TYPES."""
-    default_url, key_vars = PROVIDER_TYPES[ptype]
-    key = raw.get("api_key")
-    if key is None and raw.get("api_key_env"):
-        key = environ.get(str(raw["api_key_env"]), "")
-    if key is None:
-        key = next((environ[v] for v in key_vars if environ.get(v)), "")
-    url = raw.get("base_url") or default_url
+    url = raw.get("base_url") or PROVIDER_TYPES[ptype].base_url
     if not url:
         raise ConfigError("%s.base_url is required for type %s" % (where, _shown(ptype)))
-    fields = {"name": name, "type": ptype,
-              "base_url": _check_url(where + ".base_url", str(url)),
+    url = _check_url(where + ".base_url", str(url))
+    key, source = _provider_key(where, ptype, url, raw, environ, read_key)
+    fields = {"name": name, "type": ptype, "base_url": url, "key_source": source,
               "api_key": _convert(where + ".api_key", "secret", key)}
     for field in ("model", "big_model", "small_model", "ca_bundle", "api_version"):
         fields[field] = _convert(where + "." + field, "str", raw.get(field, ""))
@@ -528,6 +549,55 @@ def _provider_fields(where, name, ptype, raw, environ):
         if field in raw:
             fields[field] = _convert(where + "." + field, "seconds", raw[field])
     return ProviderConfig(**fields)
+
+
+def _provider_key(where, ptype, url, raw, environ, read_key):
+    """(key, where it comes from) for one provider: api_key, api_key_file or api_key_env
+    (at most one of them), else the type's usual variable, but only for the type's own
+    hosts (issue #18).  An unset api_key_env is no key (start warns, /status says
+    unconfigured); an unreadable api_key_file is a config error."""
+    given = [k for k in KEY_FIELDS if k in raw]
+    if len(given) > 1:
+        raise ConfigError("%s: give one of %s, not %s" % (where, ", ".join(KEY_FIELDS),
+                                                          " and ".join(given)))
+    if "api_key" in raw:
+        return raw["api_key"], "api_key"
+    if "api_key_file" in raw:
+        path = _convert(where + ".api_key_file", "str", raw["api_key_file"])
+        return read_key(where + ".api_key_file", path, environ), "file " + path
+    if "api_key_env" in raw:
+        var = _convert(where + ".api_key_env", "str", raw["api_key_env"])
+        return environ.get(var, ""), var
+    kind = PROVIDER_TYPES[ptype]
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    if not any(fnmatch.fnmatchcase(host, pattern) for pattern in kind.key_hosts):
+        return "", ""
+    var = next((v for v in kind.key_vars if environ.get(v)), kind.key_vars[0])
+    return environ.get(var, ""), var
+
+
+def read_key_file(where, path, environ):
+    """A key kept in a file: systemd's credentials first for a relative path
+    ($CREDENTIALS_DIRECTORY/NAME, from LoadCredential=), else the path itself.  The
+    key is the file's first line."""
+    candidates = [path]
+    if not os.path.isabs(path) and environ.get("CREDENTIALS_DIRECTORY"):
+        candidates.insert(0, os.path.join(environ["CREDENTIALS_DIRECTORY"], path))
+    for index, candidate in enumerate(candidates):
+        try:
+            with open(candidate, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except FileNotFoundError:
+            if index + 1 < len(candidates):
+                continue
+            raise ConfigError("%s: cannot read %s: no such file" % (where, path)) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("%s: cannot read %s: %s" % (
+                where, path, getattr(exc, "strerror", None) or "not UTF-8")) from None
+        if not key:
+            raise ConfigError("%s: %s is empty" % (where, path))
+        return key
+    return ""
 
 
 #: Headers a provider's "headers" may not set: ccproxy frames the message itself.
@@ -602,7 +672,12 @@ def _primary_from_env(raw_providers, environ):
     first = dict(raw_providers[0]) if raw_providers else {}
     if "type" in overrides and overrides["type"] != first.get("type"):
         # A new type means the file's URL, key and name were for another provider.
-        first = {k: v for k, v in first.items() if k not in ("base_url", "api_key", "name")}
+        first = {k: v for k, v in first.items() if k not in ("base_url", "name") + KEY_FIELDS}
+    if "api_key" in overrides:               # named by its variable, never copied
+        overrides["api_key_env"] = "CCPROXY_UPSTREAM_API_KEY"
+        del overrides["api_key"]
+    if any(k in overrides for k in KEY_FIELDS):
+        first = {k: v for k, v in first.items() if k not in KEY_FIELDS}
     first.update(overrides)
     return [first] + list(raw_providers[1:])
 
@@ -621,8 +696,9 @@ def _file_settings(data):
 
 
 def _merge_scalars(data, environ, cli):
-    """defaults < file < environment < command line, one setting at a time."""
-    values = {}
+    """defaults < file < environment < command line, one setting at a time; `given`
+    says which were set and where ((key, source) pairs)."""
+    values, given = {}, []
     for key, env_vars, kind, option in SETTINGS:
         value, source = dataclasses.MISSING, key
         if key in data:
@@ -635,20 +711,28 @@ def _merge_scalars(data, environ, cli):
             value, source = cli[option], "--" + option.replace("_", "-")
         if value is not dataclasses.MISSING:
             values[key] = _convert(source, kind, value)
+            given.append((key, source))
+    values["given"] = tuple(given)
     return values
 
 
-def build_config(data, environ, cli, source=""):
+def build_config(data, environ, cli, source="", read_key=read_key_file):
     """Build and validate a Config from parsed file data, an environment and CLI options.
 
-    Pure: no I/O.  Raises ConfigError with a message that names the offending key.
+    Pure but for the key files, read through `read_key(where, path, environ)`.  Raises
+    ConfigError with a message that names the offending key.
     """
     data = _file_settings(data or {})
     values = _merge_scalars(data, environ, cli)
+    key_file = values.pop("api_key_file", "")
+    if key_file and values.get("api_key"):
+        raise ConfigError("give one of api_key (CCPROXY_API_KEY) and api_key_file, not both")
+    if key_file:
+        values["api_key"] = read_key("api_key_file", key_file, environ)
     raw_providers = _primary_from_env(data.get("providers") or [], environ)
-    providers = tuple(_provider(i, p, environ) for i, p in enumerate(raw_providers))
+    providers = tuple(_provider(i, p, environ, read_key) for i, p in enumerate(raw_providers))
     providers = providers or (ProviderConfig(name="anthropic",
-                                             base_url=PROVIDER_TYPES["anthropic"][0]),)
+                                             base_url=PROVIDER_TYPES["anthropic"].base_url),)
     names = [p.name for p in providers]
     if len(set(names)) != len(names):
         raise ConfigError("providers: two providers are named %s; give each a unique name"
@@ -662,7 +746,52 @@ def build_config(data, environ, cli, source=""):
     _check_exposure(config)
     if config.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigError("workers > 1 needs SO_REUSEPORT, which this system lacks")
-    return dataclasses.replace(config, fingerprint=config_fingerprint(config))
+    warnings = tuple(unknown_variables(environ)) + tuple(
+        "provider %s has no key: %s" % (p.name, key_hint(p)) for p in providers
+        if unconfigured(config, p))
+    return dataclasses.replace(config, fingerprint=config_fingerprint(config),
+                               warnings=warnings)
+
+
+def unconfigured(config, provider):
+    """True when calls to `provider` cannot work for want of its own key.  Anthropic
+    needs none while ccproxy has no client key: each client's own is forwarded then."""
+    if provider.api_key:
+        return False
+    if provider.type == "anthropic":
+        return bool(config.api_key)
+    return PROVIDER_TYPES[provider.type].needs_key
+
+
+def key_hint(provider):
+    """How to give `provider` its key, naming the variable or file its config names."""
+    if provider.key_source.startswith("file "):
+        return "%s is empty" % provider.key_source[5:]
+    if provider.key_source and provider.key_source != "api_key":
+        return "set %s" % provider.key_source
+    return ("set api_key, api_key_env or api_key_file in its config entry (for the first "
+            "provider, CCPROXY_UPSTREAM_API_KEY)")
+
+
+#: Variables ccproxy reads itself, beside the settings': the config file, the start-up
+#: pipe and the re-exec mark (both internal), and the fuzz tests' iteration count.
+OTHER_VARIABLES = ("CCPROXY_CONFIG", "CCPROXY_READY_FD", "CCPROXY_NO_REEXEC",
+                   "CCPROXY_FUZZ_ITERATIONS")
+
+
+def unknown_variables(environ):
+    """A warning for each CCPROXY_* variable ccproxy does not read, with the closest
+    name it does: a misspelled CCPROXY_PORTT was ignored in silence (issue #18)."""
+    import difflib            # here: only when a CCPROXY_ variable is unknown
+    known = [v for _, names, _, _ in SETTINGS for v in names] + [
+        v for _, v in PROVIDER_ENV] + list(OTHER_VARIABLES)
+    suffixes = [v[8:] for v in known if v.startswith("CCPROXY_")]
+    for name in sorted(environ):
+        if name.startswith("CCPROXY_") and name not in known:
+            # Compared without the prefix, which every candidate shares.
+            close = difflib.get_close_matches(name[8:], suffixes, 1, 0.6)
+            yield "%s is not a ccproxy setting%s" % (
+                name, "; did you mean CCPROXY_%s?" % close[0] if close else "")
 
 
 def _check_exposure(config):
@@ -698,7 +827,8 @@ def reloaded_config(running, new):
 
 def config_fingerprint(config):
     """sha256 over the effective settings; keys enter only as their own hashes."""
-    doc = dataclasses.asdict(dataclasses.replace(config, source="", fingerprint=""))
+    doc = dataclasses.asdict(dataclasses.replace(config, source="", fingerprint="",
+                                                 warnings=(), given=()))
     doc["api_key"] = _digest(config.api_key)
     for provider in doc["providers"]:
         provider["api_key"] = _digest(provider["api_key"])
@@ -728,9 +858,45 @@ def read_config_file(path):
 def load_config(path=None, environ=None, cli=None):
     """Read the config file (if any) and build the Config: the one place that does I/O."""
     environ = os.environ if environ is None else environ
-    path = path or environ.get("CCPROXY_CONFIG") or ""
+    path = path or environ.get("CCPROXY_CONFIG")
+    if path is None:                       # CCPROXY_CONFIG= (empty) reads no file
+        default = default_config_file(environ)
+        path = default if os.path.isfile(default) else ""
     data = read_config_file(path) if path else {}
-    return build_config(data, environ, cli or {}, source=os.path.abspath(path) if path else "")
+    config = build_config(data, environ, cli or {},
+                          source=os.path.abspath(path) if path else "")
+    if path and holds_keys(data) and _others_may_read(path):
+        config = dataclasses.replace(config, warnings=config.warnings + (
+            "%s holds keys and other users can read it: chmod 600 it, or move the keys "
+            "to api_key_file (systemd: LoadCredential=)" % path,))
+    return config
+
+
+def default_config_file(environ):
+    """The config file read without -c or CCPROXY_CONFIG, when it exists (issue #18):
+    /etc/ccproxy/config.json for root and for the systemd unit (its RUNTIME_DIRECTORY
+    is not a user's), else $XDG_CONFIG_HOME/ccproxy/config.json, by default under
+    ~/.config."""
+    runtime = environ.get("RUNTIME_DIRECTORY", "")
+    if os.geteuid() == 0 or (runtime and not runtime.startswith("/run/user/")):
+        return "/etc/ccproxy/config.json"
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".config")
+    return os.path.join(base, "ccproxy", "config.json")
+
+
+def holds_keys(data):
+    """True when a parsed config file carries a key itself (not a variable's name)."""
+    providers = data.get("providers") if isinstance(data, dict) else None
+    entries = [data] + (providers if isinstance(providers, list) else [])
+    return any(isinstance(e, dict) and e.get("api_key") for e in entries)
+
+
+def _others_may_read(path):
+    try:
+        return bool(os.stat(path).st_mode & 0o004)
+    except OSError:
+        return False
 
 
 # ---- Pure protocol functions ---------------------------------------------------
@@ -751,19 +917,23 @@ def key_digest(key):
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
-def presented_key(headers):
-    """The key a client presents: x-api-key, else an Authorization Bearer token."""
-    key = headers.get("x-api-key")
-    if key:
-        return key.strip()
+def presented_keys(headers):
+    """The keys a client presents: its x-api-key (Claude Code's ANTHROPIC_API_KEY) and
+    its Authorization Bearer token (ANTHROPIC_AUTH_TOKEN), "" for each it lacks.  With
+    both variables set, Claude Code sends both headers."""
     auth = headers.get("authorization") or ""
     scheme, _, token = auth.strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
+    return ((headers.get("x-api-key") or "").strip(),
+            token.strip() if scheme.lower() == "bearer" else "")
 
 
 def key_matches(headers, expected_digest):
-    """Constant-time check of the client key against the configured key's digest."""
-    return hmac.compare_digest(key_digest(presented_key(headers)), expected_digest)
+    """Constant-time check of the client key against the configured key's digest:
+    either header may carry it (issue #18); both are always compared."""
+    found = False
+    for key in presented_keys(headers):
+        found |= hmac.compare_digest(key_digest(key), expected_digest) and bool(key)
+    return found
 
 
 def header_value_ok(value):
@@ -969,6 +1139,18 @@ def plan_route(config, model):
         if all(provider is not p for p, _ in plan):
             plan.append((provider, upstream_model(provider, "", model)))
     return plan
+
+
+def callable_plan(config, plan, available):
+    """The attempts of `plan` worth making: none to a provider without the key it needs
+    (answered at once, naming what to set, rather than by the provider's 401), and none
+    to one whose circuit is open (`available(name)` False) unless no other is left."""
+    ready = [p for p in plan if not unconfigured(config, p[0])]
+    if not ready:
+        provider = plan[0][0]
+        raise HTTPError(500, "api_error", "ccproxy: provider %s has no key: %s"
+                        % (provider.name, key_hint(provider)), (("x-should-retry", "false"),))
+    return [p for p in ready if available(p[0].name)] or ready
 
 
 def _safe_tool_id(tool_id):
@@ -1203,7 +1385,7 @@ def provider_health_word(status):
 def overall_health(statuses):
     """healthy: every provider usable; degraded: some not, or rate limited; unhealthy:
     none usable.  A provider nobody has called yet counts as usable."""
-    usable = [s in ("connected", "unknown") for s in statuses]
+    usable = [s in USABLE for s in statuses]
     if statuses and not any(usable) and "rate_limited" not in statuses:
         return "unhealthy"
     if all(usable):
@@ -1219,10 +1401,13 @@ def provider_items(config, stats, now):
         status = s.get("status", "unknown")
         if status == "rate_limited" and s.get("rate_limited_until", 0) <= now:
             status = "connected"
+        if unconfigured(config, p):
+            status = "unconfigured"          # no call can work: it has no key
         items.append({
             "name": p.name, "type": p.type, "status": status,
             "health": provider_health_word(status), "model": p.model or None,
             "base_url": redact_url(p.base_url), "api_key_configured": bool(p.api_key),
+            "api_key_source": p.key_source or None,
             "last_check": iso_time(s.get("last_check")),
             "response_time_ms": s.get("response_time_ms"),
             "tokens_per_second": s.get("tokens_per_second"),
@@ -1235,7 +1420,7 @@ def provider_items(config, stats, now):
 
 def providers_document(items):
     """The `providers` object of /status: counts, percentages and stats by type."""
-    healthy = [i for i in items if i["status"] in ("connected", "unknown")]
+    healthy = [i for i in items if i["status"] in USABLE]
     by_type = {}
     for item in items:
         entry = by_type.setdefault(item["type"], {"total_count": 0, "healthy_count": 0})
@@ -1258,8 +1443,9 @@ def _percent(part, whole):
 def health_problem(items, health, now_stats):
     """The error/warning fields /status adds when health is not healthy."""
     if health == "unhealthy":
-        bad = next(i for i in items if i["status"] not in ("connected", "unknown"))
-        code = {"auth_failed": ("provider_auth_failed", "authentication_failed")}.get(
+        bad = next(i for i in items if i["status"] not in USABLE)
+        code = {"auth_failed": ("provider_auth_failed", "authentication_failed"),
+                "unconfigured": ("provider_unconfigured", "no_key")}.get(
             bad["status"], ("provider_connection_failed", "connection_failed"))
         return {"error": code[0], "message": "no provider is usable; %s is %s"
                 % (bad["name"], bad["status"]),
@@ -1284,6 +1470,8 @@ def status_document(snap):
         "uptime": format_duration(now - snap["started"]),
         "uptime_seconds": int(now - snap["started"]),
         "pid": snap["pid"], "host": config.host, "port": snap["port"],
+        "pid_file": snap.get("record", {}).get("pid_file"),
+        "log_file": snap.get("record", {}).get("log_file"),
         "api_key_configured": bool(config.api_key),
         "requests_served": snap["requests_served"],
         "requests_in_flight": snap["in_flight"],
@@ -1394,8 +1582,8 @@ def escape_log(text):
 def access_record(fields):
     """One access-log line in text form (product.md §7)."""
     order = ("request_id", "client", "method", "path", "status", "route", "provider",
-             "upstream_status", "attempts", "latency_ms", "ttfb_ms", "input_tokens",
-             "output_tokens")
+             "model", "upstream_model", "upstream_status", "attempts", "latency_ms",
+             "ttfb_ms", "input_tokens", "output_tokens")
     head = "%s %s %s %s %s" % tuple(escape_log(fields.get(k, "-")) for k in order[:5])
     tail = " ".join("%s=%s" % (k, escape_log(fields[k])) for k in order[5:]
                     if fields.get(k) not in (None, ""))
@@ -1492,7 +1680,7 @@ def metrics_families(m, snap):
          [("", (), snap["in_flight"])]),
         ("ccproxy_provider_up", "gauge", "1 when the provider is usable (connected or "
          "untried), else 0.", [("", (("provider", i["name"]),), int(
-             i["status"] in ("connected", "unknown"))) for i in items]),
+             i["status"] in USABLE)) for i in items]),
         ("ccproxy_build_info", "gauge", "Build of the running ccproxy; always 1.",
          [("", (("version", snap["build"]["version"]), ("commit", snap["build"]["commit"])),
            1)]),
@@ -2944,21 +3132,86 @@ def ollama_context(show_body):
 MIN_CONTEXT = 16384
 
 
-def env_lines(config):
-    """The exports that point Claude Code at this proxy (`eval "$(ccproxy.py env)"`)."""
-    host = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+def forwards_client_key(config):
+    """True when the default route forwards each client's own Anthropic credentials."""
+    provider = plan_route(config, "")[0][0]
+    return provider.type == "anthropic" and not provider.api_key and not config.api_key
+
+
+#: What `ccproxy init --provider TYPE` writes for each type beside its name and type:
+#: the fields it needs, its key named by a variable (never the key itself), and a model
+#: to start from.  examples/TYPE.json holds the same (test_examples_are_init_output).
+STARTER_FIELDS = {
+    "anthropic": {},
+    "openai": {"api_key_env": "OPENAI_API_KEY", "model": "gpt-5"},
+    "azure": {"base_url": "https://NAME.openai.azure.com/openai/deployments/DEPLOYMENT",
+              "api_version": "2024-10-21", "api_key_env": "AZURE_OPENAI_API_KEY"},
+    "groq": {"api_key_env": "GROQ_API_KEY", "model": "moonshotai/kimi-k2-instruct"},
+    "openrouter": {"api_key_env": "OPENROUTER_API_KEY", "model": "anthropic/claude-sonnet-4.5"},
+    "deepseek": {"api_key_env": "DEEPSEEK_API_KEY", "model": "deepseek-chat"},
+    "gemini": {"api_key_env": "GEMINI_API_KEY", "model": "gemini-2.5-pro"},
+    "ollama": {"model": "qwen3-coder:30b"},
+    "openai-compatible": {"base_url": "http://127.0.0.1:8000/v1", "model": "my-model"},
+}
+#: What to do after `init`, per type.
+STARTER_NEXT = {
+    "anthropic": "each client's own Anthropic key is forwarded; to keep one key on the "
+                 "proxy instead, add \"api_key_env\": \"VARIABLE\"",
+    "azure": "put your resource and deployment in base_url, then export "
+             "AZURE_OPENAI_API_KEY=...",
+    "ollama": "start Ollama with OLLAMA_CONTEXT_LENGTH=32768 or more",
+    "openai-compatible": "put your server's URL in base_url and its model name in model "
+                         "(vLLM, LM Studio, llama.cpp)",
+}
+
+
+def starter_config(ptype):
+    """The JSON text `init` writes for a provider type."""
+    entry = dict({"name": ptype, "type": ptype}, **STARTER_FIELDS[ptype])
+    return json.dumps({"port": DEFAULT_PORT, "providers": [entry]}, indent=2) + "\n"
+
+
+def starter_next(ptype):
+    fields = STARTER_FIELDS[ptype]
+    return STARTER_NEXT.get(ptype) or "export %s=..." % fields["api_key_env"]
+
+
+def runtime_facts(config, port=None):
+    """What a client must know of a proxy run with `config`: where it listens, whether
+    it wants a client key, whether it forwards each client's own Anthropic credentials,
+    and whether any route is translated (the runtime record carries the same)."""
+    return {"host": config.host, "port": port or config.port,
+            "client_key": bool(config.api_key),
+            "forwards_client_key": forwards_client_key(config),
+            "translated": any(p.type != "anthropic" for p in config.providers)}
+
+
+def env_lines(config, record=None):
+    """The exports that point Claude Code at this proxy (`eval "$(ccproxy.py env)"`):
+    for the running daemon its runtime record says, else for `config`.
+
+    A key goes in ANTHROPIC_AUTH_TOKEN (sent as Authorization: Bearer), never in
+    ANTHROPIC_API_KEY: given that, interactive Claude Code asks whether to use "a custom
+    API key", and its default answer leaves it logged out (issue #18).  The shell's own
+    ANTHROPIC_API_KEY is unset for the same reason, except where the proxy forwards
+    the client's own credentials to Anthropic: there it is what is sent."""
+    facts = record or runtime_facts(config)
+    host = facts["host"] if facts["host"] not in ("0.0.0.0", "::", "") else "127.0.0.1"
     host = "[%s]" % host if ":" in host else host
-    translated = any(p.type != "anthropic" for p in config.providers)
-    lines = ["export ANTHROPIC_BASE_URL=%s" % shlex.quote("http://%s:%d" % (host, config.port))]
-    if config.api_key:
-        lines.append("export ANTHROPIC_API_KEY=%s" % shlex.quote(config.api_key))
-    elif translated or config.providers[0].api_key:
-        # The proxy holds the provider's key; Claude Code only needs some key to start.
-        lines.append('export ANTHROPIC_API_KEY="${ANTHROPIC_API_KEY:-ccproxy}"')
+    lines = ["export ANTHROPIC_BASE_URL=%s" % shlex.quote(
+        "http://%s:%d" % (host, facts["port"]))]
+    if facts["forwards_client_key"]:
+        lines.append("# your own Anthropic credentials (ANTHROPIC_API_KEY, "
+                     "ANTHROPIC_AUTH_TOKEN or /login) are forwarded to Anthropic")
+    elif facts["client_key"] and not config.api_key:
+        lines.append("# the proxy wants its client key: export ANTHROPIC_AUTH_TOKEN=<key>")
     else:
-        lines.append("# ANTHROPIC_API_KEY: your own key is forwarded to Anthropic")
+        # The proxy's own key, or a placeholder: the proxy holds the provider's key, and
+        # Claude Code only needs some key to start.
+        lines += ["export ANTHROPIC_AUTH_TOKEN=%s" % shlex.quote(config.api_key or "ccproxy"),
+                  "unset ANTHROPIC_API_KEY"]
     lines.append("export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1")
-    if translated:
+    if facts["translated"]:
         lines.append("export ENABLE_TOOL_SEARCH=false")
     return lines
 
@@ -3783,6 +4036,7 @@ class Service:
         self.deadlines = Deadlines()
         self.pinger = Pinger()
         self.cluster = None          # set in a worker of `run --workers N`
+        self.record = {}             # the runtime record (runtime_record), once serving
         self.build = build_info()
         self.api_key_digest = key_digest(config.api_key)
         self._idle = threading.Condition()
@@ -3896,6 +4150,7 @@ class Service:
             "reloads": self.reloads, "reload_failures": self.reload_failures,
             "last_reload_error": self.last_reload_error, "build": self.build,
             "upstream_connections": self.upstreams.connections_opened(),
+            "record": self.record,
         }
 
 
@@ -4597,12 +4852,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         frame of its own: the upstream body, headers and URL are gone before a stream
         that may last minutes is relayed (about 0.5 KB per open stream).
         """
-        stats = self.server.service.stats
-        # Providers whose circuit is open are skipped, unless none is left to try.
-        plan = [p for p in plan if stats.available(p[0].name)] or plan
+        service = self.server.service
+        plan = callable_plan(service.config, plan, service.stats.available)
         for attempt, (provider, model) in enumerate(plan, 1):
             last = attempt == len(plan)
-            self.fields.update(provider=provider.name, attempts=attempt)
+            # Which model served the call: the one the client asked for is `model`.
+            self.fields.update(provider=provider.name, attempts=attempt,
+                               upstream_model=model or self.fields.get("model"))
             url, data, headers, tr = self._prepare(
                 provider, model, endpoint, query, request.get("raw"),
                 _take_body(request, self.server.service.members))
@@ -4933,30 +5189,51 @@ class PidFile:
         self.path, self.fd = path, None
 
     def acquire(self):
+        """Open (never through a symlink) and lock the file: it must be a regular file
+        of this user, mode 0600, so that nobody else can hold its lock (a lock needs only
+        a descriptor, and one opened for reading will do: issue #17)."""
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
         except OSError as exc:
-            raise PidFileError("pid file %s: %s" % (self.path, exc.strerror)) from exc
+            raise PidFileError("pid file %s: %s" % (self.path, "it is a symlink" if (
+                exc.errno == errno.ELOOP) else exc.strerror)) from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise PidFileError("pid file %s is not a regular file of this user (uid %d): "
+                               "remove it, or choose another --pid-file"
+                               % (self.path, os.geteuid()))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise AlreadyRunning(read_pid(self.path)) from None
+            state, pid = probe_pid_file(self.path)
+            if state == "foreign":
+                raise PidFileError(foreign_lock(self.path, pid)) from None
+            raise AlreadyRunning(pid) from None
+        os.fchmod(fd, 0o600)              # an older ccproxy made it 0644
         os.ftruncate(fd, 0)
         os.write(fd, b"%d\n" % os.getpid())
         os.fsync(fd)
         self.fd = fd
+        # What a daemon killed with -9 left beside it is not this daemon's.
+        remove_quietly(runtime_path(self.path), reload_request_path(self.path))
+
+    def publish(self, record):
+        """Write (or rewrite) the runtime record beside the PID file."""
+        try:
+            write_file_atomically(runtime_path(self.path), json.dumps(record).encode())
+        except OSError as exc:
+            log.warning("cannot write %s: %s", runtime_path(self.path), exc.strerror)
 
     def release(self):
         """Unlink only our own file (its content is our PID), then drop the lock."""
         if self.fd is None:
             return
         if read_pid(self.path) == os.getpid():
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            remove_quietly(runtime_path(self.path), reload_request_path(self.path), self.path)
         os.close(self.fd)
         self.fd = None
 
@@ -4972,21 +5249,51 @@ def read_pid(path):
 
 
 def probe_pid_file(path):
-    """("running", pid), ("stale", pid) or ("absent", None), decided by the lock alone:
-    a recycled PID can never make a dead daemon look alive."""
+    """(state, pid) of a PID file, decided by its lock, so a recycled PID can never make
+    a dead daemon look alive: "running" (the PID it names holds the lock), "stale"
+    (nobody holds it), "absent", "foreign" (someone else holds it: the file names a PID
+    that does not) or "unknown" (unreadable, or not a regular file)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         return "absent", None
     except OSError:
         return "unknown", None
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "unknown", None
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
-        return "running", _pid_of_locked(path)
+        pid = _pid_of_locked(path)
+        holders = lock_holders(st.st_ino)
+        return ("running" if pid and (holders is None or pid in holders) else "foreign"), pid
     finally:
         os.close(fd)
     return "stale", read_pid(path)
+
+
+def lock_holders(inode):
+    """The PIDs holding an flock() on the file with this inode, from /proc/locks
+    (Linux), or None where it cannot be told.  Waiters ("->" lines) hold nothing."""
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    holders = set()
+    for line in lines:
+        fields = line.split()        # 1: FLOCK  ADVISORY  WRITE 9926 fe:00:2146436 0 EOF
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4].isdigit() and (
+                fields[5].rsplit(":", 1)[-1] == str(inode)):
+            holders.add(int(fields[4]))
+    return holders
+
+
+def foreign_lock(path, pid):
+    return ("the PID file %s is locked by a process other than the pid %s it names: it is "
+            "no ccproxy of this user's; remove the file, or choose another --pid-file"
+            % (path, pid))
 
 
 def _pid_of_locked(path, wait=1.0):
@@ -4997,6 +5304,73 @@ def _pid_of_locked(path, wait=1.0):
         time.sleep(0.01)
         pid = read_pid(path)
     return pid
+
+
+def runtime_path(pid_path):
+    """The runtime record beside a PID file: ccproxy.pid -> ccproxy.runtime.json."""
+    base = pid_path[:-4] if pid_path.endswith(".pid") else pid_path
+    return base + ".runtime.json"
+
+
+def reload_request_path(pid_path):
+    """Where `reload -c FILE` names the file the daemon loads from then on."""
+    base = pid_path[:-4] if pid_path.endswith(".pid") else pid_path
+    return base + ".reload.json"
+
+
+def runtime_record(config, pid_path, port, log_file):
+    """What `status`, `env`, `stop`, `reload` and `check` need to know of a running
+    daemon, which they read beside its PID file instead of guessing from their own flags
+    and environment (issue #18): where it listens, the files it uses, what a client must
+    send.  Never a key."""
+    return dict(runtime_facts(config, port), service="ccproxy", version=__version__,
+                pid=os.getpid(), status_host=config.status_host or None,
+                status_port=config.status_port or None, pid_file=os.path.abspath(pid_path),
+                config=config.source or None,
+                log_file=os.path.abspath(log_file) if log_file else None,
+                workers=config.workers, fingerprint=config.fingerprint,
+                written=iso_time(time.time()))
+
+
+def write_file_atomically(path, data, mode=0o644):
+    """`data` (bytes) at `path`, replaced in one rename: a reader sees the old file or
+    the new one, never half of one.  The temporary file is created exclusively and
+    without following a symlink, so a planted link cannot redirect the write."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_own_json(path, owner=None):
+    """A small JSON file that only its owner (this user, root, or `owner`) may have
+    written, or None: not a symlink, a regular file, not writable by group or others.
+    The runtime record and the reload request live in a directory others may share."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid(), owner)
+                or st.st_mode & 0o022):
+            return None
+        doc = _loads(os.read(fd, 1 << 16))
+    finally:
+        os.close(fd)
+    return doc if isinstance(doc, dict) else None
+
+
+def remove_quietly(*paths):
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def sd_notify(message, environ=None):
@@ -5068,7 +5442,7 @@ def configure_logging(config, log_file=None):
 class Daemon:
     """Serve a Config until told to stop: the one serve path of `run` and `start`."""
 
-    def __init__(self, config, reloader, pid_path, environ=None, cluster=None):
+    def __init__(self, config, reloader, pid_path, environ=None, cluster=None, log_file=None):
         self.config, self.reloader, self.pid_path = config, reloader, pid_path
         self.environ = os.environ if environ is None else environ
         self.signals, self.wake = [], threading.Event()
@@ -5076,7 +5450,16 @@ class Daemon:
         self.service.cluster, self.parent = cluster, os.getppid()
         self.servers, self.threads = [], []
         self.pidfile = PidFile(pid_path) if pid_path else None
+        self.log_file = log_file
         self.stopping = threading.Event()
+
+    def _publish(self):
+        """The runtime record, for /status and beside the PID file (a worker has its
+        supervisor's, see Supervisor._spawn)."""
+        if self.pidfile:
+            self.service.record = runtime_record(self.service.config, self.pid_path,
+                                                 self.service.port, self.log_file)
+            self.pidfile.publish(self.service.record)
 
     def open(self):
         """Lock the PID file and bind every listener; errors say what and where."""
@@ -5107,6 +5490,7 @@ class Daemon:
             self.threads.append(thread)
         if self.config.probe_interval:
             threading.Thread(target=self._probe_loop, name="probe", daemon=True).start()
+        self._publish()
         self.service.ready = True
         # The sockets listen since bind: a connect succeeds from here on (daemon(7)).
         sd_notify("READY=1\nSTATUS=serving on %s:%d\nMAINPID=%d"
@@ -5187,6 +5571,7 @@ class Daemon:
             for name in changed:
                 log.warning("reload: %s changed; it takes effect after a restart", name)
             log.setLevel(self.service.config.log_level.upper())
+            self._publish()
             log.info("reloaded config %s", self.service.config.fingerprint)
         sd_notify("READY=1\nSTATUS=serving", self.environ)
 
@@ -5275,12 +5660,19 @@ class Supervisor:
 
     RESPAWN_PAUSE = 1.0          # a worker that died younger than this waits (no crash loop)
 
-    def __init__(self, config, reloader, pid_path, environ):
+    def __init__(self, config, reloader, pid_path, environ, log_file=None):
         self.config, self.reloader, self.environ = config, reloader, environ
         self.pidfile = PidFile(pid_path) if pid_path else None
         self.dir = os.path.dirname(pid_path) if pid_path else None
         self.workers, self.signals, self.wake = {}, [], threading.Event()
         self.stopping = False
+        self.pid_path, self.log_file, self.record = pid_path, log_file, {}
+
+    def _publish(self):
+        if self.pidfile:
+            self.record = runtime_record(self.config, self.pid_path, self.config.port,
+                                         self.log_file)
+            self.pidfile.publish(self.record)
 
     def open(self):
         """Lock the PID file and check the port can be bound (fail fast, with the reason)."""
@@ -5307,6 +5699,7 @@ class Supervisor:
         if not self._wait_running():
             self._stop()
             raise CcproxyError("the workers did not start; see the log")
+        self._publish()
         sd_notify("READY=1\nSTATUS=%d workers serving on %s:%d\nMAINPID=%d" % (
             self.config.workers, self.config.host, self.config.port, os.getpid()),
             self.environ)
@@ -5341,6 +5734,8 @@ class Supervisor:
                        if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
                 daemon = Daemon(self.config, self.reloader, None, env,
                                 Cluster(self.dir, wid, self.config.workers))
+                daemon.service.record = runtime_record(self.config, self.pid_path or "",
+                                                       self.config.port, self.log_file)
                 daemon.open()
                 code = daemon.run()
             except BaseException:
@@ -5386,6 +5781,8 @@ class Supervisor:
             self.config = reloaded_config(self.config, self.reloader())[0]
         except CcproxyError as exc:
             log.error("reload: %s", exc)
+        else:
+            self._publish()
 
     def _reap(self):
         for wid, (pid, born) in list(self.workers.items()):
@@ -5501,6 +5898,10 @@ def _parser():
                    help="validate the config, probe each provider, say what is wrong")
     sub.add_parser("env", parents=[common],
                    help='print the exports for Claude Code: eval "$(ccproxy.py env)"')
+    init = sub.add_parser("init", help="write a starting config file (never over one)")
+    init.add_argument("-c", "--config", help="where (default: where ccproxy looks without -c)")
+    init.add_argument("--provider", default="anthropic", choices=sorted(STARTER_FIELDS),
+                      help="provider type (default anthropic)")
     sub.add_parser("version", help="print version and build")
     return parser
 
@@ -5527,14 +5928,36 @@ def cmd_run(args, environ, ready_fd=None, log_file=None):
     try:
         config = _load(args, environ)
         configure_logging(config, log_file or config.log_file or None)
+        for warning in config.warnings:
+            log.warning("%s", warning)
         kind = Supervisor if config.workers > 1 else Daemon
-        daemon = kind(config, lambda: _load(args, environ), _pid_path(config, environ),
-                      environ)
+        pid_path = _pid_path(config, environ)
+        daemon = kind(config, ConfigSource(args, environ, pid_path), pid_path, environ,
+                      log_file=log_file or config.log_file or None)
         daemon.open()
     except CcproxyError as exc:
         _tell(ready_fd, "error %s" % exc)
         raise
     return daemon.run(lambda port: _tell(ready_fd, "ready %d %d" % (os.getpid(), port)))
+
+
+class ConfigSource:
+    """A daemon's reloader: its config read again from the file it started with, or
+    from the one `reload -c FILE` named since (issue #18: reload -c validated the new
+    file, then signalled a daemon that re-read its old one).  The request beside the
+    PID file is read at every reload and stays until the daemon exits, so each worker
+    of a supervisor reads it too."""
+
+    def __init__(self, args, environ, pid_path):
+        self.args, self.environ = args, environ
+        self.request = reload_request_path(pid_path)
+
+    def __call__(self):
+        path = (read_own_json(self.request) or {}).get("config")
+        args = self.args
+        if isinstance(path, str) and path:
+            args = argparse.Namespace(**dict(vars(args), config=path))
+        return _load(args, self.environ)
 
 
 def _tell(fd, line):
@@ -5634,18 +6057,145 @@ def _option_argv(args, log_file):
     return words
 
 
-def cmd_start(args, environ):
-    """Daemonise (daemon(7)): exit 0 only once the port accepts, else 1 with the reason."""
+@dataclasses.dataclass
+class Target:
+    """The daemon a command is about (issue #18: commands re-read their own flags and
+    environment instead of asking the daemon).  It is found through the PID file the
+    caller's settings name, else through the port they name, and its runtime record
+    says where it listens and what it uses."""
+    config: Config            # the caller's settings; the daemon's own file when it was
+                              # found and no -c or CCPROXY_CONFIG was given
+    pid_path: str
+    state: str                # as probe_pid_file says
+    pid: object = None
+    record: object = None     # the running daemon's runtime record, or None
+    config_given: bool = False
+
+    @property
+    def running(self):
+        return self.state == "running" and self.pid is not None
+
+    def address(self):
+        """(host, port) where the daemon listens, or where the settings say it would."""
+        record = self.record or {}
+        return record.get("host") or self.config.host, record.get("port") or self.config.port
+
+    def listener_config(self):
+        """The caller's config on the running daemon's listeners (what a reload keeps)."""
+        r = self.record
+        if not r:
+            return self.config
+        return dataclasses.replace(self.config, host=r["host"], port=r["port"],
+                                   status_host=r.get("status_host") or "",
+                                   status_port=r.get("status_port") or 0,
+                                   workers=r.get("workers") or 1)
+
+    def disagreements(self, with_config=True):
+        """What the caller named that the running daemon does not use, one phrase each."""
+        record, shown, out = self.record or {}, dict(self.config.given), []
+        for key in ("host", "port", "workers"):
+            if key in shown and record and getattr(self.config, key) != record.get(key):
+                out.append("%s %s (%s)" % (key, getattr(self.config, key), shown[key]))
+        if with_config and self.config_given and record and (
+                self.config.source or None) != record.get("config"):
+            out.append("config %s" % (self.config.source or "(none)"))
+        return out
+
+    def describe(self):
+        record = self.record or {}
+        host, port = self.address()
+        return "(pid %s) on http://%s:%s, config %s" % (
+            self.pid, host, port, record.get("config") or "(none)")
+
+
+def find_target(args, environ, strict=False):
+    """The Target of a command.  `strict`: a daemon's config file that no longer loads
+    raises ConfigError (reload and check are about that file); otherwise the caller's
+    settings stand in for it."""
     config = _load(args, environ)
     path = _pid_path(config, environ)
     state, pid = probe_pid_file(path)
-    if state == "running":
-        print("ccproxy is already running (pid %s)" % pid)
+    if state in ("absent", "stale"):
+        other = _pid_file_by_port(config)
+        if other and other != path and probe_pid_file(other)[0] == "running":
+            path, (state, pid) = other, probe_pid_file(other)
+    record = _read_record(path, pid) if state == "running" else None
+    given = bool(getattr(args, "config", None) or environ.get("CCPROXY_CONFIG"))
+    if record and record.get("config") and not given and record["config"] != config.source:
+        try:
+            config = _load(argparse.Namespace(**dict(vars(args), config=record["config"])),
+                           environ)
+        except ConfigError:
+            if strict:
+                raise
+    return Target(config, path, state, pid, record, given)
+
+
+def _pid_file_by_port(config):
+    """The PID file of a ccproxy answering on the port `config` names, or None: how
+    `stop` finds a daemon started with another --pid-file."""
+    doc = fetch_status(config.host, config.port, config.api_key, timeout=1.0)
+    return doc.get("pid_file") if doc and doc.get("service") == "ccproxy" else None
+
+
+def _read_record(pid_path, pid):
+    """The runtime record of the daemon `pid`, if it wrote one (an older ccproxy did not)."""
+    doc = read_own_json(runtime_path(pid_path), _process_owner(pid))
+    return doc if doc and doc.get("pid") == pid else None
+
+
+def _process_owner(pid):
+    """The uid a process runs as (a systemd DynamicUser daemon's record is its own), or
+    None where /proc cannot tell."""
+    try:
+        return os.stat("/proc/%d" % pid).st_uid
+    except (OSError, TypeError):
+        return None
+
+
+def _note(target, with_config=True):
+    """One line on stderr when the caller's flags disagree with the running daemon."""
+    differ = target.disagreements(with_config)
+    if differ and target.running:
+        print("ccproxy: note: the running daemon %s does not use %s; this is about it"
+              % (target.describe(), ", ".join(differ)), file=sys.stderr)
+
+
+def is_ccproxy(pid, record):
+    """Whether `pid` runs ccproxy: its command line says so, or its own runtime record
+    names it.  True where /proc cannot tell."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmdline = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return b"ccproxy" in cmdline or bool(record and record.get("pid") == pid)
+
+
+def cmd_start(args, environ):
+    """Daemonise (daemon(7)): exit 0 only once the port accepts, else 1 with the reason.
+    Already running: 0 when the settings agree, else 1 saying what runs."""
+    target = find_target(args, environ)
+    config, path = target.config, target.pid_path
+    for warning in config.warnings:
+        print("ccproxy: warning: %s" % warning, file=sys.stderr)
+    if target.running:
+        differ = target.disagreements()
+        if differ:
+            print("ccproxy: already running %s, not with %s: stop it first, or give "
+                  "another instance its own --pid-file and --port"
+                  % (target.describe(), ", ".join(differ)), file=sys.stderr)
+            return EXIT_FAIL
+        print("ccproxy is already running %s" % target.describe())
         return EXIT_OK
+    if target.state == "foreign":
+        print("ccproxy: %s" % foreign_lock(path, target.pid), file=sys.stderr)
+        return EXIT_FAIL
     log_file = config.log_file or default_log_file(environ)
     try:
-        os.makedirs(os.path.dirname(log_file), exist_ok=True)
-        open(log_file, "a").close()
+        create_private_file(log_file)
     except OSError as exc:
         print("ccproxy: cannot write the log file %s: %s" % (log_file, exc.strerror),
               file=sys.stderr)
@@ -5658,6 +6208,14 @@ def cmd_start(args, environ):
     os.close(write_end)
     os.waitpid(child, 0)
     return _report_start(read_end, config, log_file)
+
+
+def create_private_file(path):
+    """Create `path` (and its directory) readable by its owner alone, if it is not
+    there yet; an existing file keeps its mode.  A log names clients, models and
+    upstream errors, which others need not read (issue #17)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
 
 def _daemon_child(args, environ, write_end, log_file):
@@ -5682,7 +6240,7 @@ def _daemon_child(args, environ, write_end, log_file):
 
 def _redirect_stdio(log_file):
     null = os.open(os.devnull, os.O_RDWR)
-    err = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    err = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.dup2(err, 2)
@@ -5718,28 +6276,47 @@ def _report_start(read_end, config, log_file):
 
 def cmd_stop(args, environ):
     """SIGTERM the lock holder and wait for the lock to go (never trust the PID alone)."""
-    config = _load(args, environ)
-    path = _pid_path(config, environ)
-    state, pid = probe_pid_file(path)
-    if state != "running" or not pid:
-        if state == "stale":
-            _unlink_quietly(path)
+    target = find_target(args, environ)
+    path, pid = target.pid_path, target.pid
+    if target.state == "foreign":
+        print("ccproxy: not stopping anything: %s" % foreign_lock(path, pid), file=sys.stderr)
+        return EXIT_FAIL
+    if not target.running:
+        if target.state == "stale":
+            remove_quietly(path, runtime_path(path), reload_request_path(path))
         print("ccproxy is not running")
         return EXIT_OK
-    timeout = args.timeout if args.timeout is not None else config.drain_timeout + 10
-    os.kill(pid, signal.SIGTERM)
+    _note(target)
+    if not is_ccproxy(pid, target.record):
+        print("ccproxy: pid %d holds %s but is not a ccproxy: not signalling it"
+              % (pid, path), file=sys.stderr)
+        return EXIT_FAIL
+    timeout = args.timeout if args.timeout is not None else target.config.drain_timeout + 10
+    if not _signal(pid, signal.SIGTERM):
+        return EXIT_FAIL
     if _wait_unlocked(path, timeout):
         print("ccproxy stopped (pid %d)" % pid)
         return EXIT_OK
-    if args.force:
-        os.kill(pid, signal.SIGKILL)
-        if _wait_unlocked(path, 5.0):
-            _unlink_quietly(path)
-            print("ccproxy killed (pid %d) after %gs" % (pid, timeout))
-            return EXIT_OK
+    if args.force and _signal(pid, signal.SIGKILL) and _wait_unlocked(path, 5.0):
+        remove_quietly(path, runtime_path(path), reload_request_path(path))
+        print("ccproxy killed (pid %d) after %gs" % (pid, timeout))
+        return EXIT_OK
     print("ccproxy: pid %d still running after %gs (use --force to kill it)"
           % (pid, timeout), file=sys.stderr)
     return EXIT_FAIL
+
+
+def _signal(pid, signum):
+    """os.kill, with the reason in one line instead of a traceback."""
+    try:
+        os.kill(pid, signum)
+        return True
+    except ProcessLookupError:
+        return True                  # gone already: what stop wanted
+    except PermissionError:
+        print("ccproxy: no permission to signal pid %d (it runs as another user)" % pid,
+              file=sys.stderr)
+        return False
 
 
 def _wait_unlocked(path, timeout):
@@ -5751,19 +6328,11 @@ def _wait_unlocked(path, timeout):
     return False
 
 
-def _unlink_quietly(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def fetch_status(config, timeout=2.0):
-    """GET /status from the running daemon over loopback, or None."""
-    host = config.host if is_loopback_host(config.host) else (
-        "::1" if ":" in config.host else "127.0.0.1")
-    conn = http.client.HTTPConnection(host, config.port, timeout=timeout)
-    headers = {"x-api-key": config.api_key} if config.api_key else {}
+def fetch_status(host, port, key="", timeout=2.0):
+    """GET /status from a daemon over loopback, or None."""
+    host = host if is_loopback_host(host) else ("::1" if ":" in host else "127.0.0.1")
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    headers = {"x-api-key": key} if key else {}
     try:
         conn.request("GET", "/status", headers=headers)
         resp = conn.getresponse()
@@ -5781,6 +6350,9 @@ def status_summary(doc, pid):
     lines = ["ccproxy %s is %s (pid %s) on http://%s:%s, up %s, health %s" % (
         doc["version"], doc["status"], doc["pid"], doc["host"], doc["port"], doc["uptime"],
         doc["health"])]
+    source = (doc.get("config") or {}).get("source")
+    lines.append("  config %s, log %s" % (source or "(none: defaults and environment)",
+                                          doc.get("log_file") or "stderr"))
     for item in doc["providers"]["items"]:
         rtt = item.get("response_time_ms")
         lines.append("  %-12s %-17s %-13s %-7s %s%s" % (
@@ -5792,43 +6364,59 @@ def status_summary(doc, pid):
 
 def cmd_status(args, environ):
     """LSB status: 0 running, 1 dead with PID file, 3 not running, 4 unknown."""
-    config = _load(args, environ)
-    state, pid = probe_pid_file(_pid_path(config, environ))
-    code = {"running": STATUS_RUNNING, "stale": STATUS_DEAD,
-            "absent": STATUS_STOPPED}.get(state, STATUS_UNKNOWN)
-    doc = fetch_status(config) if state == "running" else None
+    target = find_target(args, environ)
+    code = STATUS_RUNNING if target.running else {
+        "stale": STATUS_DEAD, "absent": STATUS_STOPPED}.get(target.state, STATUS_UNKNOWN)
+    _note(target)
+    doc = fetch_status(*target.address(), key=target.config.api_key) if target.running else None
     if args.json:
         print(json.dumps(doc or {"service": "ccproxy", "status": {
-            0: "running", 1: "dead", 3: "stopped"}.get(code, "unknown"), "pid": pid},
+            0: "running", 1: "dead", 3: "stopped"}.get(code, "unknown"), "pid": target.pid},
             indent=2))
-    elif state == "running":
-        print(status_summary(doc, pid))
-    elif state == "stale":
+    elif target.running:
+        print(status_summary(doc, target.pid))
+    elif target.state == "stale":
         print("ccproxy is not running, but its PID file %s is left (pid %s)"
-              % (_pid_path(config, environ), pid))
+              % (target.pid_path, target.pid))
+    elif target.state == "foreign":
+        print("ccproxy: %s" % foreign_lock(target.pid_path, target.pid))
     else:
         print("ccproxy is not running")
     return code
 
 
 def cmd_reload(args, environ):
-    """Validate the new config here first (as `nginx -t` before a reload), then SIGHUP
-    the daemon and report whether it took the new config."""
+    """Validate the config here first (as `nginx -t` before a reload), against the
+    listener the daemon keeps, then make the daemon load it and report whether it did.
+    With -c FILE, the daemon loads FILE from then on (the request beside its PID file)."""
     try:
-        config = _load(args, environ)
+        target = find_target(args, environ, strict=True)
+        if target.running:
+            reloaded_config(target.listener_config(), target.config)
     except ConfigError as exc:
         print("ccproxy: %s; nothing reloaded, the daemon keeps its config" % exc,
               file=sys.stderr)
         return EXIT_USAGE
-    state, pid = probe_pid_file(_pid_path(config, environ))
-    if state != "running" or not pid:
+    if not target.running:
         print("ccproxy is not running", file=sys.stderr)
         return EXIT_FAIL
-    before = (fetch_status(config) or {}).get("config") or {}
-    os.kill(pid, signal.SIGHUP)
+    _note(target, with_config=False)
+    return _reload(target)
+
+
+def _reload(target):
+    """Signal the daemon, then wait for /status to say how the reload went."""
+    wanted = target.config.source or None
+    request = reload_request_path(target.pid_path)
+    if wanted != (target.record or {}).get("config"):
+        write_file_atomically(request, json.dumps({"config": wanted or ""}).encode(), 0o600)
+    address = target.address() + (target.config.api_key,)
+    before = (fetch_status(*address) or {}).get("config") or {}
+    if not _signal(target.pid, signal.SIGHUP):
+        return EXIT_FAIL
     deadline = time.monotonic() + 5.0
     while before and time.monotonic() < deadline:
-        after = (fetch_status(config) or {}).get("config") or {}
+        after = (fetch_status(*address) or {}).get("config") or {}
         if after.get("reload_failures", 0) > before.get("reload_failures", 0):
             # The daemon refused the config: a configuration error, as when it is
             # refused here (exit 2).
@@ -5836,10 +6424,22 @@ def cmd_reload(args, environ):
                   % after.get("last_reload_error"), file=sys.stderr)
             return EXIT_USAGE
         if after.get("reloads", 0) > before.get("reloads", 0):
-            print("ccproxy reloaded (pid %d, config %s)" % (pid, after.get("fingerprint")))
-            return EXIT_OK
+            return _reloaded(target, before, after, wanted)
         time.sleep(0.05)
-    print("ccproxy: sent SIGHUP to pid %d" % pid)
+    print("ccproxy: sent SIGHUP to pid %d; it did not say how the reload went" % target.pid)
+    return EXIT_OK
+
+
+def _reloaded(target, before, after, wanted):
+    if (after.get("source") or None) != wanted:
+        print("ccproxy: the daemon (pid %d) reloaded %s, not %s (an older ccproxy?): "
+              "restart it with -c %s" % (target.pid, after.get("source") or "no file",
+                                         wanted, wanted), file=sys.stderr)
+        return EXIT_USAGE
+    same = after.get("fingerprint") == before.get("fingerprint")
+    print("ccproxy reloaded (pid %d): config %s, %s %s" % (
+        target.pid, wanted or "(none)", "settings unchanged," if same else "now",
+        after.get("fingerprint")))
     return EXIT_OK
 
 
@@ -5852,8 +6452,19 @@ def cmd_restart(args, environ):
 
 
 def cmd_env(args, environ):
-    """Print the exports that point Claude Code at this proxy."""
-    print("\n".join(env_lines(_load(args, environ))))
+    """Print the exports that point Claude Code at the running daemon (or, when none
+    runs, at what these settings would start)."""
+    target = find_target(args, environ)
+    _note(target)
+    if not target.running:
+        print("ccproxy: note: no ccproxy is running; these exports are for the settings "
+              "here", file=sys.stderr)
+    lines = env_lines(target.config, target.record)
+    if any(line.startswith("# the proxy wants its client key") for line in lines):
+        print("ccproxy: note: the running daemon wants a client key this shell cannot "
+              "see (CCPROXY_API_KEY or api_key_file): export ANTHROPIC_AUTH_TOKEN=<key>",
+              file=sys.stderr)
+    print("\n".join(lines))
     return EXIT_OK
 
 
@@ -5861,13 +6472,22 @@ def cmd_check(args, environ):
     """Validate the config, then the port and each provider; explain each problem and
     how to fix it.  Exit 0 only when everything works."""
     try:
-        config = _load(args, environ)
+        target = find_target(args, environ, strict=True)
     except ConfigError as exc:
         print("FAIL %s" % exc)
         return EXIT_USAGE
+    config = target.config
     report = [("ok", "config %s is valid (%s)" % (config.source or "(defaults and "
                                                     "environment)", config.fingerprint[:19]))]
-    report.append(check_port(config))
+    report.extend(("warn", w) for w in config.warnings if not w.startswith("provider "))
+    if target.running:
+        report.append(("ok", "ccproxy runs %s" % target.describe()))
+        if (target.record or {}).get("fingerprint", config.fingerprint) != config.fingerprint:
+            report.append(("warn", "the running daemon's settings differ from these (its "
+                           "own environment or flags, or an edit not reloaded yet); these "
+                           "are the ones checked"))
+    else:
+        report.append(check_port(config))
     upstreams = Upstreams()
     for provider in config.providers:
         label = "%s (%s, %s)" % (provider.name, provider.type, redact_url(provider.base_url))
@@ -5889,7 +6509,7 @@ def check_port(config):
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             return "problem", "cannot bind %s:%d: %s" % (config.host, config.port, exc.strerror)
-    doc = fetch_status(config)
+    doc = fetch_status(config.host, config.port, config.api_key)
     if doc and doc.get("service") == "ccproxy":
         return "ok", "port %d is served by ccproxy pid %s (running)" % (config.port, doc["pid"])
     return "problem", ("port %d on %s is in use by another program: pick another with --port "
@@ -5899,9 +6519,8 @@ def check_port(config):
 
 def check_provider(config, provider, client):
     """[(level, text), …] for one provider: key, reachability, key accepted, models."""
-    key_vars = PROVIDER_TYPES[provider.type][1]
-    if key_vars and not provider.api_key:
-        return [("problem", "no key: set CCPROXY_UPSTREAM_API_KEY or %s" % key_vars[0])]
+    if unconfigured(config, provider):
+        return [("problem", "no key: %s" % key_hint(provider))]
     request = probe_request(provider) or (anthropic_url(provider, "models", ""), [])
     status, seconds, _, body = fetch(client, "GET", request[0], None, request[1])
     if isinstance(status, str):
@@ -5909,12 +6528,15 @@ def check_provider(config, provider, client):
                  "DNS and HTTPS_PROXY" % (redact_url(request[0]), body.decode()))]
     if status in (401, 403) and provider.type == "anthropic" and not provider.api_key:
         return [("ok", "reachable; no key configured, so each client's own key is forwarded")]
+    if status in (401, 403) and not provider.api_key:
+        return [("problem", "the server wants a key (HTTP %d: %s): %s" % (
+            status, upstream_message(body)[:200], key_hint(provider)))]
     if status in (401, 403):
-        return [("problem", "key rejected (HTTP %d: %s): check the provider's key"
-                 % (status, upstream_message(body)[:200]))]
+        return [("problem", "key rejected (HTTP %d: %s): check the key from %s"
+                 % (status, upstream_message(body)[:200], provider.key_source or "api_key"))]
     if status == 404:
-        return [("problem", "%s answered 404: is base_url right? (OpenAI-compatible base URLs "
-                 "usually end in /v1)" % redact_url(request[0]))]
+        return [("problem", "%s answered 404: is base_url right? (%s)" % (
+            redact_url(request[0]), BASE_URL_HINTS.get(provider.type, BASE_URL_HINTS[None])))]
     if status >= 400:
         return [("problem", "answered HTTP %d: %s" % (status, upstream_message(body)[:200]))]
     out = [("ok", "reachable in %d ms, key accepted" % (seconds * 1000))]
@@ -5922,6 +6544,16 @@ def check_provider(config, provider, client):
     if provider.type == "ollama":
         out.extend(_check_ollama(config, provider, client))
     return out
+
+
+#: What a provider type's base_url looks like, for `check` after a 404.
+BASE_URL_HINTS = {
+    "anthropic": "an Anthropic-compatible base URL is the part before /v1/messages, e.g. "
+                 "https://api.deepseek.com/anthropic",
+    "azure": "Azure's is https://NAME.openai.azure.com/openai/deployments/DEPLOYMENT",
+    "ollama": "Ollama's is http://HOST:11434/v1",
+    None: "OpenAI-compatible base URLs usually end in /v1",
+}
 
 
 def _check_models(config, provider, listed):
@@ -5955,6 +6587,39 @@ def _check_ollama(config, provider, client):
     return out
 
 
+def cmd_init(args, environ):
+    """Write a starting config where ccproxy looks without -c (or at -c FILE): the
+    fields the provider needs, mode 0600; an existing file is never overwritten.  The
+    system file (/etc/ccproxy/config.json) is 0644: the unit's dynamic user reads it,
+    and what init writes names keys by their variables, never holds one."""
+    path = args.config or environ.get("CCPROXY_CONFIG") or default_config_file(environ)
+    system = path.startswith("/etc/")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", 0o755 if system else 0o700, exist_ok=True)
+        write_new_file(path, starter_config(args.provider).encode(), 0o644 if system else 0o600)
+    except FileExistsError:
+        print("ccproxy: %s exists; not overwritten (edit it, remove it, or give -c OTHER)"
+              % path, file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as exc:
+        print("ccproxy: cannot write %s: %s" % (path, exc.strerror), file=sys.stderr)
+        return EXIT_FAIL
+    print("ccproxy: wrote %s (provider %s)\nnext: %s; then `ccproxy check`, `ccproxy "
+          "start`" % (path, args.provider, starter_next(args.provider)))
+    return EXIT_OK
+
+
+def write_new_file(path, data, mode):
+    """Create `path` with `data`, failing (FileExistsError) if anything is there, a
+    symlink included."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def cmd_version(args, environ):
     """Print the version and the build stamp."""
     info = build_info()
@@ -5964,7 +6629,7 @@ def cmd_version(args, environ):
 
 COMMANDS = {"run": cmd_run, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
             "reload": cmd_reload, "status": cmd_status, "check": cmd_check, "env": cmd_env,
-            "version": cmd_version}
+            "init": cmd_init, "version": cmd_version}
 
 
 def main(argv=None, environ=None):

@@ -8,6 +8,7 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import fcntl
 import email.message
 import glob
 import http.client
@@ -368,6 +369,133 @@ class TestConfig(unittest.TestCase):
         self.assertEqual(service.api_key_digest, ccproxy.key_digest("k"))
         daemon.close()
 
+    def test_keys_come_only_from_what_names_them_for_that_host(self):
+        """Issue #18: a provider's usual key variable goes only to its own host; a
+        custom base_url takes a key from api_key, api_key_env, api_key_file or
+        CCPROXY_UPSTREAM_API_KEY alone."""
+        user = {"OPENAI_API_KEY": "sk-user", "AZURE_OPENAI_API_KEY": "az", "GOOGLE_API_KEY": "g"}
+        rows = [  # provider entry, environment, (key, key_source)
+            ({"type": "openai"}, user, ("sk-user", "OPENAI_API_KEY")),
+            ({"type": "openai", "base_url": "https://gw.example/v1"}, user, ("", "")),
+            ({"type": "openai-compatible", "base_url": "http://127.0.0.1:8000/v1"}, user, ("", "")),
+            ({"type": "azure", "base_url": "https://x.openai.azure.com/openai/deployments/d"},
+             user, ("az", "AZURE_OPENAI_API_KEY")),
+            ({"type": "azure", "base_url": "https://evil.example/openai"}, user, ("", "")),
+            ({"type": "gemini"}, user, ("g", "GOOGLE_API_KEY")),
+            ({"type": "openai", "api_key_env": "CHEAP_KEY"}, user, ("", "CHEAP_KEY")),
+            ({"type": "openai", "api_key_env": "CHEAP_KEY"}, dict(user, CHEAP_KEY="c"),
+             ("c", "CHEAP_KEY")),
+            ({"type": "openai", "api_key": "inline"}, user, ("inline", "api_key")),
+            ({"type": "anthropic"}, {"ANTHROPIC_API_KEY": "client"}, ("", "")),
+        ]
+        for entry, environ, expected in rows:
+            with self.subTest(entry=entry):
+                p = ccproxy.build_config({"providers": [entry]}, environ, {}).providers[0]
+                self.assertEqual((p.api_key, p.key_source), expected)
+        env = {"CCPROXY_PROVIDER": "openai-compatible", "CCPROXY_BASE_URL": "http://h:1/v1",
+               "CCPROXY_UPSTREAM_API_KEY": "up", "OPENAI_API_KEY": "sk-user"}
+        p = ccproxy.build_config({"providers": [{"api_key": "file-key"}]}, env, {}).providers[0]
+        self.assertEqual((p.api_key, p.key_source), ("up", "CCPROXY_UPSTREAM_API_KEY"))
+        with self.assertRaisesRegex(ccproxy.ConfigError, r"providers\[0\]: give one of api_key"):
+            ccproxy.build_config({"providers": [{"api_key": "a", "api_key_env": "B"}]}, {}, {})
+
+    def test_key_files_and_systemd_credentials(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            creds = os.path.join(tmp, "creds")
+            os.mkdir(creds)
+            for name, text in (("upstream", "sk-file\n"), ("client", "ck\n"), ("empty", "")):
+                with open(os.path.join(creds, name), "w") as f:
+                    f.write(text)
+            env = {"CREDENTIALS_DIRECTORY": creds}
+            cfg = ccproxy.build_config({"api_key_file": "client", "providers": [
+                {"type": "openai", "api_key_file": "upstream"},
+                {"name": "abs", "type": "openai", "api_key_file": os.path.join(creds, "upstream")}]},
+                env, {})
+            self.assertEqual(cfg.api_key, "ck")
+            self.assertEqual([(p.api_key, p.key_source) for p in cfg.providers],
+                             [("sk-file", "file upstream"),
+                              ("sk-file", "file " + os.path.join(creds, "upstream"))])
+            self.assertNotIn("sk-file", repr(cfg))
+            for data, message in (
+                    ({"providers": [{"type": "openai", "api_key_file": "missing"}]},
+                     r"providers\[0\].api_key_file: cannot read missing: no such file"),
+                    ({"providers": [{"type": "openai", "api_key_file": "empty"}]},
+                     r"providers\[0\].api_key_file: empty is empty"),
+                    ({"api_key": "a", "api_key_file": "client"}, "give one of api_key")):
+                with self.subTest(message), self.assertRaisesRegex(ccproxy.ConfigError, message):
+                    ccproxy.build_config(data, env, {})
+
+    def test_start_warns_of_what_cannot_work(self):
+        """Issue #18: a misspelled variable was ignored, and a provider without the
+        key it needs looked healthy until its first call got a 401."""
+        cfg = ccproxy.build_config({"providers": [{"type": "groq"}, {"type": "ollama"}]},
+                                   {"CCPROXY_PORTT": "3998", "CCPROXY_ZZZ": "1"}, {})
+        self.assertEqual(cfg.warnings, (
+            "CCPROXY_PORTT is not a ccproxy setting; did you mean CCPROXY_PORT?",
+            "CCPROXY_ZZZ is not a ccproxy setting",
+            "provider groq has no key: set GROQ_API_KEY"))
+        self.assertEqual(ccproxy.build_config({}, {}, {}).warnings, ())
+        with_key = ccproxy.build_config({}, {"CCPROXY_API_KEY": "k"}, {})
+        self.assertIn("provider anthropic has no key", with_key.warnings[0])
+        self.assertEqual(cfg.fingerprint, ccproxy.build_config(
+            {"providers": [{"type": "groq"}, {"type": "ollama"}]}, {}, {}).fingerprint)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "c.json")
+            with open(path, "w") as f:
+                json.dump({"providers": [{"type": "openai", "api_key": "sk"}]}, f)
+            os.chmod(path, 0o644)
+            self.assertIn("other users can read it", ccproxy.load_config(path, {}).warnings[-1])
+            os.chmod(path, 0o600)
+            self.assertEqual(ccproxy.load_config(path, {}).warnings, ())
+
+    def test_examples_are_init_output_and_each_loads(self):
+        examples = os.path.join(HERE, "examples")
+        for ptype in ccproxy.STARTER_FIELDS:
+            with self.subTest(ptype), open(os.path.join(examples, ptype + ".json")) as f:
+                self.assertEqual(f.read(), ccproxy.starter_config(ptype))
+        for path in glob.glob(os.path.join(examples, "*.json")):
+            with self.subTest(path):
+                cfg = ccproxy.load_config(path, {"CCPROXY_CONFIG": ""})
+                self.assertEqual(cfg.source, path)
+                self.assertTrue(all(w.startswith("provider ") for w in cfg.warnings))
+
+    def test_init_writes_a_private_starting_config_once(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "sub", "config.json")
+            args = argparse.Namespace(config=path, provider="openrouter")
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                self.assertEqual(ccproxy.cmd_init(args, {}), 0)
+            self.assertIn("next: export OPENROUTER_API_KEY=...", out.getvalue())
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+            cfg = ccproxy.load_config(path, {"OPENROUTER_API_KEY": "sk-or"})
+            self.assertEqual((cfg.providers[0].type, cfg.providers[0].api_key),
+                             ("openrouter", "sk-or"))
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                self.assertEqual(ccproxy.cmd_init(args, {}), 1)
+            self.assertIn("exists; not overwritten", err.getvalue())
+            self.assertIn('"type": "openrouter"', open(path).read())
+
+    def test_the_default_config_file_is_found_without_c(self):
+        with tempfile.TemporaryDirectory() as tmp, \
+                unittest.mock.patch("os.geteuid", return_value=1000):
+            env = {"XDG_CONFIG_HOME": tmp, "HOME": "/nonexistent"}
+            rows = [(env, os.path.join(tmp, "ccproxy", "config.json")),
+                    ({"HOME": "/home/u"}, "/home/u/.config/ccproxy/config.json"),
+                    ({"HOME": "/home/u", "RUNTIME_DIRECTORY": "/run/ccproxy"},
+                     "/etc/ccproxy/config.json"),
+                    ({"HOME": "/home/u", "RUNTIME_DIRECTORY": "/run/user/1000/ccproxy"},
+                     "/home/u/.config/ccproxy/config.json")]
+            for environ, expected in rows:
+                self.assertEqual(ccproxy.default_config_file(environ), expected)
+            self.assertEqual(ccproxy.load_config(None, env).source, "")      # none there yet
+            os.mkdir(os.path.join(tmp, "ccproxy"))
+            with open(os.path.join(tmp, "ccproxy", "config.json"), "w") as f:
+                f.write('{"port": 4321}')
+            self.assertEqual(ccproxy.load_config(None, env).port, 4321)
+            self.assertEqual(ccproxy.load_config(None, dict(env, CCPROXY_CONFIG="")).port, 3456)
+        with unittest.mock.patch("os.geteuid", return_value=0):
+            self.assertEqual(ccproxy.default_config_file({}), "/etc/ccproxy/config.json")
+
     def test_secrets_never_appear_in_errors_or_repr(self):
         with self.assertRaises(ccproxy.ConfigError) as cm:
             ccproxy.build_config({"api_key": 12345678}, {}, {})
@@ -470,7 +598,12 @@ class TestPureFunctions(unittest.TestCase):
                           ([("Authorization", "bearer  secret ")], True),
                           ([("Authorization", "Basic secret")], False),
                           ([("x-api-key", "wrong")], False), ([], False),
-                          ([("x-api-key", "sécret-ключ")], False)]:
+                          ([("x-api-key", "sécret-ключ")], False),
+                          # Both headers (both variables set): either may hold the key.
+                          ([("x-api-key", "users-own"), ("Authorization", "Bearer secret")],
+                           True),
+                          ([("x-api-key", "secret"), ("Authorization", "Bearer other")], True),
+                          ([("x-api-key", ""), ("Authorization", "Bearer ")], False)]:
             with self.subTest(pairs=pairs):
                 self.assertEqual(ccproxy.key_matches(headers_of(pairs), digest), ok)
 
@@ -770,7 +903,7 @@ class TestStatusDocument(unittest.TestCase):
         cfg = ccproxy.build_config({"providers": [
             {"name": "groq-like", "base_url": "https://h/x", "api_key": "sk-secret-1",
              "model": "m"},
-            {"name": "other", "base_url": "http://127.0.0.1:9"}]},
+            {"name": "other", "base_url": "http://127.0.0.1:9", "api_key": "sk-secret-3"}]},
             {"CCPROXY_API_KEY": "sk-secret-2"}, {})
         snap = {"config": cfg, "now": 1764000000.0, "started": 1764000000.0 - 8130,
                 "pid": 42, "port": 3456, "draining": False, "ready": True,
@@ -837,6 +970,19 @@ class TestStatusDocument(unittest.TestCase):
                 self.assertEqual(doc.get("error"), error)
                 if error:
                     self.assertIn("provider", doc["details"])
+
+    def test_a_provider_without_the_key_it_needs_is_unconfigured(self):
+        cfg = ccproxy.build_config({"providers": [{"name": "a", "api_key_env": "A_KEY"},
+                                                  {"name": "g", "type": "groq"}]},
+                                   {"CCPROXY_API_KEY": "k"}, {})
+        doc = ccproxy.status_document(self.snapshot(config=cfg, provider_stats={
+            "a": {"status": "connected"}}))
+        items = {i["name"]: i for i in doc["providers"]["items"]}
+        self.assertEqual([(items[n]["status"], items[n]["health"], items[n]["api_key_source"])
+                          for n in "ag"], [("unconfigured", "unhealthy", "A_KEY"),
+                                           ("unconfigured", "unhealthy", "GROQ_API_KEY")])
+        self.assertEqual((doc["health"], doc["error"], doc["details"]["error_code"]),
+                         ("unhealthy", "provider_unconfigured", "no_key"))
 
     def test_draining(self):
         self.assertEqual(ccproxy.status_document(self.snapshot(draining=True))["status"],
@@ -1283,8 +1429,8 @@ class TestProxyEndToEnd(unittest.TestCase):
                     wait_for(lambda: "attempts=2" in "\n".join(logs.output))
                 self.assertEqual((resp.status, json.loads(out)), (200, MESSAGE_JSON))
                 self.assertIn("provider=first failed", "\n".join(logs.output))
-                self.assertIn("provider=second upstream_status=200 attempts=2",
-                              "\n".join(logs.output))
+                self.assertIn("provider=second model=claude-sonnet-5-5 upstream_model=claude-"
+                              "sonnet-5-5 upstream_status=200 attempts=2", "\n".join(logs.output))
             with FakeUpstream(lambda h, b: h.reply(503, b"down")) as first:
                 with Proxy(self.fallback_config(first.url, second.url)) as px:
                     resp, out = px.call("POST", "/v1/messages", BODY)
@@ -1407,6 +1553,46 @@ class TestProxyEndToEnd(unittest.TestCase):
             self.assertEqual(len(up.requests), 25)
             self.assertEqual(up.connections, 1)
             self.assertEqual(px.service.upstreams.connections_opened(), 1)
+
+    def test_every_access_line_names_provider_and_both_models(self):
+        """Issue #18: you could not tell which model served a call."""
+        stream = chunk({"content": "hi"}) + chunk(finish="stop") + "data: [DONE]\n\n"
+        cases = [(one_provider, None, "claude-sonnet-5-5"),
+                 (lambda url: one_provider(url, model="claude-mapped"), None, "claude-mapped"),
+                 (openai_provider, sse_behave(stream), "gpt-4o")]
+        for make_config, behave, upstream in cases:
+            with self.subTest(upstream), FakeUpstream(behave) as up, \
+                    Proxy(make_config(up.url)) as px, self.assertLogs("ccproxy", "INFO") as logs:
+                px.call("POST", "/v1/messages", BODY)
+                wait_for(lambda: any("access" in r.__dict__ for r in logs.records))
+            record = next(r for r in logs.records if "access" in r.__dict__)
+            self.assertIn("provider=%s model=claude-sonnet-5-5 upstream_model=%s " % (
+                record.access["provider"], upstream), record.getMessage())
+            doc = json.loads(ccproxy.JsonFormatter().format(record))
+            self.assertEqual((doc["model"], doc["upstream_model"]),
+                             ("claude-sonnet-5-5", upstream))
+
+    def test_a_users_provider_key_never_reaches_a_custom_base_url(self):
+        """Issue #18: OPENAI_API_KEY from the environment went to any openai-compatible
+        base_url.  It goes nowhere but api.openai.com; a provider that needs a key and
+        has none is answered at once, naming what to set, with no upstream call."""
+        stream = chunk({"content": "hi"}) + chunk(finish="stop") + "data: [DONE]\n\n"
+        for ptype, answered in (("openai-compatible", 200), ("openai", 500)):
+            env = {"CCPROXY_PROVIDER": ptype, "OPENAI_API_KEY": "sk-users-own",
+                   "CCPROXY_MODEL": "m"}
+            with self.subTest(ptype), FakeUpstream(sse_behave(stream)) as up:
+                cfg = ccproxy.build_config({}, dict(env, CCPROXY_BASE_URL=up.url), {})
+                with Proxy(cfg) as px:
+                    resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True))
+                    status = px.call("GET", "/status")[1]
+                self.assertEqual(resp.status, answered, out)
+                seen = [v for r in up.requests for v in r["headers"].values()]
+                self.assertFalse([v for v in seen if "sk-users-own" in v])
+                if answered == 500:
+                    self.assertEqual(up.requests, [])
+                    self.assertEqual(resp.getheader("x-should-retry"), "false")
+                    self.assertIn("provider openai has no key: set api_key", out.decode())
+                    self.assertIn('"status": "unconfigured"', status.decode())
 
     def test_interim_responses_never_reach_another_client(self):
         """Issue #17: a 103 Early Hints taken for the answer left the real one on the
@@ -3096,6 +3282,8 @@ class TestCheckAndEnv(unittest.TestCase):
     def check(self, cfg):
         args = argparse.Namespace(config=None, host=None, port=None, pid_file=None,
                                   log_file=None, log_level=None, allow_remote=None)
+        # No daemon of this machine's may answer for the one under test.
+        cfg = dataclasses.replace(cfg, pid_file=os.path.join(HERE, ".no-such-dir", "c.pid"))
         with unittest.mock.patch.object(ccproxy, "_load", lambda a, e: cfg), \
                 contextlib.redirect_stdout(io.StringIO()) as out:
             code = ccproxy.cmd_check(args, {})
@@ -3109,6 +3297,20 @@ class TestCheckAndEnv(unittest.TestCase):
             h.reply(status, {"data": [{"id": m} for m in models]} if status == 200 else
                     {"error": {"message": "Incorrect API key provided"}})
         return FakeUpstream(behave)
+
+    def test_keyless_local_servers_pass_and_hints_fit_the_type(self):
+        """Issue #18: check FAILed the README's keyless vLLM setup, and told an
+        Anthropic provider that OpenAI base URLs end in /v1."""
+        with self.models_upstream(models=("my-model",)) as vllm:
+            code, out = self.check(self.openai_cfg(vllm.url, "openai-compatible", "my-model"))
+            self.assertEqual(code, 0, out)
+        with FakeUpstream(lambda h, body: h.reply(404, {"error": "no"})) as up:
+            code, out = self.check(config(port=free_port(), providers=(
+                provider_cfg("a", up.url + "/anthropic", api_key="k"),)))
+            self.assertIn("the part before /v1/messages", out)
+            self.assertNotIn("/v1)", out)
+            code, out = self.check(self.openai_cfg(up.url, "openai-compatible", "m"))
+            self.assertIn("usually end in /v1", out)
 
     def openai_cfg(self, url, ptype="openai", model="gpt-4o", **kw):
         return config(port=free_port(), providers=(ccproxy.ProviderConfig(
@@ -3126,8 +3328,13 @@ class TestCheckAndEnv(unittest.TestCase):
                 models=("llama3",)) as other_models, self.models_upstream(
                 models=("qwen3",), num_ctx=4096) as small_ollama:
             rows = [
-                (self.openai_cfg("http://127.0.0.1:9"), "no key: set CCPROXY_UPSTREAM_API_KEY "
-                 "or OPENAI_API_KEY"),
+                (self.openai_cfg("http://127.0.0.1:9"), "no key: set api_key, api_key_env or "
+                 "api_key_file in its config entry"),
+                (self.openai_cfg("http://127.0.0.1:9", key_source="CHEAP_KEY"),
+                 "no key: set CHEAP_KEY"),
+                (self.openai_cfg(bad_key.url, "openai-compatible"), "the server wants a key "
+                 "(HTTP 401: Incorrect API "
+                 "key provided)"),
                 (self.openai_cfg("http://127.0.0.1:%d/v1" % free_port(), api_key="k"),
                  "unreachable: http://127.0.0.1:"),
                 (self.openai_cfg(bad_key.url, api_key="k"), "key rejected (HTTP 401: "
@@ -3160,29 +3367,36 @@ class TestCheckAndEnv(unittest.TestCase):
         self.assertIn("in use by another program", text)
 
     def test_env_output_evaluated_by_a_shell(self):
-        rows = [({}, {"ANTHROPIC_BASE_URL": "http://127.0.0.1:3456", "ANTHROPIC_API_KEY": "",
-                      "ENABLE_TOOL_SEARCH": ""}),
-                ({"CCPROXY_PROVIDER": "ollama", "CCPROXY_PORT": "4000"},
-                 {"ANTHROPIC_BASE_URL": "http://127.0.0.1:4000", "ANTHROPIC_API_KEY": "ccproxy",
-                  "ENABLE_TOOL_SEARCH": "false"}),
-                ({"CCPROXY_API_KEY": "k 'quoted' $x", "CCPROXY_HOST": "0.0.0.0"},
-                 {"ANTHROPIC_BASE_URL": "http://127.0.0.1:3456",
-                  "ANTHROPIC_API_KEY": "k 'quoted' $x"})]
-        for env, expected in rows:
-            with self.subTest(env=env):
-                full = dict({k: v for k, v in os.environ.items() if not k.startswith(
-                    ("CCPROXY_", "ANTHROPIC_"))}, **env)
-                script = ('eval "$(%s %s env)" && printf "%%s\\n" "$ANTHROPIC_BASE_URL" '
-                          '"$ANTHROPIC_API_KEY" "$CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC" '
-                          '"$ENABLE_TOOL_SEARCH"' % (shlex.quote(sys.executable),
-                                                     shlex.quote(SCRIPT)))
-                out = subprocess.run(["sh", "-c", script], env=full, capture_output=True,
-                                     text=True, timeout=30)
-                self.assertEqual(out.returncode, 0, out.stderr)
-                base, key, traffic, search = out.stdout.split("\n")[:4]
-                self.assertEqual((base, traffic), (expected["ANTHROPIC_BASE_URL"], "1"))
-                self.assertEqual(key, expected["ANTHROPIC_API_KEY"])
-                self.assertEqual(search, expected.get("ENABLE_TOOL_SEARCH", ""))
+        """The shell has the user's own ANTHROPIC_API_KEY.  Where the proxy forwards it,
+        it stays; elsewhere the key goes in ANTHROPIC_AUTH_TOKEN and ANTHROPIC_API_KEY is
+        unset, or interactive Claude Code asks about "a custom API key" (issue #18)."""
+        rows = [  # environment, (base URL, API key, auth token, tool search)
+            ({}, ("http://127.0.0.1:PORT", "users-own", "", "")),
+            ({"CCPROXY_PROVIDER": "ollama"}, ("http://127.0.0.1:PORT", "", "ccproxy", "false")),
+            ({"CCPROXY_UPSTREAM_API_KEY": "sk-up"}, ("http://127.0.0.1:PORT", "", "ccproxy", "")),
+            ({"CCPROXY_API_KEY": "k 'quoted' $x", "CCPROXY_HOST": "0.0.0.0",
+              "CCPROXY_UPSTREAM_API_KEY": "sk-up"},
+             ("http://127.0.0.1:PORT", "", "k 'quoted' $x", ""))]
+        with tempfile.TemporaryDirectory() as tmp:
+            for env, expected in rows:
+                with self.subTest(env=env):
+                    port = free_port()
+                    full = dict({k: v for k, v in os.environ.items() if not k.startswith(
+                        ("CCPROXY_", "ANTHROPIC_", "XDG_"))}, HOME=tmp, ANTHROPIC_API_KEY=
+                        "users-own", CCPROXY_PID_FILE=os.path.join(tmp, "c.pid"),
+                        CCPROXY_PORT=str(port), **env)
+                    script = ('eval "$(%s %s env)" && printf "%%s\\n" "$ANTHROPIC_BASE_URL" '
+                              '"$ANTHROPIC_API_KEY" "$ANTHROPIC_AUTH_TOKEN" '
+                              '"$CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC" "$ENABLE_TOOL_SEARCH"'
+                              % (shlex.quote(sys.executable), shlex.quote(SCRIPT)))
+                    out = subprocess.run(["sh", "-c", script], env=full, capture_output=True,
+                                         text=True, timeout=30)
+                    self.assertEqual(out.returncode, 0, out.stderr)
+                    base, key, token, traffic, search = out.stdout.split("\n")[:5]
+                    self.assertEqual((base, key, token, search), (
+                        expected[0].replace("PORT", str(port)),) + expected[1:])
+                    self.assertEqual(traffic, "1")
+                    self.assertIn("no ccproxy is running", out.stderr)
 
 
 # ---- Hardening: limits, slow clients, faults, hostile input ---------------------------
@@ -3562,9 +3776,10 @@ class LifecycleCase(unittest.TestCase):
         self.log_file = os.path.join(self.dir, "ccproxy.log")
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("CCPROXY_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+        # CCPROXY_CONFIG= (empty): no default config file, not even root's /etc one.
         self.env.update(CCPROXY_PID_FILE=self.pid_file, CCPROXY_LOG_FILE=self.log_file,
                         CCPROXY_PORT=str(self.port), HOME=self.dir,
-                        CCPROXY_DRAIN_TIMEOUT="5")
+                        CCPROXY_DRAIN_TIMEOUT="5", CCPROXY_CONFIG="")
         self.procs = []
 
     def tearDown(self):
@@ -3735,6 +3950,151 @@ class TestLifecycleSubprocess(LifecycleCase):
         self.assertEqual(doc["providers"]["active"], ["b"])       # the old config serves
         self.assertEqual(doc["config"]["reload_failures"], 1)
         self.assertIn("base_url", doc["config"]["last_reload_error"])
+
+
+class TestFindingTheDaemon(LifecycleCase):
+    """Issue #18: given no flags, every command answers about the daemon that runs,
+    found through the default PID file (here under RUNTIME_DIRECTORY, as systemd sets
+    it) or the port, and its runtime record; never about its own defaults."""
+
+    def setUp(self):
+        super().setUp()
+        for key in ("CCPROXY_PID_FILE", "CCPROXY_PORT"):
+            del self.env[key]
+        self.env["RUNTIME_DIRECTORY"] = os.path.join(self.dir, "run")
+        self.pid_file = os.path.join(self.dir, "run", "ccproxy.pid")
+
+    def plain(self, *args, **env):
+        return self.cli(*args, env=dict(self.env, **env))
+
+    def test_a_daemon_started_with_a_config_file(self):
+        path = self.write_config({"port": self.port})
+        self.assertEqual(self.cli("start", "-c", path).returncode, 0)
+        status = self.plain("status")
+        self.assertEqual(status.returncode, 0, status.stdout)
+        self.assertIn("on http://127.0.0.1:%d" % self.port, status.stdout)
+        self.assertIn("config %s" % path, status.stdout)
+        self.assertIn("export ANTHROPIC_BASE_URL=http://127.0.0.1:%d" % self.port,
+                      self.plain("env").stdout)
+        other = self.plain("start", "--port", str(free_port()))
+        self.assertEqual(other.returncode, 1)
+        self.assertIn("already running (pid %d)" % ccproxy.read_pid(self.pid_file), other.stderr)
+        self.assertIn("(--port)", other.stderr)
+        again = self.plain("start")
+        self.assertEqual(again.returncode, 0, again.stderr)
+        noted = self.plain("status", "--port", "1")
+        self.assertEqual(noted.returncode, 0)
+        self.assertIn("does not use port 1 (--port)", noted.stderr)
+        self.assertIn("stopped", self.plain("stop").stdout)
+        self.assertEqual(self.plain("status").returncode, 3)
+        self.assertEqual(os.listdir(os.path.join(self.dir, "run")), [])
+
+    def test_env_of_a_daemon_started_with_a_translated_provider(self):
+        started = self.cli("start", "--port", str(self.port), env=dict(
+            self.env, CCPROXY_PROVIDER="openai-compatible",
+            CCPROXY_BASE_URL="http://127.0.0.1:9/v1", CCPROXY_MODEL="m"))
+        self.assertEqual(started.returncode, 0, started.stderr)
+        out = self.plain("env").stdout
+        for line in ("export ANTHROPIC_BASE_URL=http://127.0.0.1:%d" % self.port,
+                     "export ANTHROPIC_AUTH_TOKEN=ccproxy", "unset ANTHROPIC_API_KEY",
+                     "export ENABLE_TOOL_SEARCH=false"):
+            self.assertIn(line + "\n", out)
+
+    def test_stop_finds_a_daemon_started_with_another_pid_file(self):
+        elsewhere = os.path.join(self.dir, "elsewhere.pid")
+        self.assertEqual(self.cli("start", "--pid-file", elsewhere, "--port",
+                                  str(self.port)).returncode, 0)
+        pid = ccproxy.read_pid(elsewhere)
+        try:
+            out = self.plain("stop", CCPROXY_PORT=str(self.port))
+            self.assertEqual(out.returncode, 0, out.stderr)
+            self.assertIn("stopped (pid %d)" % pid, out.stdout)
+            self.assertFalse(running(pid))
+        finally:
+            self.cli("stop", "--pid-file", elsewhere)
+
+    def test_reload_c_loads_that_file_or_refuses(self):
+        upstream = "http://127.0.0.1:%d" % free_port()
+        first = self.write_config({"port": self.port, "providers": [
+            {"name": "a", "base_url": upstream}]})
+        self.assertEqual(self.cli("start", "-c", first).returncode, 0)
+        second = os.path.join(self.dir, "second.json")
+        with open(second, "w") as f:
+            json.dump({"port": self.port, "providers": [{"name": "b", "base_url": upstream}]},
+                      f)
+        out = self.plain("reload", "-c", second)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("config %s" % second, out.stdout)
+        doc = self.get("/status")[1]
+        self.assertEqual((doc["config"]["source"], doc["providers"]["active"]), (second, ["b"]))
+        again = self.plain("reload")             # the daemon's file now is the second
+        self.assertEqual(again.returncode, 0, again.stderr)
+        self.assertIn("settings unchanged", again.stdout)
+        self.assertEqual(self.get("/status")[1]["config"]["source"], second)
+        with open(second, "w") as f:
+            f.write("{")
+        refused = self.plain("reload")
+        self.assertEqual(refused.returncode, 2)
+        self.assertIn("%s is not valid JSON" % second, refused.stderr)
+        self.assertEqual(self.get("/status")[1]["config"]["reloads"], 2)
+
+    def test_start_says_what_cannot_work(self):
+        out = self.cli("start", "--port", str(self.port), env=dict(
+            self.env, CCPROXY_PORTT="1", CCPROXY_PROVIDER="groq", GROQ_API_KEY=""))
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("CCPROXY_PORTT is not a ccproxy setting; did you mean CCPROXY_PORT?",
+                      out.stderr)
+        self.assertIn("provider groq has no key: set GROQ_API_KEY", out.stderr)
+        item = self.get("/status")[1]["providers"]["items"][0]
+        self.assertEqual((item["status"], item["health"]), ("unconfigured", "unhealthy"))
+
+
+class TestPidFileAbuse(LifecycleCase):
+    """Issue #17: in a shared directory, the PID file could be locked by anyone who
+    could read it, followed through a symlink, and made to name another process."""
+
+    def test_a_symlinked_pid_file_is_refused_and_its_target_untouched(self):
+        victim = os.path.join(self.dir, "victim")
+        with open(victim, "w") as f:
+            f.write("precious\n")
+        os.symlink(victim, self.pid_file)
+        out = self.cli("start")
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("it is a symlink", out.stderr)
+        with open(victim) as f:
+            self.assertEqual(f.read(), "precious\n")
+        self.assertEqual(self.cli("stop").returncode, 0)        # nothing to stop
+        self.assertTrue(os.path.islink(self.pid_file))
+
+    def test_a_lock_held_by_a_stranger_is_named_and_nothing_is_signalled(self):
+        bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        self.procs.append(bystander)
+        with open(self.pid_file, "w") as f:
+            f.write("%d\n" % bystander.pid)
+        os.chmod(self.pid_file, 0o644)
+        holder = os.open(self.pid_file, os.O_RDONLY)
+        try:
+            fcntl.flock(holder, fcntl.LOCK_EX)       # a reader can hold the lock
+            for command, code in (("start", 1), ("stop", 1), ("status", 4)):
+                with self.subTest(command):
+                    out = self.cli(command)
+                    self.assertEqual(out.returncode, code, out.stdout + out.stderr)
+                    self.assertIn("locked by a process other than the pid %d" % bystander.pid,
+                                  out.stdout + out.stderr)
+            self.assertIsNone(bystander.poll())      # never signalled
+        finally:
+            os.close(holder)
+
+    def test_pid_and_log_files_are_private_and_a_stale_pid_is_no_traceback(self):
+        self.assertEqual(self.cli("start").returncode, 0)
+        for path in (self.pid_file, self.log_file):
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o600, path)
+        self.assertEqual(self.cli("stop").returncode, 0)
+        with open(self.pid_file, "w") as f:
+            f.write("999999999\n")              # stale: nobody holds the lock
+        out = self.cli("stop")
+        self.assertEqual((out.returncode, out.stderr), (0, ""))
+        self.assertFalse(os.path.exists(self.pid_file))
 
 
 class TestWorkers(LifecycleCase):

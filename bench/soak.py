@@ -116,6 +116,7 @@ def main(argv=None):
         os.path.join(tmp, "fake.port")), CCPROXY_PORT=str(port),
         CCPROXY_PID_FILE=os.path.join(tmp, "ccproxy.pid"),
         CCPROXY_LOG_FILE=os.path.join(tmp, "ccproxy.log"), CCPROXY_LOG_LEVEL="warning",
+        CCPROXY_CONFIG="",
         CCPROXY_MAX_CONNECTIONS=str(args.clients * 2 + 64))
     started = cli("start", env=env)
     if started.returncode:

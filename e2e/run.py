@@ -105,9 +105,9 @@ class Ccproxy:
         self.env = dict(os.environ, CCPROXY_PORT=str(self.port),
                         CCPROXY_PID_FILE=os.path.join(self.dir, "ccproxy.pid"),
                         CCPROXY_LOG_FILE=os.path.join(self.dir, "ccproxy.log"), **env)
-        for key in ("CCPROXY_CONFIG", "CCPROXY_API_KEY"):
-            if key not in env:
-                self.env.pop(key, None)
+        self.env.setdefault("CCPROXY_CONFIG", "")      # no default config file either
+        if "CCPROXY_API_KEY" not in env:
+            self.env.pop("CCPROXY_API_KEY", None)
 
     def __enter__(self):
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ccproxy.py"),
@@ -519,7 +519,8 @@ def _run_behind_nginx(nginx, tmp, fake):
     ports, lb = [free_port(), free_port()], free_port()
     envs = [dict(os.environ, CCPROXY_BASE_URL=upstream, CCPROXY_PORT=str(p),
                  CCPROXY_PID_FILE=os.path.join(tmp, "cc%d.pid" % p),
-                 CCPROXY_LOG_FILE=os.path.join(tmp, "cc%d.log" % p)) for p in ports]
+                 CCPROXY_LOG_FILE=os.path.join(tmp, "cc%d.log" % p), CCPROXY_CONFIG="")
+            for p in ports]
     for env in envs:
         out = subprocess.run([sys.executable, os.path.join(ROOT, "ccproxy.py"), "start"],
                              env=env, capture_output=True, text=True, timeout=60)
