@@ -836,6 +836,14 @@ def config_fingerprint(config):
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+def settings_fingerprint(config):
+    """The fingerprint of what a daemon serves, apart from where it listens and logs
+    (which `start` compares one by one): `start` uses it to tell a daemon started with
+    other providers, keys or options from its own settings."""
+    return config_fingerprint(dataclasses.replace(config, host="", port=0, workers=1,
+                                                  pid_file="", log_file=""))
+
+
 def _digest(text):
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest() if text else ""
 
@@ -5329,7 +5337,7 @@ def runtime_record(config, pid_path, port, log_file):
                 config=config.source or None,
                 log_file=os.path.abspath(log_file) if log_file else None,
                 workers=config.workers, fingerprint=config.fingerprint,
-                written=iso_time(time.time()))
+                settings=settings_fingerprint(config), written=iso_time(time.time()))
 
 
 def write_file_atomically(path, data, mode=0o644):
@@ -6183,6 +6191,8 @@ def cmd_start(args, environ):
         print("ccproxy: warning: %s" % warning, file=sys.stderr)
     if target.running:
         differ = target.disagreements()
+        if target.record and target.record.get("settings") != settings_fingerprint(config):
+            differ.append("other providers, keys or options than these")
         if differ:
             print("ccproxy: already running %s, not with %s: stop it first, or give "
                   "another instance its own --pid-file and --port"

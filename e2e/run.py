@@ -132,6 +132,12 @@ class Ccproxy:
     def url(self):
         return "http://127.0.0.1:%d" % self.port
 
+    def cli_env(self):
+        """What a shell needs for ccproxy's commands to find this daemon: its PID file
+        and port, no config file (everything else comes from the runtime record)."""
+        return {k: self.env[k] for k in ("CCPROXY_PID_FILE", "CCPROXY_PORT",
+                                         "CCPROXY_CONFIG")}
+
     def log(self):
         with open(os.path.join(self.dir, "ccproxy.log")) as f:
             return f.read()
@@ -166,6 +172,9 @@ def run_claude(claude, proxy, prompt, tools="", extra_env=None, workdir=None):
 def scenario(name, skip=""):
     """Decorator: run the function as one scenario and record PASS/FAIL/SKIP."""
     def wrap(fn):
+        only = os.environ.get("E2E_ONLY", "")       # make e2e E2E_ONLY=interactive
+        if only and only not in name:
+            return fn
         if skip:
             print("SKIP %s: %s" % (name, skip), flush=True)
             RESULTS.append("skip")
@@ -380,6 +389,104 @@ def cli_anthropic_scenarios(claude, skip):
         check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
         check(len(requests) == 2 and all(r["body_json"].get("stream") for r in requests),
               "calls: %s" % [r["body_json"].get("stream") for r in requests])
+
+
+class Screen:
+    """Interactive Claude Code in a tmux pane: keys in, the screen's text out."""
+
+    def __init__(self, env, workdir):
+        self.name = "ccproxy-e2e-%d" % os.getpid()
+        self.env = env
+        self.tmux(["new-session", "-d", "-s", self.name, "-x", "160", "-y", "50", "-c",
+                   workdir, "env", "-i"] + ["%s=%s" % kv for kv in sorted(env.items())]
+                  + ["bash", "--norc", "--noprofile"])
+
+    def tmux(self, args):
+        return subprocess.run(["tmux"] + args, capture_output=True, text=True, timeout=10)
+
+    def keys(self, *keys):
+        self.tmux(["send-keys", "-t", self.name] + list(keys))
+
+    def text(self):
+        return self.tmux(["capture-pane", "-p", "-t", self.name]).stdout
+
+    def close(self):
+        self.tmux(["kill-session", "-t", self.name])
+
+
+#: Screens of a first run in a fresh HOME, and the keys that get past each.  The API
+#: key question must never appear: `env` exports ANTHROPIC_AUTH_TOKEN (issue #18).
+FIRST_RUN = [("Choose the text style", ["Enter"]), ("Press Enter to continue", ["Enter"]),
+             ("Yes, I trust this folder", ["Down", "Enter"])]
+#: With ANTHROPIC_API_KEY, a first run also checks api.anthropic.com and stops there.
+NEVER = ("Detected a custom API key", "Not logged in", "Please run /login",
+         "Unable to connect to Anthropic services")
+
+
+def interactive_turn(claude, env, prompt, expect, timeout=90):
+    """Type `prompt` into interactive Claude Code started as the README says, after
+    eval "$(ccproxy env)", in a fresh HOME; the screen once `expect` shows on it."""
+    home, work = tempfile.mkdtemp(prefix="cc-home-"), tempfile.mkdtemp(prefix="cc-work-")
+    env = dict(env, HOME=home, TERM="xterm-256color", PATH="%s:/usr/local/bin:/usr/bin:/bin"
+               % os.path.dirname(claude))
+    screen = Screen(env, work)
+    try:
+        screen.keys('eval "$(%s %s env)"; exec claude' % (sys.executable,
+                                                          os.path.join(ROOT, "ccproxy.py")),
+                    "Enter")
+        return _drive(screen, prompt, expect, time.monotonic() + timeout)
+    finally:
+        screen.close()
+
+
+def _drive(screen, prompt, expect, deadline):
+    typed, seen = False, set()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        text = screen.text()
+        bad = [n for n in NEVER if n in text]
+        check(not bad, "interactive Claude Code stopped at %r: %s" % (bad, text[-600:]))
+        if typed and expect in text:
+            return text
+        step = next(((m, k) for m, k in FIRST_RUN if m in text and m not in seen), None)
+        if step:
+            seen.add(step[0])
+            screen.keys(*step[1])
+        elif not typed and ("auto mode on" in text or "? for shortcuts" in text):
+            screen.keys(prompt)
+            time.sleep(0.3)
+            screen.keys("Enter")
+            typed = True
+    raise AssertionError("no %r on the screen: %s" % (expect, screen.text()[-800:]))
+
+
+def interactive_scenarios(claude, skip):
+    skip = skip or ("" if shutil.which("tmux") else "tmux is not installed")
+
+    @scenario("interactive claude (tmux, fresh HOME, eval \"$(ccproxy env)\"), translated",
+              skip)
+    def _():
+        fake = FakeOpenAI("text").start()
+        with Ccproxy(openai_env(fake)) as proxy:
+            interactive_turn(claude, proxy.cli_env(), "say hi",
+                             "Hello from the fake OpenAI server")
+        check(len(fake.requests) >= 1, "no call reached the upstream")
+
+    skip = skip or ("" if os.path.exists(SHARED_FAKE) else
+                    "../shared/claude-code-wire/fake_anthropic.py is absent")
+
+    @scenario("interactive claude (tmux, fresh HOME, eval \"$(ccproxy env)\"), pass-through "
+              "with CCPROXY_API_KEY", skip)
+    def _():
+        keys = {"CCPROXY_API_KEY": "proxy-client-key", "CCPROXY_UPSTREAM_API_KEY": "sk-up"}
+        with FakeAnthropic() as fake, Ccproxy(dict(keys, CCPROXY_BASE_URL=fake.url)) as proxy:
+            env = dict(proxy.cli_env(), CCPROXY_API_KEY=keys["CCPROXY_API_KEY"],
+                       ANTHROPIC_API_KEY="sk-users-own")
+            interactive_turn(claude, env, "say hi", "Hello from the fake Anthropic server")
+            sent = [dict((k.lower(), v) for k, v in r["headers"]) for r in fake.requests()]
+        check(sent and all(h.get("x-api-key") == "sk-up" and "authorization" not in h
+                           for h in sent), "upstream keys: %s" % [
+                               (h.get("x-api-key"), h.get("authorization")) for h in sent])
 
 
 SDK_SCRIPT = r'''
@@ -618,6 +725,7 @@ def main(argv):
     cli_quirk_scenarios(claude, skip_cli)
     cli_failure_scenarios(claude, skip_cli)
     cli_anthropic_scenarios(claude, skip_cli)
+    interactive_scenarios(claude, skip_cli)
     sdk_scenarios(python, skip_sdk)
     readme_curl_scenarios()
     nginx = os.environ.get("E2E_NGINX")
