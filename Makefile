@@ -73,7 +73,9 @@ install:  ## ccproxy.py (build stamped, bytecode precompiled) in $(PREFIX)/lib/c
 	    -e "s|^BUILD_DATE = None|BUILD_DATE = \"$$date\"|" ccproxy.py > $$lib/ccproxy.py; \
 	chmod 755 $$lib/ccproxy.py; $(PYTHON) -m py_compile $$lib/ccproxy.py; \
 	ln -sf ../lib/ccproxy/ccproxy.py $(DESTDIR)$(PREFIX)/bin/ccproxy; \
-	install -d $(DESTDIR)$(UNIT_DIR); install -m 644 ccproxy.service $(DESTDIR)$(UNIT_DIR)/ccproxy.service; \
+	install -d $(DESTDIR)$(UNIT_DIR); \
+	sed "s|/usr/local/bin/ccproxy|$(PREFIX)/bin/ccproxy|" ccproxy.service > $(DESTDIR)$(UNIT_DIR)/ccproxy.service; \
+	chmod 644 $(DESTDIR)$(UNIT_DIR)/ccproxy.service; \
 	echo "installed $$lib/ccproxy.py (commit $$commit), $(DESTDIR)$(PREFIX)/bin/ccproxy and $(DESTDIR)$(UNIT_DIR)/ccproxy.service"
 
 uninstall:

@@ -2057,6 +2057,30 @@ class TestUpstreamClient(unittest.TestCase):
         self.assertIn("BUILD_DATE = None", lines)
 
 
+class TestPackaging(unittest.TestCase):
+    """make install DESTDIR=… PREFIX=/usr, as a distribution package builds it."""
+
+    @unittest.skipUnless(shutil.which("make"), "make is not installed")
+    def test_install_writes_a_unit_that_runs_the_installed_file(self):
+        with tempfile.TemporaryDirectory() as dest:
+            out = subprocess.run(["make", "-s", "-C", HERE, "install", "DESTDIR=" + dest,
+                                  "PREFIX=/usr", "UNIT_DIR=/usr/lib/systemd/system"],
+                                 capture_output=True, text=True, timeout=60)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            unit = os.path.join(dest, "usr/lib/systemd/system/ccproxy.service")
+            with open(unit) as f:
+                text = f.read()
+            self.assertIn("\nExecStart=/usr/bin/python3 /usr/bin/ccproxy run\n", text)
+            self.assertNotIn("/usr/local", text)
+            self.assertEqual(os.readlink(os.path.join(dest, "usr/bin/ccproxy")),
+                             "../lib/ccproxy/ccproxy.py")
+            if not shutil.which("systemd-analyze"):
+                self.skipTest("systemd-analyze is not installed")
+            verify = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True,
+                                    text=True, timeout=60)
+            self.assertEqual((verify.returncode, verify.stderr), (0, ""))
+
+
 # ---- Translation: the conformance cases of translation.md §7 ------------------------
 
 def translation(ptype="openai", model="gpt-4o", client_model="claude-sonnet-5-5", **quirks):
