@@ -276,10 +276,12 @@ USABLE = ("connected", "unknown")
 TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
 CCPROXY_SIGNATURE_PREFIX = "ccproxy:"
 
-#: http.server's log escaping (bpo-46295 style): control characters become \\xNN so a
-#: request line can never forge a log line.
+#: http.server's log escaping (CPython gh-100001): control characters become \\xNN so a
+#: request line can never forge a log line, and a backslash is doubled, as its
+#: follow-up does, so that a literal "\\x0a" cannot pass for an escaped newline.
 _CONTROL_CHARS = str.maketrans(
-    {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7F, 0xA0))})
+    dict({c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7F, 0xA0))},
+         **{"\\": "\\\\"}))
 
 log = logging.getLogger("ccproxy")
 
@@ -845,7 +847,7 @@ def settings_fingerprint(config):
 
 
 def _digest(text):
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest() if text else ""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() if text else ""
 
 
 def read_config_file(path):
@@ -922,7 +924,7 @@ def is_loopback_host(host):
 def key_digest(key):
     """SHA-256 of a key as bytes.  Comparing digests makes compare_digest safe for any
     input: with str it is ASCII-only and a non-ASCII key would raise (a 500, not a 401)."""
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 def presented_keys(headers):
@@ -1166,7 +1168,7 @@ def _safe_tool_id(tool_id):
     tool_result map to the same value (ids minted by other providers carry '.' or ':')."""
     if TOOL_ID_RE.match(tool_id):
         return tool_id
-    digest = hashlib.sha256(tool_id.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    digest = hashlib.sha256(tool_id.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     return "toolu_" + re.sub(r"[^a-zA-Z0-9_-]", "_", tool_id)[:40] + "_" + digest
 
 
@@ -1179,6 +1181,24 @@ _JSON_DECODER = json.JSONDecoder()
 #: Compact JSON text, UTF-8 kept.  One encoder for every call: json.dumps with options
 #: builds a new one each time, 2.8 against 2.0 us for a stream's text delta event.
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_ascii_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def json_bytes(doc):
+    """`doc` as compact JSON in UTF-8.  A string with a lone UTF-16 surrogate (Claude Code
+    sends "\\ud83d" when a tool's output was cut inside an emoji) has no UTF-8 form: the
+    document then goes as ASCII JSON, the surrogate escaped as the client sent it.  Such
+    text used to fail the call with a 500, and every later turn with it (issue #17)."""
+    text = _compact(doc)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _ascii_json(doc).encode()
+
+
+def utf8_len(text):
+    """UTF-8 bytes of `text`, a lone surrogate counted as the 3 bytes of its code point."""
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def scan_json_object(raw, member):
@@ -1253,7 +1273,7 @@ def passthrough_body(raw, body, model):
     clean, changed = sanitize_for_anthropic(body)
     if model and model != body.get("model"):
         clean, changed = dict(clean, model=model), True
-    return json.dumps(clean, ensure_ascii=False).encode() if changed else raw
+    return json_bytes(clean) if changed else raw
 
 
 def passthrough_headers(client_headers, provider, config):
@@ -1301,7 +1321,7 @@ def rewrite_model_json(body, model):
         return body
     if isinstance(doc, dict) and "model" in doc:
         doc["model"] = model
-        return json.dumps(doc, ensure_ascii=False).encode()
+        return json_bytes(doc)
     return body
 
 
@@ -1315,7 +1335,7 @@ def rewrite_message_start(frame, model):
                 doc["message"]["model"] = model
             except (ValueError, KeyError, TypeError):
                 return frame
-            lines[i] = b"data: " + json.dumps(doc, ensure_ascii=False).encode()
+            lines[i] = b"data: " + json_bytes(doc)
     return b"\n".join(lines)
 
 
@@ -1583,8 +1603,10 @@ def build_info():
 
 
 def escape_log(text):
-    """Control characters escaped, as http.server does for its own log."""
-    return str(text).translate(_CONTROL_CHARS)
+    """Control characters and backslashes escaped, as http.server does for its own
+    log; a lone surrogate, which a UTF-8 log file cannot hold, as \\udxxx."""
+    text = str(text).translate(_CONTROL_CHARS)
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
 
 
 def access_record(fields):
@@ -1807,14 +1829,14 @@ def upstream_tool_name(name):
         return name
     clean = re.sub(r"[^a-zA-Z0-9_-]", "_", name) or "tool"
     if len(clean) > 64 or clean != name:
-        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         clean = clean[:55] + "_" + digest if len(clean) > 64 else clean
     return clean
 
 
 def alnum9(tool_id):
     """A deterministic 9-character alphanumeric id (Mistral's rule, via OpenRouter)."""
-    number = int(hashlib.sha256(tool_id.encode()).hexdigest(), 16)
+    number = int(hashlib.sha256(tool_id.encode("utf-8", "surrogatepass")).hexdigest(), 16)
     alphabet = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
     out = ""
     while len(out) < 9:
@@ -1835,7 +1857,7 @@ def id_with_signature(tool_id, sig):
     """A tool id that carries a Gemini thought signature (§3.4 sig_in_id, as LiteLLM
     does): base64url, so the id stays in Anthropic's [a-zA-Z0-9_-] alphabet."""
     return tool_id + SIG_IN_ID + base64.urlsafe_b64encode(
-        sig.encode("utf-8")).decode("ascii").rstrip("=")
+        sig.encode("utf-8", "surrogatepass")).decode("ascii").rstrip("=")
 
 
 def split_signature(tool_id):
@@ -2224,7 +2246,7 @@ def prepare_tools(tools, quirks):
     """The client's tools as PreparedTools (uncached; ToolsCache.get keeps them)."""
     names = {}
     converted = convert_tools(tools, quirks, names)
-    size = len(_compact(tools).encode()) if isinstance(tools, list) and tools else 0
+    size = utf8_len(_compact(tools)) if isinstance(tools, list) and tools else 0
     return PreparedTools(source=tools, tools=converted, names=names,
                          json=json.dumps(converted), size=size)
 
@@ -2300,7 +2322,7 @@ def _user_field(body):
     user = metadata.get("user_id")
     if not isinstance(user, str) or not user:
         return {}
-    return {"user": hashlib.sha256(user.encode("utf-8", "surrogateescape")).hexdigest()[:32]}
+    return {"user": hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]}
 
 
 def anthropic_to_openai(body, tr, prepared=None):
@@ -2410,7 +2432,7 @@ def new_message_id():
 
 def thinking_signature(route, text):
     """A signature ccproxy recognises on the way back (pass-through strips it)."""
-    digest = hashlib.sha256((route + "\0" + text).encode("utf-8", "surrogateescape"))
+    digest = hashlib.sha256((route + "\0" + text).encode("utf-8", "surrogatepass"))
     return "%s%s:%s" % (CCPROXY_SIGNATURE_PREFIX, route, digest.hexdigest()[:16])
 
 
@@ -2558,7 +2580,7 @@ def openai_to_anthropic(doc, tr):
         if piece:
             content.append({"type": "text", "text": piece})
     content.extend(_tool_uses(message, tr))
-    out_bytes = len(text.encode()) + sum(len(json.dumps(b.get("input", "")))
+    out_bytes = utf8_len(text) + sum(len(json.dumps(b.get("input", "")))
                                          for b in content if b["type"] == "tool_use")
     upstream_id = str(doc.get("id") or "")
     return {"id": upstream_id if upstream_id.startswith("msg_") else new_message_id(),
@@ -2612,7 +2634,11 @@ def _signed_id(tr, tool_id, sig):
 def sse_event(name, data):
     """One Anthropic SSE frame: the event line is mandatory (without it Claude Code's
     SDK ignores the frame and silently re-sends the turn as stream:false)."""
-    return b"event: " + name.encode() + b"\ndata: " + _compact(data).encode() + b"\n\n"
+    try:                   # inline, not json_bytes(): a frame less, 1000 times a stream
+        payload = _compact(data).encode()
+    except UnicodeEncodeError:
+        payload = _ascii_json(data).encode()
+    return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
 
 
 def synthesize_stream(message):
@@ -2713,7 +2739,7 @@ class StreamTranslator:
         self.finish, self.usage, self.done, self.refusal = None, None, False, False
         self.last_key, self.ids, self.out_bytes, self.had_tool = None, ToolIds(), 0, False
         self.think_buffer, self.in_think = "", None
-        self.thinking_text = ""
+        self.thinking_text, self.held = "", None      # held: see _whole
 
     def start(self):
         """message_start (with the estimated input tokens, which Claude Code shows) and
@@ -2737,7 +2763,8 @@ class StreamTranslator:
             return b""
         if chunk.get("error"):
             raise UpstreamReplyError(stream_error_type(chunk["error"]), "%s upstream error: %s"
-                                     % (self.tr.route, upstream_message(payload.encode())))
+                                     % (self.tr.route, upstream_message(
+                                         payload.encode("utf-8", "surrogatepass"))))
         self.usage = _usage_of(chunk) or self.usage
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
@@ -2789,6 +2816,11 @@ class StreamTranslator:
             return []
         kind, index, key = self.open
         out = []
+        if self.held and self.held[0] == kind:       # a surrogate half that stays alone
+            half, self.held = self.held[1], None
+            out.append(self._delta({"type": "text_delta", "text": half} if kind == "text"
+                                   else {"type": "thinking_delta", "thinking": half}))
+            self.thinking_text += half if kind == "thinking" else ""
         if kind == "thinking":
             # Claude Code stores and echoes thinking with its signature; ours lets the
             # pass-through strip it and the DeepSeek round trip find it.
@@ -2805,21 +2837,40 @@ class StreamTranslator:
         self.open = None
         return out
 
+    def _whole(self, text, kind):
+        """`text` with the high surrogate the last delta of `kind` ended in before it,
+        and without one it ends in now: an emoji whose UTF-16 halves come in two
+        deltas is sent whole (issue #17).  A half that never finds its pair is sent
+        as it came when its block closes (_close_open)."""
+        held = self.held
+        if held and held[0] == kind:
+            text, self.held = held[1] + text, None
+            if "\ud800" <= text[0] <= "\udbff" and "\udc00" <= text[1:2] <= "\udfff":
+                text = text[:2].encode("utf-16-le", "surrogatepass").decode(
+                    "utf-16-le") + text[2:]
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            text, self.held = text[:-1], (kind, text[-1])
+        return text
+
     def _thinking(self, text):
         out = []
         if not self.open or self.open[0] != "thinking":
             out += self._open_block("thinking", {"type": "thinking", "thinking": "",
                                                  "signature": ""})
-        self.thinking_text += text
-        out.append(self._delta({"type": "thinking_delta", "thinking": text}))
+        text = self._whole(text, "thinking")
+        if text:
+            self.thinking_text += text
+            out.append(self._delta({"type": "thinking_delta", "thinking": text}))
         return out
 
     def _text(self, text):
         out = []
         if not self.open or self.open[0] != "text":
             out += self._open_block("text", {"type": "text", "text": ""})
-        self.out_bytes += len(text.encode("utf-8", "surrogateescape"))
-        out.append(self._delta({"type": "text_delta", "text": text}))
+        text = self._whole(text, "text")
+        if text:
+            self.out_bytes += utf8_len(text)
+            out.append(self._delta({"type": "text_delta", "text": text}))
         return out
 
     def _content(self, text):
@@ -3044,29 +3095,29 @@ def pdf_tokens(source):
 def _block_cost(block):
     """(text bytes, fixed tokens) of one content block."""
     if not isinstance(block, dict):
-        return len(str(block).encode()), 0
+        return utf8_len(str(block)), 0
     kind = block.get("type")
     if kind == "text":
-        return len(str(block.get("text", "")).encode()), 0
+        return utf8_len(str(block.get("text", ""))), 0
     if kind == "thinking":
-        return len(str(block.get("thinking", "")).encode()), 0
+        return utf8_len(str(block.get("thinking", ""))), 0
     if kind == "tool_use":
-        return len((str(block.get("name", "")) + _compact(block.get("input", {}))).encode()), 0
+        return utf8_len(str(block.get("name", "")) + _compact(block.get("input", {}))), 0
     if kind == "tool_result":
         content = block.get("content")
         if isinstance(content, list):
             return _blocks_cost(content)
-        return len(str(content or "").encode()), 0
+        return utf8_len(str(content or "")), 0
     if kind == "image":
         return 0, image_tokens(block.get("source"))
     if kind == "document":
         src = block.get("source") or {}
         if src.get("type") == "text":
-            return len(str(src.get("data", "")).encode()), 0
+            return utf8_len(str(src.get("data", ""))), 0
         return 0, pdf_tokens(src) if src.get("type") == "base64" else UNKNOWN_IMAGE_TOKENS
     if kind == "tool_reference":
         return 0, 10
-    return len(_compact(block).encode()), 0
+    return utf8_len(_compact(block)), 0
 
 
 def _blocks_cost(blocks):
@@ -3083,7 +3134,7 @@ def estimate_input_tokens(body, tools_overhead=TOOLS_OVERHEAD, tools_size=None):
     and PDFs by their size, and the tools' hidden prompt.  `tools_size`: the compact
     tools' bytes when already known (PreparedTools.size)."""
     system = body.get("system")
-    total = len(system.encode()) if isinstance(system, str) else _blocks_cost(
+    total = utf8_len(system) if isinstance(system, str) else _blocks_cost(
         system if isinstance(system, list) else [])[0]
     fixed, messages = 0, body.get("messages") if isinstance(body.get("messages"), list) else []
     for message in messages:
@@ -3092,10 +3143,10 @@ def estimate_input_tokens(body, tools_overhead=TOOLS_OVERHEAD, tools_size=None):
             b, f = _blocks_cost(content)
             total, fixed = total + b, fixed + f
         else:
-            total += len(str(content or "").encode())
+            total += utf8_len(str(content or ""))
     tools = body.get("tools") if isinstance(body.get("tools"), list) else []
     if tools:               # one dumps of the list: 40 % faster than one per tool
-        total += len(_compact(tools).encode()) if tools_size is None else tools_size
+        total += utf8_len(_compact(tools)) if tools_size is None else tools_size
     return -(-total // 4) + 4 * len(messages) + fixed + (tools_overhead if tools else 0)
 
 
@@ -4975,8 +5026,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._note_tokens(message["usage"])
         if want_stream:     # the upstream ignored stream:true, or was asked without it
             return self._send(200, SSE_HEADERS, synthesize_stream(message))
-        self._send(200, [("Content-Type", "application/json")], json.dumps(
-            message, ensure_ascii=False).encode())
+        self._send(200, [("Content-Type", "application/json")], json_bytes(message))
 
     def _learn(self, tr, usage):
         prompt = (usage or {}).get("prompt_tokens") if isinstance(usage, dict) else None

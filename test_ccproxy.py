@@ -3425,6 +3425,64 @@ class TestCheckAndEnv(unittest.TestCase):
 
 # ---- Hardening: limits, slow clients, faults, hostile input ---------------------------
 
+LONE = "cut \\ud83d"          # as JSON text: what Claude Code sends for a half emoji
+
+
+def surrogate_body(stream=False):
+    """Claude Code's request with a lone surrogate in every text position, as raw JSON."""
+    text = json.dumps({
+        "model": "claude-sonnet-5-5", "max_tokens": 100, "stream": stream,
+        "system": [{"type": "text", "text": "S"}], "metadata": {"user_id": "U"},
+        "tools": [{"name": "T", "description": "D", "input_schema": {
+            "type": "object", "properties": {"p": {"type": "string", "description": "P"}}}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "M"}]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "K", "signature": "sig"},
+                {"type": "tool_use", "id": "toolu_1", "name": "T", "input": {"p": "I"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": "R"}]}]})
+    for marker in "SUDPMKIR":
+        text = text.replace('"%s"' % marker, '"%s %s"' % (marker, LONE))
+    return text.replace('"name": "T"', '"name": "T\\udc00"').encode()
+
+
+class TestHostileInput(unittest.TestCase):
+    """Issue #17: inputs that reached a 500, each now answered as Anthropic does."""
+
+    def test_lone_surrogates_are_carried_through_every_route(self):
+        raw = surrogate_body()
+        self.assertIn(b"\\ud83d", raw)
+        stream = chunk({"content": "ok"}) + chunk(finish="stop") + "data: [DONE]\n\n"
+        routes = [("pass-through", one_provider, None),
+                  ("pass-through, mapped", lambda u: one_provider(u, model="m2"), None),
+                  ("openai", openai_provider, sse_behave(stream)),
+                  ("gemini", lambda u: openai_provider(u, "gemini"), sse_behave(stream))]
+        for label, make_config, behave in routes:
+            with self.subTest(label), FakeUpstream(behave) as up, Proxy(make_config(up.url)) as px:
+                for path in ("/v1/messages", "/v1/messages/count_tokens"):
+                    resp, out = px.call("POST", path, raw)
+                    self.assertEqual(resp.status, 200, out[:300])
+                sent = up.requests[0]["body"]
+                json.loads(sent)                       # valid JSON the upstream can read
+                self.assertIn(b"\\ud83d", sent)       # the text carried, not dropped
+                if label == "pass-through":
+                    self.assertEqual(sent, raw)        # byte for byte
+
+    def test_an_emoji_split_across_deltas_arrives_whole(self):
+        halves = (chunk({"content": "a\ud83d"}) + chunk({"content": "\ude00b"}) +
+                  chunk({"reasoning_content": "t\ud83d"}) + chunk({"content": "x"}) +
+                  chunk(finish="stop") + "data: [DONE]\n\n")
+        self.assertIn("\\ud83d", halves)                # escaped in the upstream's JSON
+        events = run_stream(halves)
+        blocks = check_grammar(self, events)
+        self.assertEqual(events[-1]["type"], "message_stop")
+        self.assertEqual([b.get("text", b.get("thinking")) for b in blocks],
+                         ["a\U0001f600b", "t\ud83d", "x"])
+        tr = translation()
+        message = ccproxy.openai_to_anthropic(reply({"content": "end \ud83d"}), tr)
+        self.assertIn(b"\\ud83d", ccproxy.json_bytes(message))
+
 class TestSelfProtection(unittest.TestCase):
 
     def test_slow_drip_client_is_cut_at_the_head_deadline(self):
