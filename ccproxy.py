@@ -1185,15 +1185,15 @@ _ascii_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def json_bytes(doc):
-    """`doc` as compact JSON in UTF-8.  A string with a lone UTF-16 surrogate (Claude Code
-    sends "\\ud83d" when a tool's output was cut inside an emoji) has no UTF-8 form: the
-    document then goes as ASCII JSON, the surrogate escaped as the client sent it.  Such
-    text used to fail the call with a 500, and every later turn with it (issue #17)."""
-    text = _compact(doc)
+    """`doc` as JSON in UTF-8, spaced as json.dumps spaces it.  A string with a lone
+    UTF-16 surrogate (Claude Code sends "\\ud83d" when a tool's output was cut inside an
+    emoji) has no UTF-8 form: the document then goes as ASCII JSON, the surrogate
+    escaped as the client sent it.  Such text used to fail the call with a 500, and
+    every later turn with it (issue #17)."""
     try:
-        return text.encode()
+        return json.dumps(doc, ensure_ascii=False).encode()
     except UnicodeEncodeError:
-        return _ascii_json(doc).encode()
+        return json.dumps(doc).encode()
 
 
 def utf8_len(text):
