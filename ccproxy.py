@@ -158,6 +158,12 @@ FRESH_GRACE = 1.0                 # seconds a drain waits for new connections' r
 DEFAULT_MAX_CONNECTIONS = 1024    # client connections served at once
 START_WAIT = 15.0                 # seconds `start` (and a supervisor) waits for "ready"
 RESERVE_CONNECTIONS = 16          # beyond the cap: slots that serve only /health, /status
+#: Seconds a new connection may wait before its first byte (then idle_timeout between
+#: requests); one in a reserve slot gets far less, as probes send at once.  Silent
+#: connections held their slot for idle_timeout: max_connections and the reserve of
+#: them made everything answer 503, probes included (issue #17).
+FIRST_REQUEST_WAIT = 10.0
+RESERVE_FIRST_WAIT = 1.0
 PING_INTERVAL = 15.0              # a translated stream silent this long gets an SSE ping
 FIRST_EVENT_WAIT = 10.0           # a translated stream commits (head, message_start) once
                                   # its first upstream event is this late (§3.4 S0)
@@ -4532,9 +4538,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.connection is not None and self.requests_here:
             with service._idle:
                 service.waiting.add(self.connection)
+        elif self.connection is not None:
+            self.connection.settimeout(min(self.timeout, RESERVE_FIRST_WAIT if self.overflow
+                                           else FIRST_REQUEST_WAIT))
         try:
             return bool(self.rfile.peek(1))
         finally:
+            if not self.requests_here and self.connection is not None:
+                self.connection.settimeout(self.timeout)
             self.requests_here += 1
             with service._idle:
                 service.waiting.discard(self.connection)

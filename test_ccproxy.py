@@ -3542,6 +3542,27 @@ class TestSelfProtection(unittest.TestCase):
                     sock.close()
                 probe.close()
 
+    def test_connections_that_never_send_a_byte_give_their_slots_back(self):
+        """Issue #17: max_connections plus the reserve of silent sockets made everything
+        answer 503 for idle_timeout, probes included."""
+        with unittest.mock.patch.multiple(ccproxy, RESERVE_CONNECTIONS=2,
+                                          FIRST_REQUEST_WAIT=1.5, RESERVE_FIRST_WAIT=0.2), \
+                Proxy(config(max_connections=2)) as px:
+            silent = [socket.create_connection(("127.0.0.1", px.port), timeout=TIMEOUT)
+                      for _ in range(4)]                  # every slot and the reserve
+            wait_for(lambda: (px.server.slots._value, px.server.reserve._value) == (0, 0))
+            wait_for(lambda: px.server.reserve._value == 2, timeout=1.0)   # reserve freed
+            probe = px.conn()
+            probe.request("GET", "/health")
+            self.assertEqual(probe.getresponse().status, 200)
+            probe.close()
+            started = time.monotonic()
+            wait_for(lambda: px.server.slots._value == 2, timeout=3.0)
+            self.assertGreater(time.monotonic() - started, 0.5)     # the longer wait
+            self.assertEqual([s.recv(1) for s in silent], [b""] * 4)   # closed, no reply
+            for sock in silent:
+                sock.close()
+
     def test_upstream_reset_and_mid_stream_hang(self):
         def reset(h, body):
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
