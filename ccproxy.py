@@ -1251,7 +1251,9 @@ def _sanitize_block(block):
     if kind == "thinking" and str(block.get("signature", "")).startswith(
             CCPROXY_SIGNATURE_PREFIX):
         return None        # signed by ccproxy for another provider: Anthropic rejects it
-    key = {"tool_use": "id", "tool_result": "tool_use_id"}.get(kind)
+    # A client's value is never a dict key unchecked: a list there was a 500 (issue #17).
+    key = {"tool_use": "id", "tool_result": "tool_use_id"}.get(kind) if isinstance(
+        kind, str) else None
     if key and isinstance(block.get(key), str) and not TOOL_ID_RE.match(block[key]):
         return dict(block, **{key: _safe_tool_id(block[key])})
     return block
@@ -1369,7 +1371,7 @@ class UsageScanner:
         doc = _loads(raw)
         if not isinstance(doc, dict):
             return
-        usage = (doc.get("message") or {}).get("usage") if doc.get(
+        usage = _obj(doc.get("message")).get("usage") if doc.get(
             "type") == "message_start" else doc.get("usage")
         if isinstance(usage, dict):
             total_in = sum(v for k, v in usage.items() if k in (
@@ -1379,6 +1381,13 @@ class UsageScanner:
                 self.input_tokens = total_in
             if isinstance(usage.get("output_tokens"), int):
                 self.output_tokens = usage["output_tokens"]
+
+
+def _obj(value):
+    """`value` when it is a JSON object, else {}: a client's or an upstream's field is
+    never assumed to have the shape it should (issue #17: an image "source" that was a
+    string, an "effort" that was an object, reached a 500)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _loads(text):
@@ -1885,7 +1894,7 @@ def clean_schema(schema, dialect):
     if not isinstance(schema, dict):
         schema = {}
     if dialect == "gemini":
-        defs = dict(schema.get("$defs") or {}, **(schema.get("definitions") or {}))
+        defs = dict(_obj(schema.get("$defs")), **_obj(schema.get("definitions")))
         out = _gemini_node(schema, defs, 0)
     else:
         out = _strip_meta(schema)
@@ -1952,7 +1961,7 @@ def _gemini_tidy(out):
     if out.get("format") not in (None, "enum", "date-time"):
         del out["format"]
     if isinstance(out.get("required"), list):
-        props = out.get("properties") or {}
+        props = _obj(out.get("properties"))
         out["required"] = [r for r in out["required"] if r in props]
         if not out["required"]:
             del out["required"]
@@ -1978,7 +1987,7 @@ def _text_of_blocks(blocks, joiner="\n"):
 
 def _image_part(block, quirks):
     """An image block as an image_url part, or the text that stands in for it."""
-    src = block.get("source") or {}
+    src = _obj(block.get("source"))
     if quirks["no_vision"]:
         return {"type": "text", "text": "[image omitted]"}
     if src.get("type") == "base64" and src.get("data"):
@@ -1991,7 +2000,7 @@ def _image_part(block, quirks):
 
 def _document_part(block, quirks):
     """A document block as a file part (PDF routes) or as text."""
-    src = block.get("source") or {}
+    src = _obj(block.get("source"))
     kind = src.get("type")
     if kind == "base64" and "pdf" in str(src.get("media_type", "pdf")):
         if not quirks["supports_pdf"]:
@@ -2299,6 +2308,7 @@ def reasoning_effort(body):
     if kind == "adaptive":
         effort = (body.get("output_config") or {}).get("effort") if isinstance(
             body.get("output_config"), dict) else None
+        effort = effort if isinstance(effort, str) else None
         return {"low": "low", "medium": "medium"}.get(effort, "high" if effort else "medium")
     return None
 
@@ -2487,8 +2497,7 @@ def anthropic_usage(usage, estimate, output_estimate):
     """O usage -> the four A usage keys (§2.4): A's input excludes cache hits, O's
     includes them; missing numbers come from the estimator."""
     usage = usage if isinstance(usage, dict) else {}
-    details = usage.get("prompt_tokens_details") or {}
-    details = details if isinstance(details, dict) else {}
+    details = _obj(usage.get("prompt_tokens_details"))
     read = _first_positive(details.get("cached_tokens"), usage.get("prompt_cache_hit_tokens"),
                            usage.get("cache_read_input_tokens"))
     write = _first_positive(details.get("cache_write_tokens"),
@@ -2615,14 +2624,19 @@ def _tool_uses(message, tr):
     ids, out = ToolIds(), []
     for call in calls if isinstance(calls, list) else []:
         fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not fn.get("name"):
+        if not isinstance(fn, dict) or not fn.get("name") or not isinstance(fn["name"], str):
             continue
         tool_id = _signed_id(tr, ids.make(str(call.get("id") or "")), (
-            (call.get("extra_content") or {}).get("google") or {}).get("thought_signature"))
+            thought_signature_of(call)))
         out.append({"type": "tool_use", "id": tool_id,
                     "name": tr.names.get(fn["name"], fn["name"]),
                     "input": parse_tool_arguments(fn.get("arguments"))})
     return out
+
+
+def thought_signature_of(call):
+    """Gemini's extra_content.google.thought_signature of a tool call, or None."""
+    return _obj(_obj(call.get("extra_content")).get("google")).get("thought_signature")
 
 
 def _signed_id(tr, tool_id, sig):
@@ -2931,7 +2945,7 @@ class StreamTranslator:
         fn = call.get("function") if isinstance(call.get("function"), dict) else {}
         tool["id"] = tool["id"] or str(call.get("id") or "")
         tool["name"] = tool["name"] or str(fn.get("name") or "")
-        sig = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+        sig = thought_signature_of(call)
         tool["sig"] = tool["sig"] or sig
         fragment = self._fragment(tool, fn.get("arguments"))
         if tool["closed"]:
@@ -3117,7 +3131,7 @@ def _block_cost(block):
     if kind == "image":
         return 0, image_tokens(block.get("source"))
     if kind == "document":
-        src = block.get("source") or {}
+        src = _obj(block.get("source"))
         if src.get("type") == "text":
             return utf8_len(str(src.get("data", ""))), 0
         return 0, pdf_tokens(src) if src.get("type") == "base64" else UNKNOWN_IMAGE_TOKENS
@@ -3578,8 +3592,9 @@ class ToolsCache:
     def get(self, tools, quirks):
         if not isinstance(tools, list) or not tools:
             return prepare_tools(tools, quirks)
-        key = (quirks["schema_dialect"],
-               tuple(t.get("name") if isinstance(t, dict) else None for t in tools))
+        key = (quirks["schema_dialect"], tuple(  # hashable, whatever the client sent
+            t.get("name") if isinstance(t, dict) and isinstance(t.get("name"), str)
+            else None for t in tools))
         with self._lock:
             hit = self._map.get(key)
             if hit is not None:
@@ -3672,10 +3687,18 @@ def _still_open(conn):
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        return not readable_now(sock)
     except (OSError, ValueError):
         return False
-    return not readable
+
+
+def readable_now(sock):
+    """True when `sock` has bytes, or its end, to read at once.  poll(), not select():
+    select cannot watch a descriptor above 1023 (FD_SETSIZE), so past a thousand open
+    streams every pooled connection failed its check and none was reused."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class Resolver:
@@ -3800,6 +3823,14 @@ class KeepAliveHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
             raise UpstreamError("timeout", redact_url(req.full_url), "connect timed out") from exc
         except OSError as exc:
             conn.close()
+            if exc.errno in LOCAL_SHORTAGE:
+                # Ours, not the provider's: no descriptor or memory for a socket.  It
+                # was reported as "upstream unreachable" and opened the circuit.
+                log.error("cannot open a connection to %s: %s (raise LimitNOFILE / "
+                          "ulimit -n)", redact_url(req.full_url), _os_error_text(exc))
+                raise HTTPError(503, "overloaded_error", "ccproxy is out of resources "
+                                "(%s); retry shortly" % _os_error_text(exc),
+                                (("Retry-After", "1"),)) from exc
             raise UpstreamError("connect", redact_url(req.full_url),
                                 _os_error_text(exc)) from exc
         self.pool.opened += 1
@@ -3812,6 +3843,14 @@ class KeepAliveHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
             resp = conn.getresponse()
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
             raise
+        except (ValueError, UnicodeError, http.client.InvalidURL) as exc:
+            # http.client refused what we would send (a header value, the URL): the
+            # caller's request, not the provider, is at fault, and nothing was sent.
+            # Counted as an upstream failure, it let any client open a healthy
+            # provider's circuit (issue #17).
+            conn.close()
+            raise HTTPError(400, "invalid_request_error", "this request cannot be sent "
+                            "upstream: %s" % str(exc)[:200]) from exc
         except socket.timeout as exc:
             conn.close()
             raise UpstreamError("timeout", redact_url(req.full_url),
@@ -3823,6 +3862,10 @@ class KeepAliveHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         resp._ccproxy_conn, resp._ccproxy_pool_key = conn, key
         resp.msg = resp.reason        # what urllib's own do_open does
         return resp
+
+
+#: Connect errors that are this host's shortage, not the provider's fault.
+LOCAL_SHORTAGE = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 class _LeanResponse(http.client.HTTPResponse):
@@ -3908,6 +3951,8 @@ def read_head(fp, strict=False):
             continue
         name, colon, value = text.partition(":")
         if colon and name and " " not in name and "\t" not in name:
+            if strict:
+                _check_field(name, value)
             fields.append([name, value.lstrip(" \t")])
         elif strict:      # the name alone: the rest of the line may hold a credential
             raise ValueError("malformed header line: %s" % (
@@ -3917,6 +3962,16 @@ def read_head(fp, strict=False):
     for name, value in fields:
         msg.set_raw(name, value.rstrip("\r\n"))
     return msg
+
+
+def _check_field(name, value):
+    """A request's field as RFC 9110 §5 has it, refused (ValueError, naming the field
+    only) as nginx refuses it: a name that is no token (X(y), X\\x0bz), a NUL or a bare
+    CR in the value.  Such fields reached the upstream, or a 500 (issue #17)."""
+    if not HEADER_NAME_RE.match(name):
+        raise ValueError("invalid header name %r" % escape_log(name)[:40])
+    if "\0" in value or "\r" in value.rstrip("\r\n"):
+        raise ValueError("invalid character in the value of %s" % name[:40])
 
 
 def _content_length(headers):
@@ -4039,6 +4094,8 @@ def fetch(client, method, url, body=None, headers=()):
         resp = client.open(method, url, body, list(headers))
     except UpstreamError as exc:
         return exc.kind, time.monotonic() - started, {}, exc.detail.encode("utf-8", "replace")
+    except HTTPError as exc:              # failed here: says nothing of the provider
+        return "local", time.monotonic() - started, {}, exc.message.encode("utf-8", "replace")
     try:
         data = resp.read(1 << 22)
     except (OSError, http.client.HTTPException) as exc:
@@ -4142,7 +4199,7 @@ class Service:
             try:
                 # A request whose bytes are here already is served (Connection: close):
                 # shutting it down would reset a request the client counts as sent.
-                if not select.select([sock], [], [], 0)[0]:
+                if not readable_now(sock):
                     sock.shutdown(socket.SHUT_RDWR)
             except (OSError, ValueError):
                 pass
@@ -4250,6 +4307,9 @@ def resolve_endpoint(path, status_only=False):
     return next((e for suffix, e in API_ENDPOINTS if path.endswith(suffix)), None)
 
 
+VISIBLE_ASCII = re.compile(r"^[\x21-\x7e]+$")
+
+
 def parse_request_line(line, protocol="HTTP/1.1"):
     """(method, target, version, keep_alive) of a request line, by the rules of
     BaseHTTPRequestHandler.parse_request (3.13); HTTPError for one it refuses."""
@@ -4271,6 +4331,12 @@ def parse_request_line(line, protocol="HTTP/1.1"):
     if len(words) == 2 and method != "GET":
         raise HTTPError(400, "invalid_request_error",
                         "Bad HTTP/0.9 request type (%r)" % method)
+    if not VISIBLE_ASCII.match(target):
+        # RFC 9112 §3.2: the target is visible ASCII.  A control byte in the query made
+        # the upstream request unbuildable (counted against the provider), and a
+        # non-ASCII one a 500 (issue #17).
+        raise HTTPError(400, "invalid_request_error", "the request target must be "
+                        "visible ASCII (percent-encode the rest, RFC 3986 §2.1)")
     if target.startswith("//"):            # gh-87389: never an absolute-form open redirect
         target = "/" + target.lstrip("/")
     return method, target, version, keep_alive
@@ -4287,7 +4353,9 @@ def body_length(headers, limit):
         raise HTTPError(411, "invalid_request_error",
                         "a request body needs Content-Length (chunked bodies are not "
                         "accepted)", close=True)
-    if len(set(v.strip() for v in cl)) > 1 or any(not v.strip().isdigit() for v in cl):
+    # ASCII digits only: "²".isdigit() is true, and int() then raised (a 500).
+    if len(set(v.strip() for v in cl)) > 1 or any(not re.match(r"^[0-9]+$", v.strip())
+                                                   for v in cl):
         raise HTTPError(400, "invalid_request_error", "invalid Content-Length", close=True)
     length = int(cl[0]) if cl else 0
     if length > limit:
@@ -5442,6 +5510,37 @@ def remove_quietly(*paths):
             pass
 
 
+def descriptors_needed(config):
+    """Open files a full daemon holds: a client and an upstream socket for each
+    connection, the reserve's included, plus pooled connections, listeners and logs."""
+    return 2 * (config.max_connections + RESERVE_CONNECTIONS) + POOL_MAX_IDLE + 64
+
+
+def raise_descriptor_limit(config):
+    """Raise the soft open-file limit as far as `config` needs, never past the hard
+    limit (as Go's runtime does at start); a warning when even that is too low, else
+    None.  Past the limit, calls failed as "upstream unreachable" (issue #17)."""
+    try:
+        import resource           # here: Unix only, and only the daemon needs it
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = descriptors_needed(config)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (
+            need if hard == resource.RLIM_INFINITY else min(need, hard), hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ValueError, OSError):
+        pass
+    if soft >= need:
+        return None
+    return ("the open-file limit is %d, below the %d that max_connections=%d needs (two "
+            "sockets a connection): raise it (ulimit -n, LimitNOFILE=) or lower "
+            "max_connections" % (soft, need, config.max_connections))
+
+
 def sd_notify(message, environ=None):
     """Send one datagram to $NOTIFY_SOCKET (sd_notify(3)); a no-op without it.
 
@@ -5625,7 +5724,9 @@ class Daemon:
                     continue
                 client = self.service.upstreams.client(provider)
                 status, seconds, headers, _ = fetch(client, "GET", request[0], None, request[1])
-                self.service.stats.record(provider.name, status, seconds, headers, probe=True)
+                if status != "local":
+                    self.service.stats.record(provider.name, status, seconds, headers,
+                                              probe=True)
 
     def reload(self):
         """Validate the new config to the side; keep the old one if it is bad (nginx)."""
@@ -5997,8 +6098,9 @@ def cmd_run(args, environ, ready_fd=None, log_file=None):
     try:
         config = _load(args, environ)
         configure_logging(config, log_file or config.log_file or None)
-        for warning in config.warnings:
-            log.warning("%s", warning)
+        for warning in config.warnings + (raise_descriptor_limit(config),):
+            if warning:
+                log.warning("%s", warning)
         kind = Supervisor if config.workers > 1 else Daemon
         pid_path = _pid_path(config, environ)
         daemon = kind(config, ConfigSource(args, environ, pid_path), pid_path, environ,
@@ -6203,7 +6305,7 @@ def find_target(args, environ, strict=False):
 def _pid_file_by_port(config):
     """The PID file of a ccproxy answering on the port `config` names, or None: how
     `stop` finds a daemon started with another --pid-file."""
-    doc = fetch_status(config.host, config.port, config.api_key, timeout=1.0)
+    doc = fetch_status(config.host, config.port, config.api_key)
     return doc.get("pid_file") if doc and doc.get("service") == "ccproxy" else None
 
 
@@ -6594,6 +6696,8 @@ def check_provider(config, provider, client):
         return [("problem", "no key: %s" % key_hint(provider))]
     request = probe_request(provider) or (anthropic_url(provider, "models", ""), [])
     status, seconds, _, body = fetch(client, "GET", request[0], None, request[1])
+    if status == "local":
+        return [("problem", "cannot call it from here: %s" % body.decode())]
     if isinstance(status, str):
         return [("problem", "unreachable: %s (%s); is the server running? check base_url, "
                  "DNS and HTTPS_PROXY" % (redact_url(request[0]), body.decode()))]

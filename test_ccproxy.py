@@ -8,6 +8,7 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import email.message
 import glob
@@ -3430,9 +3431,13 @@ LONE = "cut \\ud83d"          # as JSON text: what Claude Code sends for a half 
 
 def surrogate_body(stream=False):
     """Claude Code's request with a lone surrogate in every text position, as raw JSON."""
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
     text = json.dumps({
         "model": "claude-sonnet-5-5", "max_tokens": 100, "stream": stream,
-        "system": [{"type": "text", "text": "S"}], "metadata": {"user_id": "U"},
+        "system": [{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}],
+        "metadata": {"user_id": "U"}, "thinking": {"type": "adaptive", "display": "omitted"},
+        "output_config": {"effort": "medium"}, "tool_choice": {"type": "auto"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
         "tools": [{"name": "T", "description": "D", "input_schema": {
             "type": "object", "properties": {"p": {"type": "string", "description": "P"}}}}],
         "messages": [
@@ -3440,8 +3445,11 @@ def surrogate_body(stream=False):
             {"role": "assistant", "content": [
                 {"type": "thinking", "thinking": "K", "signature": "sig"},
                 {"type": "tool_use", "id": "toolu_1", "name": "T", "input": {"p": "I"}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                                          "content": "R"}]}]})
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "R"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": png}},
+                {"type": "document", "source": {"type": "text", "data": "R"}}]}]})
     for marker in "SUDPMKIR":
         text = text.replace('"%s"' % marker, '"%s %s"' % (marker, LONE))
     return text.replace('"name": "T"', '"name": "T\\udc00"').encode()
@@ -3449,6 +3457,88 @@ def surrogate_body(stream=False):
 
 class TestHostileInput(unittest.TestCase):
     """Issue #17: inputs that reached a 500, each now answered as Anthropic does."""
+
+    def test_malformed_heads_are_a_400_naming_only_the_field(self):
+        service = ccproxy.Service(config(providers=(provider_cfg("up", "http://127.0.0.1:9"),)))
+        service.ready = True
+        heads = [  # raw request (Host and Content-Length follow), what the 400 says
+            (b"POST /v1/messages?a\x01b HTTP/1.1", "visible ASCII"),
+            (b"POST /v1/messages?q=\xc3\xa9 HTTP/1.1", "visible ASCII"),
+            (b"POST /v1/messages HTTP/1.1\r\nX-A: 1\rX-Secret: sk-a", "value of X-A"),
+            (b"POST /v1/messages HTTP/1.1\r\nX(y): 1", "invalid header name 'X(y)'"),
+            (b"POST /v1/messages HTTP/1.1\r\nX\x0bz: 1", "invalid header name 'X\\\\x0bz'"),
+            (b"POST /v1/messages HTTP/1.1\r\nX-N: a\x00b", "value of X-N"),
+        ]
+        body = json.dumps(BODY).encode()
+        for head, message in heads:
+            with self.subTest(head=head):
+                raw = head + b"\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                with self.assertLogs("ccproxy", "INFO") as logs:
+                    out = SocketlessHandler(raw, service).run()
+                status, _, answer = parse_response(out)
+                self.assertEqual(status, 400, answer)
+                self.assertIn(message, json.loads(answer)["error"]["message"])
+                self.assertNotIn(b"sk-a", answer)
+                self.assertEqual(len(logs.output), 1, logs.output)      # no traceback
+        for length in ("\xb2", "1\xb9"):          # superscript digits: isdigit() is true
+            raw = ("POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n{}"
+                   % length).encode("latin-1")
+            self.assertEqual(parse_response(SocketlessHandler(raw, service).run())[0], 400)
+        self.assertEqual(service.stats.snapshot(), {})        # no provider was blamed
+
+    def test_what_fails_here_never_counts_against_the_provider(self):
+        """Issue #17: a request that could not be built, or a descriptor shortage, was
+        recorded as the provider's failure: three opened its circuit."""
+        with FakeUpstream() as up, Proxy(one_provider(up.url)) as px:
+            client = px.service.upstreams.client(px.service.config.providers[0])
+            with self.assertRaises(ccproxy.HTTPError) as cm:
+                client.open("POST", up.url + "/v1/messages", b"{}", [("x-bad", "a\rb")])
+            self.assertEqual(cm.exception.status, 400)
+            shortage = OSError(errno.EMFILE, "Too many open files")
+            with unittest.mock.patch.object(ccproxy.Resolver, "connect", side_effect=shortage):
+                for _ in range(ccproxy.CIRCUIT_THRESHOLD + 1):
+                    resp, out = px.call("POST", "/v1/messages", BODY)
+                    self.assertEqual((resp.status, resp.getheader("Retry-After")), (503, "1"))
+                    self.assertEqual(json.loads(out)["error"]["type"], "overloaded_error")
+            self.assertTrue(px.service.stats.available("up"))
+            self.assertEqual(px.service.stats.snapshot(), {})
+            resp, _ = px.call("POST", "/v1/messages", BODY)
+            self.assertEqual(resp.status, 200)
+
+    def test_pooled_connections_past_descriptor_1023_are_still_checked(self):
+        """select() cannot watch a descriptor above 1023: past a thousand streams no
+        pooled connection passed its check, so none was reused."""
+        import resource
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= 1500:
+            self.skipTest("the open-file limit is too low to make descriptor 1500")
+        a, b = socket.socketpair()
+        os.dup2(a.fileno(), 1500)
+        high = socket.socket(fileno=1500)
+        try:
+            self.assertFalse(ccproxy.readable_now(high))
+            b.sendall(b"x")
+            self.assertTrue(ccproxy.readable_now(high))
+        finally:
+            for sock in (a, b, high):
+                sock.close()
+
+    def test_the_open_file_limit_is_raised_to_what_max_connections_needs(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        need = ccproxy.descriptors_needed(config(max_connections=100))
+        if hard != resource.RLIM_INFINITY and hard < need:
+            self.skipTest("the hard open-file limit is below %d" % need)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need - 10, hard))
+            self.assertIsNone(ccproxy.raise_descriptor_limit(config(max_connections=100)))
+            self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], need)
+            if hard != resource.RLIM_INFINITY:
+                warning = ccproxy.raise_descriptor_limit(config(max_connections=hard))
+                self.assertIn("below the %d that max_connections=%d needs"
+                              % (ccproxy.descriptors_needed(config(max_connections=hard)), hard),
+                              warning)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
     def test_lone_surrogates_are_carried_through_every_route(self):
         raw = surrogate_body()
@@ -3665,6 +3755,33 @@ def random_chunk(rng):
 FUZZ_ITERATIONS = int(os.environ.get("CCPROXY_FUZZ_ITERATIONS", "1500"))
 
 
+def json_paths(doc, path=()):
+    """Every position in a JSON document, as a tuple of keys and indices."""
+    yield path
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(
+        doc, list) else ()
+    for key, value in items:
+        yield from json_paths(value, path + (key,))
+
+
+def mutate(rng, doc):
+    """`doc` as JSON text (bytes), one position's value replaced by one of another
+    shape: another type, a lone surrogate, control characters, or deep nesting (made as
+    text: json.dumps cannot write 900 levels)."""
+    doc = json.loads(json.dumps(doc))
+    path = rng.choice(list(json_paths(doc))[1:])
+    value = rng.choice([None, True, 0, -1, 1.5, "", "x\ud83d", [], {}, [1, "a"],
+                        {"type": 5}, {"text": []}, "DEEP", "\x00\r\n", 10 ** 30])
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    depth = rng.choice([5, 100, 900])
+    deep = '{"type":"object","properties":{"p":' * depth + "{}" + "}}" * depth
+    return json.dumps(doc).replace('"DEEP"', deep if rng.random() < .5 else
+                                   "[" * depth + "]" * depth).encode()
+
+
 class TestFuzz(unittest.TestCase):
     """Seeded: a failure prints its seed; `make fuzz` runs many more iterations."""
 
@@ -3724,6 +3841,37 @@ class TestFuzz(unittest.TestCase):
                 pass
             except Exception as exc:
                 self.fail("seed %d: %r" % (seed, exc))
+
+    def test_mutated_claude_code_bodies_are_never_a_500(self):
+        """Issue #17: 160 of 1,500 mutated bodies reached a 500.  Each mutation puts a
+        value of another JSON type (or a lone surrogate, or deep nesting) at one
+        position of a Claude Code body; the real handler parses, plans and translates
+        it for each route (the upstream call itself answers 502)."""
+        services = [ccproxy.Service(config(providers=(p,))) for p in (
+            provider_cfg("up", "http://127.0.0.1:9"),
+            provider_cfg("up", "http://127.0.0.1:9", model="m2"),
+            ccproxy.ProviderConfig(name="oa", type="openai", base_url="http://127.0.0.1:9",
+                                   api_key="k", model="gpt-5"),
+            ccproxy.ProviderConfig(name="ge", type="gemini", base_url="http://127.0.0.1:9",
+                                   api_key="k", model="gemini-2.5-pro"),
+            ccproxy.ProviderConfig(name="ol", type="ollama", base_url="http://127.0.0.1:9"))]
+        base = json.loads(surrogate_body(stream=True))
+        refuse = lambda *a, **k: (_ for _ in ()).throw(ccproxy.HTTPError(502, "api_error", "x"))
+        with unittest.mock.patch.object(ccproxy.Handler, "_attempt", refuse):
+            for seed in range(max(300, FUZZ_ITERATIONS // 4)):
+                rng = random.Random(seed)
+                raw = mutate(rng, base)
+                path = rng.choice(["/v1/messages", "/v1/messages/count_tokens"])
+                request = request_bytes("POST", path, [("Content-Length", str(len(raw)))], raw)
+                for service in services:
+                    logging.disable(logging.CRITICAL)
+                    try:
+                        out = SocketlessHandler(request, service).run()
+                    finally:
+                        logging.disable(logging.NOTSET)
+                    status = parse_response(out)[0]
+                    self.assertNotEqual(status, 500, "seed %d, %s: %s" % (
+                        seed, service.config.providers[0].name, raw[:200]))
 
     def test_request_parser_answers_every_input(self):
         service = ccproxy.Service(config(max_body_bytes=4096))
