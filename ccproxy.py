@@ -135,6 +135,10 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 600.0      # Claude Code's own API_TIMEOUT_MS default
 #: Claude Code's biggest real bodies (images and PDFs in history) reach tens of MB.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: An upstream's reply read whole (not streamed), and one event of a translated stream:
+#: read without a bound, a 600 MB reply took the daemon to 1.9 GB (issue #17).
+DEFAULT_MAX_REPLY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 LISTEN_BACKLOG = 1024             # ThreadingHTTPServer's default of 5 makes SYNs retry
 HEARTBEAT_STALE = 10.0            # /health fails when the serve loop is this late
 POOL_MAX_IDLE = 128               # idle upstream connections kept per host (64 busy
@@ -380,6 +384,8 @@ class Config:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     probe_interval: float = 0.0       # seconds between provider probes; 0 = off
     workers: int = 1                  # processes sharing the port (SO_REUSEPORT)
     providers: tuple = ()
@@ -418,6 +424,8 @@ SETTINGS = (
     ("body_timeout", ("CCPROXY_BODY_TIMEOUT",), "seconds", None),
     ("max_connections", ("CCPROXY_MAX_CONNECTIONS",), "size", None),
     ("max_body_bytes", ("CCPROXY_MAX_BODY_BYTES",), "size", None),
+    ("max_reply_bytes", ("CCPROXY_MAX_REPLY_BYTES",), "size", None),
+    ("max_event_bytes", ("CCPROXY_MAX_EVENT_BYTES",), "size", None),
     ("probe_interval", ("CCPROXY_PROBE_INTERVAL",), "seconds0", None),
     ("workers", ("CCPROXY_WORKERS",), "size", "workers"),
 )
@@ -1351,21 +1359,31 @@ class UsageScanner:
     """Token usage out of a relayed Anthropic stream, without parsing every event: only
     the lines that carry "usage" (message_start and message_delta) are decoded."""
 
-    LIMIT = 1 << 20
+    LIMIT = 1 << 20                   # a longer line is no usage line: skipped unread
 
     def __init__(self):
         self.tail, self.input_tokens, self.output_tokens = b"", None, None
+        self.skipping = False             # inside a line longer than LIMIT
 
     def feed(self, data):
-        text = self.tail + data
+        if self.skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            data, self.skipping = data[end + 1:], False
+        text = self.tail + data if self.tail else data
         if b'"usage"' not in text:
-            self.tail = text[text.rfind(b"\n") + 1:][-self.LIMIT:]
-            return
+            return self._keep(text[text.rfind(b"\n") + 1:])
         lines = text.split(b"\n")
-        self.tail = lines.pop()[-self.LIMIT:]
+        self._keep(lines.pop())
         for line in lines:
             if line.startswith(b"data:") and b'"usage"' in line:
                 self._line(line[5:])
+
+    def _keep(self, tail):
+        """The start of a line that has not ended, or nothing once it is too long: its
+        end, kept and copied again with every chunk, made a long line quadratic."""
+        self.tail, self.skipping = (b"", True) if len(tail) > self.LIMIT else (tail, False)
 
     def _line(self, raw):
         doc = _loads(raw)
@@ -2704,24 +2722,46 @@ SSE_EVENT_END = re.compile(rb"\n\r?\n")      # a line end, then the blank line
 class SSEParser:
     """Upstream SSE bytes -> the data payload of each event (§3.2).  Lines may end in
     \\r\\n; comments (OpenRouter's ": OPENROUTER PROCESSING"), event:, id: and retry:
-    lines are ignored."""
+    lines are ignored.  An event larger than `limit` bytes is an UpstreamReplyError.
 
-    def __init__(self):
-        self.partial, self.data = b"", []
+    A line that has not ended yet is kept in pieces, copied once when it ends: copied
+    again with each chunk, one 100 MB line pinned a core for minutes (issue #17)."""
+
+    def __init__(self, limit=DEFAULT_MAX_EVENT_BYTES):
+        self.partial, self.data, self.limit = [], [], limit
+        self.partial_size = 0             # bytes of the line not ended yet
+        self.pending = 0                  # bytes of the event's lines so far
 
     def feed(self, chunk):
-        lines = (self.partial + chunk).split(b"\n")
-        self.partial = lines.pop()
+        if b"\n" not in chunk:
+            return self._keep(chunk)
+        if self.partial:
+            chunk = b"".join(self.partial) + chunk
+            self.partial, self.partial_size = [], 0
+        lines = chunk.split(b"\n")
         out = []
-        for line in lines:
+        for line in lines[:-1]:
             self._line(line.rstrip(b"\r"), out)
-        return out
+        return out + self._keep(lines[-1])
+
+    def _keep(self, piece):
+        """A piece of the line that has not ended: kept, not copied."""
+        if piece:
+            self.partial.append(piece)
+            self.partial_size += len(piece)
+            if self.pending + self.partial_size > self.limit:
+                self._too_large()
+        return []
+
+    def _too_large(self):
+        raise UpstreamReplyError("api_error", "upstream event larger than %d bytes "
+                                 "(max_event_bytes)" % self.limit)
 
     def close(self):
         out = []
         if self.partial:
-            self._line(self.partial.rstrip(b"\r"), out)
-            self.partial = b""
+            self._line(b"".join(self.partial).rstrip(b"\r"), out)
+            self.partial, self.partial_size = [], 0
         self._line(b"", out)
         return out
 
@@ -2730,7 +2770,12 @@ class SSEParser:
             if self.data:
                 out.append(b"\n".join(self.data).decode("utf-8", "replace"))
                 self.data = []
-        elif line.startswith(b"data:"):
+            self.pending = 0
+            return
+        self.pending += len(line)
+        if self.pending > self.limit:
+            self._too_large()
+        if line.startswith(b"data:"):
             self.data.append(line[6:] if line[5:6] == b" " else line[5:])
 
 
@@ -5080,12 +5125,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(resp.status, headers, data)
 
     def _read_all(self, client, resp):
+        limit = self.server.service.config.max_reply_bytes
         try:
-            data = resp.read()
+            data = resp.read(limit + 1)
         except (OSError, http.client.HTTPException) as exc:
             client.discard(resp)
             raise HTTPError(500, "api_error", "upstream response cut short: %s"
                             % _os_error_text(exc)) from exc
+        if len(data) > limit:
+            client.discard(resp)
+            raise HTTPError(500, "api_error", "upstream reply larger than %d bytes "
+                            "(max_reply_bytes)" % limit, (("x-should-retry", "false"),))
         client.release(resp)
         return data
 
@@ -5120,7 +5170,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         plain HTTP error (so 429 + retry-after works); the event commits the stream, and
         so does a wait past FIRST_EVENT_WAIT (the Pinger writes the head then: a model
         that thinks for minutes must not leave the client, or a proxy, without one)."""
-        parser, st = SSEParser(), StreamTranslator(tr)
+        parser, st = SSEParser(self.server.service.config.max_event_bytes), StreamTranslator(tr)
         resp.headers = None       # read already; a long stream need not keep them
         chunked = self.request_version == "HTTP/1.1"
         self.close_connection = self.close_connection or not chunked

@@ -3540,6 +3540,39 @@ class TestHostileInput(unittest.TestCase):
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
+    def test_an_upstream_cannot_make_the_proxy_buffer_without_bound(self):
+        """Issue #17: a 600 MB reply was read whole; a 100 MB SSE line was copied again
+        with every chunk, which pinned a core for minutes."""
+        big = dict(MESSAGE_JSON, content=[{"type": "text", "text": "x" * 5000}])
+        for make_config in (one_provider, openai_provider):
+            with self.subTest(make_config.__name__), \
+                    FakeUpstream(lambda h, b: h.reply(200, big)) as up, \
+                    Proxy(dataclasses.replace(make_config(up.url), max_reply_bytes=4000)) as px:
+                resp, out = px.call("POST", "/v1/messages", BODY)
+                self.assertEqual((resp.status, resp.getheader("x-should-retry")), (500, "false"))
+                self.assertIn("larger than 4000 bytes (max_reply_bytes)", out.decode())
+        huge = "data: " + json.dumps({"choices": [{"delta": {"content": "y" * 5000}}]})
+        for before, status in (("", 500), (chunk({"content": "hi"}), 200)):
+            with FakeUpstream(sse_behave(before + huge + "\n\n")) as up, Proxy(
+                    dataclasses.replace(openai_provider(up.url), max_event_bytes=4000)) as px:
+                resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True))
+                self.assertEqual(resp.status, status)
+                self.assertIn(b"larger than 4000 bytes (max_event_bytes)", out)
+                if status == 200:
+                    self.assertEqual(parse_events(out)[-1]["type"], "error")
+
+    def test_long_lines_cost_linear_time(self):
+        line = b"data: " + b"z" * (8 << 20)          # 8 MB in 512-byte reads: quadratic
+        pieces = [line[i:i + 512] for i in range(0, len(line), 512)] + [b"\n\n"]
+        started = time.monotonic()                    # copying would be 64 GB, hours
+        parser, scanner = ccproxy.SSEParser(limit=16 << 20), ccproxy.UsageScanner()
+        events = [e for piece in pieces for e in parser.feed(piece)]
+        for piece in pieces + [b'data: {"type":"message_delta","usage":{"output_tokens":7}}\n']:
+            scanner.feed(piece)
+        self.assertLess(time.monotonic() - started, 10.0)
+        self.assertEqual([len(e) for e in events], [8 << 20])
+        self.assertEqual(scanner.output_tokens, 7)
+
     def test_lone_surrogates_are_carried_through_every_route(self):
         raw = surrogate_body()
         self.assertIn(b"\\ud83d", raw)
