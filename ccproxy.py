@@ -930,9 +930,12 @@ def is_loopback_host(host):
     if host.lower() in LOOPBACK_NAMES:
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
     except ValueError:
         return False
+    # Bound to "::", an IPv4 client is ::ffff:127.0.0.1, which ipaddress calls loopback
+    # only from 3.13 on: /status from localhost answered 401 (issue #17).
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def key_digest(key):
@@ -1118,6 +1121,19 @@ def failure_reply(error, label):
                 % (label, error.url, error.detail), (("x-should-retry", "false"),))
     return 500, "api_error", "%s upstream connection failed: %s (%s)" % (
         label, error.url, error.detail), ()
+
+
+def misdirected_reply(status, headers):
+    """Why a reply that looks like a success is not one, or "": a redirect (a client
+    that followed it would send its key to the Location host), or an HTML page (a
+    captive portal, a login page).  Relayed, such replies counted the provider healthy
+    (issue #17); they fail the attempt, the next provider is tried, and the last is
+    answered 502."""
+    if 300 <= status < 400:
+        return "answered a %d redirect, not an API reply: check base_url" % status
+    if status < 300 and "text/html" in (headers.get("content-type") or "").lower():
+        return "answered an HTML page, not an API reply: check base_url and any proxy"
+    return ""
 
 
 def fallback_worthy(status):
@@ -5089,11 +5105,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(status, etype, message, headers) from exc
             return client, None
         latency = time.monotonic() - started
-        service.record_upstream(provider.name, resp.status, latency, resp.headers)
+        misdirected = misdirected_reply(resp.status, resp.headers)
+        service.record_upstream(provider.name, "misdirected" if misdirected else resp.status,
+                                latency, resp.headers)
         self.upstream_started = time.monotonic()
         self.fields.update(upstream_status=resp.status, ttfb_ms=int(
             (time.monotonic() - self.t0) * 1000))
-        return client, resp
+        if not misdirected:
+            return client, resp
+        client.discard(resp)
+        log.warning("%s attempt provider=%s: %s", self.request_id, provider.name, misdirected)
+        if last:
+            raise HTTPError(502, "api_error", "%s upstream %s" % (provider.name, misdirected))
+        return client, None
 
     def _relay_error(self, client, provider, resp, last):
         """Relay an upstream error, or return False to let the next provider try."""

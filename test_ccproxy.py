@@ -560,7 +560,8 @@ class TestPureFunctions(unittest.TestCase):
         for host, expected in [("127.0.0.1", True), ("127.1.2.3", True), ("::1", True),
                                ("[::1]", True), ("localhost", True), ("0.0.0.0", False),
                                ("::", False), ("", False), ("10.0.0.1", False),
-                               ("example.com", False)]:
+                               ("example.com", False), ("::ffff:127.0.0.1", True),
+                               ("::ffff:10.0.0.1", False), ("fe80::1%eth0", False)]:
             with self.subTest(host=host):
                 self.assertEqual(ccproxy.is_loopback_host(host), expected)
 
@@ -3572,6 +3573,42 @@ class TestHostileInput(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 10.0)
         self.assertEqual([len(e) for e in events], [8 << 20])
         self.assertEqual(scanner.output_tokens, 7)
+
+    def test_a_redirect_or_an_html_page_is_no_success(self):
+        """Issue #17: relayed as a success, and the provider counted healthy; a client
+        that followed the redirect sent its key to the Location host."""
+        def html(h):
+            h.send_response(200)
+            h.send_header("Content-Type", "text/html; charset=utf-8")
+            h.send_header("Content-Length", "19")
+            h.end_headers()
+            h.wfile.write(b"<html>log in</html>")
+        answers = {"redirect": lambda h: h.reply(302, b"", [("Location", "http://evil/")]),
+                   "html": html}
+        for kind, answer in answers.items():
+            with self.subTest(kind), FakeUpstream(lambda h, b, a=answer: a(h)) as bad, \
+                    FakeUpstream() as good:
+                with Proxy(one_provider(bad.url)) as px:
+                    resp, out = px.call("POST", "/v1/messages", BODY)
+                    self.assertEqual(resp.status, 502, out)
+                    self.assertIsNone(resp.getheader("Location"))
+                    self.assertIn("not an API reply", json.loads(out)["error"]["message"])
+                    self.assertEqual(px.service.stats.snapshot()["up"]["status"], "disconnected")
+                cfg = config(providers=(provider_cfg("bad", bad.url), provider_cfg(
+                    "good", good.url)), fallback=("bad", "good"))
+                with Proxy(cfg) as px:
+                    resp, out = px.call("POST", "/v1/messages", BODY)
+                    self.assertEqual((resp.status, json.loads(out)), (200, MESSAGE_JSON))
+
+    def test_the_clients_query_never_reaches_the_log(self):
+        refused = "http://127.0.0.1:%d" % free_port()
+        garbage = FakeUpstream(lambda h, b: h.wfile.write(b"garbage\r\n\r\n"))
+        with garbage:
+            for url in (refused, garbage.url):
+                with Proxy(one_provider(url)) as px, self.assertLogs("ccproxy", "INFO") as logs:
+                    px.call("POST", "/v1/messages?beta=true&token=QUERY-SECRET", BODY)
+                    wait_for(lambda: any("access" in r.__dict__ for r in logs.records))
+                self.assertNotIn("QUERY-SECRET", "\n".join(logs.output))
 
     def test_lone_surrogates_are_carried_through_every_route(self):
         raw = surrogate_body()
