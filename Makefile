@@ -32,7 +32,7 @@ fuzz:  ## the seeded fuzz tests with many more iterations (FUZZ=200000 for longe
 	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(PYDEPS) pytest
 	CCPROXY_FUZZ_ITERATIONS=$${FUZZ:-30000} $(PYTHON) -m pytest -q test_ccproxy.py -k Fuzz
 
-soak:  ## a few hundred streaming clients for a minute, with a reload and a restart
+soak:  ## a few hundred streaming clients for a minute through 2 workers: a reload, a worker killed, a restart
 	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn); \
 	$(PYTHON) bench/soak.py --clients $${CLIENTS:-300} --seconds $${SECONDS_:-60}
 

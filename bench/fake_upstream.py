@@ -7,6 +7,9 @@
 
 Streams have EVENTS content deltas, DELAY seconds apart (query-less: set by options),
 or SHORT_EVENTS under /short/ (the benchmark's time to first byte).
+--interim sends a 103 Early Hints head before every final one (RFC 9110 §15.2), and
+--echo puts the request's first message into every text delta instead of "tok ", so a
+client can tell its own answer from another's (make soak).
 Every socket gets TCP_NODELAY and each response goes out in as few writes as possible.
 --loop serves every connection from one thread (selectors), for thousands of slow
 streams at once: a thread per stream took 180% CPU and 730 MB at 5000 of them, and
@@ -30,13 +33,13 @@ def sse(event, data):
     return b"event: %s\ndata: %s\n\n" % (event.encode(), json.dumps(data).encode())
 
 
-def anthropic_stream(events):
+def anthropic_stream(events, text="tok "):
     head = [sse("message_start", {"type": "message_start", "message": dict(
                 TEXT, content=[], stop_reason=None)}),
             sse("content_block_start", {"type": "content_block_start", "index": 0,
                                         "content_block": {"type": "text", "text": ""}})]
     delta = sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                        "delta": {"type": "text_delta", "text": "tok "}})
+                                        "delta": {"type": "text_delta", "text": text}})
     tail = [sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
             sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
                                   "usage": {"output_tokens": events}}),
@@ -44,13 +47,13 @@ def anthropic_stream(events):
     return head, delta, tail
 
 
-def openai_stream(events):
+def openai_stream(events, text="tok "):
     def chunk(delta, finish=None):
         return b"data: " + json.dumps({"id": "c", "choices": [
             {"index": 0, "delta": delta, "finish_reason": finish}]}).encode() + b"\n\n"
     usage = b"data: " + json.dumps({"id": "c", "choices": [], "usage": {
         "prompt_tokens": 10, "completion_tokens": events}}).encode() + b"\n\n"
-    return ([chunk({"role": "assistant", "content": ""})], chunk({"content": "tok "}),
+    return ([chunk({"role": "assistant", "content": ""})], chunk({"content": text}),
             [chunk({}, "stop"), usage, b"data: [DONE]\n\n"])
 
 
@@ -60,9 +63,19 @@ OPENAI_JSON = {"id": "c", "choices": [{"message": {"role": "assistant", "content
                "usage": {"prompt_tokens": 10, "completion_tokens": 1}}
 
 
+INTERIM = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+
+
+def delta_text(body, echo):
+    """What each text delta says: the first message's text with --echo."""
+    messages = body.get("messages") or [{}]
+    content = messages[0].get("content") if isinstance(messages[0], dict) else None
+    return content if echo and isinstance(content, str) else "tok "
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    events, delay = 20, 0.0
+    events, delay, interim, echo = 20, 0.0, False, False
 
     def setup(self):
         super().setup()
@@ -77,11 +90,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
         openai = self.path.endswith("/chat/completions")
+        first = INTERIM if self.interim else b""
         if not body.get("stream"):
-            return self._json(OPENAI_JSON if openai else TEXT)
+            return self.wfile.write(first + json_reply(OPENAI_JSON if openai else TEXT))
         events = SHORT_EVENTS if self.path.startswith("/short/") else self.events
-        head, delta, tail = (openai_stream if openai else anthropic_stream)(events)
-        self.wfile.write(STREAM_HEAD + _chunk(b"".join(head)))
+        head, delta, tail = (openai_stream if openai else anthropic_stream)(
+            events, delta_text(body, self.echo))
+        self.wfile.write(first + STREAM_HEAD + _chunk(b"".join(head)))
         for _ in range(events):
             if self.delay:
                 time.sleep(self.delay)
@@ -89,7 +104,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(_chunk(b"".join(tail)) + b"0\r\n\r\n")
 
     def _json(self, doc):
-        self.wfile.write(json_reply(doc))
+        self.wfile.write((INTERIM if self.interim else b"") + json_reply(doc))
 
 
 STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -218,8 +233,11 @@ def main(argv=None):
     parser.add_argument("--events", type=int, default=20)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--loop", action="store_true", help="one thread for all connections")
+    parser.add_argument("--interim", action="store_true", help="a 103 before every answer")
+    parser.add_argument("--echo", action="store_true", help="deltas repeat the prompt")
     args = parser.parse_args(argv)
     Handler.events, Handler.delay = args.events, args.delay
+    Handler.interim, Handler.echo = args.interim, args.echo
     if args.loop:
         listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
         server = LoopServer(listener, args.events, args.delay)

@@ -1,17 +1,26 @@
 #!/usr/bin/env python3
-"""Soak ccproxy: many concurrent streaming clients for a while, with a reload and a
-graceful restart in the middle.  Loopback only; stops by itself.
+"""Soak ccproxy: many concurrent streaming clients for a while, with a reload, a
+worker killed with SIGKILL and a graceful restart in the middle.  Loopback only; stops
+by itself.
 
     python3 bench/soak.py [--clients 300] [--seconds 60] [--events 20] [--delay 0.05]
+                          [--workers 2]
+
+The fake upstream sends a 103 Early Hints before every answer and repeats each
+client's own marker in every delta: an answer that carries another client's marker
+is counted as delivered to the wrong client (issue #17).
 
 Prints requests sent, completed and failed, connection retries during the restart
 gap (clients retry a refused connection before sending, as Claude Code does), and the
-daemon's RSS and thread count over time.  The target: 0 failed, flat memory.
+daemon's RSS and thread count over time.  The target: 0 wrong answers, 0 failed but
+the requests the killed worker held, flat memory.
 """
 import argparse
 import http.client
+import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,8 +32,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench import free_port  # noqa: E402  (one helper for both scripts)
 CCPROXY = os.path.join(HERE, "..", "ccproxy.py")
-BODY = json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 100, "stream": True,
-                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+MARKERS = itertools.count()
+MARKER = re.compile(rb"marker-\d+")
+
+
+def body(marker):
+    return json.dumps({"model": "claude-sonnet-5-5", "max_tokens": 100, "stream": True,
+                       "messages": [{"role": "user", "content": marker}]}).encode()
 
 
 def wait_file(path, timeout=10.0):
@@ -38,20 +52,28 @@ def wait_file(path, timeout=10.0):
 
 
 def proc_status(pid):
-    """(RSS in MB, threads) of a process, from /proc."""
+    """(RSS in MB, threads) of a process and its children (a supervisor's workers),
+    from /proc."""
     try:
         with open("/proc/%d/status" % pid) as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return int(fields["VmRSS"].split()[0]) / 1024.0, int(fields["Threads"])
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            children = [int(c) for c in f.read().split()]
     except (OSError, KeyError, ValueError):
         return None
+    rss, threads = int(fields["VmRSS"].split()[0]) / 1024.0, int(fields["Threads"])
+    for child in children:
+        more = proc_status(child)
+        if more:
+            rss, threads = rss + more[0], threads + more[1]
+    return rss, threads
 
 
 class Tally:
     def __init__(self):
         self.lock = threading.Lock()
-        self.sent = self.completed = self.failed = self.retries = 0
-        self.errors = {}
+        self.sent = self.completed = self.failed = self.retries = self.wrong = 0
+        self.errors, self.failed_at = {}, []
 
     def add(self, **kw):
         with self.lock:
@@ -61,6 +83,7 @@ class Tally:
     def error(self, text):
         with self.lock:
             self.failed += 1
+            self.failed_at.append(time.monotonic())
             self.errors[text] = self.errors.get(text, 0) + 1
 
 
@@ -71,16 +94,20 @@ def one_call(port, tally):
         try:
             conn.connect()
             break
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):   # nothing was sent
             tally.add(retries=1)
             time.sleep(0.05)
     else:
         return tally.error("could not connect")
     tally.add(sent=1)
+    marker = "marker-%d" % next(MARKERS)
     try:
-        conn.request("POST", "/v1/messages", BODY, {"content-type": "application/json"})
+        conn.request("POST", "/v1/messages", body(marker), {"content-type": "application/json"})
         resp = conn.getresponse()
         data = resp.read()
+        if set(MARKER.findall(data)) - {marker.encode()}:
+            tally.add(wrong=1)           # another client's answer: never acceptable
+            return tally.error("an answer for another client")
         if resp.status != 200 or not data.rstrip().endswith(b'"message_stop"}'):
             return tally.error("status %d: %s" % (resp.status, data[-120:]))
         tally.add(completed=1)
@@ -106,17 +133,19 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--events", type=int, default=20)
     parser.add_argument("--delay", type=float, default=0.05, help="seconds between events")
+    parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="ccproxy-soak-")
     fake = subprocess.Popen([sys.executable, os.path.join(HERE, "fake_upstream.py"),
-                             "--port-file", os.path.join(tmp, "fake.port"),
-                             "--events", str(args.events), "--delay", str(args.delay)])
+                             "--port-file", os.path.join(tmp, "fake.port"), "--interim",
+                             "--echo", "--events", str(args.events), "--delay",
+                             str(args.delay)])
     port = free_port()
     env = dict(os.environ, CCPROXY_BASE_URL="http://127.0.0.1:%s" % wait_file(
         os.path.join(tmp, "fake.port")), CCPROXY_PORT=str(port),
         CCPROXY_PID_FILE=os.path.join(tmp, "ccproxy.pid"),
         CCPROXY_LOG_FILE=os.path.join(tmp, "ccproxy.log"), CCPROXY_LOG_LEVEL="warning",
-        CCPROXY_CONFIG="",
+        CCPROXY_CONFIG="", CCPROXY_WORKERS=str(args.workers),
         CCPROXY_MAX_CONNECTIONS=str(args.clients * 2 + 64))
     started = cli("start", env=env)
     if started.returncode:
@@ -127,8 +156,9 @@ def main(argv=None):
                for _ in range(args.clients)]
     for t in threads:
         t.start()
-    t0, events = time.monotonic(), []
-    plan = [(args.seconds / 3, "reload"), (2 * args.seconds / 3, "restart")]
+    t0, events, killed = time.monotonic(), [], []
+    plan = [(args.seconds / 4, "reload"), (args.seconds / 2, "kill-worker"),
+            (3 * args.seconds / 4, "restart")]
     try:
         while time.monotonic() - t0 < args.seconds:
             time.sleep(1.0)
@@ -136,9 +166,9 @@ def main(argv=None):
             samples.append((time.monotonic() - t0, proc_status(pid)))
             while plan and time.monotonic() - t0 >= plan[0][0]:
                 what = plan.pop(0)[1]
-                out = cli(what, env=env)
-                events.append("%5.1fs %s: %s" % (time.monotonic() - t0, what,
-                                                  (out.stdout + out.stderr).strip()))
+                said = kill_worker(port, killed) if what == "kill-worker" else (lambda out: (
+                    out.stdout + out.stderr).strip())(cli(what, env=env))
+                events.append("%5.1fs %s: %s" % (time.monotonic() - t0, what, said))
     finally:
         stop.set()
         for t in threads:
@@ -146,19 +176,36 @@ def main(argv=None):
         cli("stop", env=env)
         fake.send_signal(signal.SIGTERM)
         fake.wait(10)
-    report(args, tally, samples, events, time.monotonic() - t0)
-    return 0 if tally.failed == 0 else 1
+    lost = sum(any(0 <= at - k < 3.0 for k in killed) for at in tally.failed_at)
+    report(args, tally, samples, events, time.monotonic() - t0, lost)
+    return 0 if tally.wrong == 0 and tally.failed == lost else 1
 
 
-def report(args, tally, samples, events, elapsed):
+def kill_worker(port, killed):
+    """SIGKILL the first worker /status lists: what an OOM kill or a crash does."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/status")
+        workers = json.loads(conn.getresponse().read()).get("workers") or []
+    finally:
+        conn.close()
+    if not workers:
+        return "no workers listed (--workers 1?)"
+    os.kill(workers[0]["pid"], signal.SIGKILL)
+    killed.append(time.monotonic())
+    return "SIGKILL to worker pid %d" % workers[0]["pid"]
+
+
+def report(args, tally, samples, events, elapsed, lost):
     rss = [s[1][0] for s in samples if s[1]]
     threads = [s[1][1] for s in samples if s[1]]
     print("soak: %d clients, %.0f s, %d events per stream, %.0f ms apart"
           % (args.clients, elapsed, args.events, args.delay * 1000))
     for line in events:
         print("  " + line)
-    print("requests sent %d, completed %d, failed %d (connection retries during restart: %d)"
-          % (tally.sent, tally.completed, tally.failed, tally.retries))
+    print("requests sent %d, completed %d, failed %d, of them %d held by the killed worker; "
+          "answers to the wrong client %d (connection retries during restart: %d)"
+          % (tally.sent, tally.completed, tally.failed, lost, tally.wrong, tally.retries))
     for text, n in sorted(tally.errors.items(), key=lambda e: -e[1])[:5]:
         print("  %5d x %s" % (n, text))
     if rss:
