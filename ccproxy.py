@@ -798,12 +798,12 @@ OTHER_VARIABLES = ("CCPROXY_CONFIG", "CCPROXY_READY_FD", "CCPROXY_NO_REEXEC",
 def unknown_variables(environ):
     """A warning for each CCPROXY_* variable ccproxy does not read, with the closest
     name it does: a misspelled CCPROXY_PORTT was ignored in silence (issue #18)."""
-    import difflib            # here: only when a CCPROXY_ variable is unknown
     known = [v for _, names, _, _ in SETTINGS for v in names] + [
         v for _, v in PROVIDER_ENV] + list(OTHER_VARIABLES)
     suffixes = [v[8:] for v in known if v.startswith("CCPROXY_")]
     for name in sorted(environ):
         if name.startswith("CCPROXY_") and name not in known:
+            import difflib    # here: only for a variable ccproxy does not know
             # Compared without the prefix, which every candidate shares.
             close = difflib.get_close_matches(name[8:], suffixes, 1, 0.6)
             yield "%s is not a ccproxy setting%s" % (
@@ -3572,31 +3572,31 @@ class Pinger:
     """SSE pings for translated streams whose upstream has gone quiet (translation.md
     §3.4): reasoning models think for minutes before their first token, and proxies in
     between cut idle connections (nginx's default proxy_read_timeout is 60 s).  One
-    thread for all streams; each stream's writes are serialised by its write_lock."""
+    thread for all streams.  A stream is an object with ping_if_idle(interval) and
+    stop_pinging(), which serialise their writes with the stream's own (Exchange)."""
 
     def __init__(self):
         self._lock, self._streams, self._thread = threading.Lock(), set(), None
 
-    def add(self, handler):
+    def add(self, stream):
         with self._lock:
-            self._streams.add(handler)
+            self._streams.add(stream)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="pinger", daemon=True)
                 self._thread.start()
 
-    def remove(self, handler):
+    def remove(self, stream):
         with self._lock:
-            self._streams.discard(handler)
-        with handler.write_lock:           # no ping is being written after this
-            handler.pinging = False
+            self._streams.discard(stream)
+        stream.stop_pinging()              # no ping is being written after this
 
     def _run(self):
         while True:
             time.sleep(min(1.0, PING_INTERVAL / 4, FIRST_EVENT_WAIT / 4))
             with self._lock:
                 streams = list(self._streams)
-            for handler in streams:
-                handler.ping_if_idle(PING_INTERVAL)
+            for stream in streams:
+                stream.ping_if_idle(PING_INTERVAL)
 
 
 class Calibration:
@@ -4337,7 +4337,7 @@ class Service:
         }
 
 
-# ---- HTTP server and handler ---------------------------------------------------
+# ---- HTTP: endpoints, request heads, framing ------------------------------------
 
 #: path -> (endpoint name, methods, auth).  auth: "none", "local" (loopback peer or the
 #: client key), "client" (the client key when one is configured).
@@ -4482,6 +4482,433 @@ class SSEModelRenamer:
         return out
 
 
+def _chunk(data):
+    """One HTTP/1.1 chunk (RFC 9112 §7.1), in one buffer so it goes out in one send.
+    Nothing for no data: an empty chunk would end the body (the last-chunk is
+    written on its own, as b"0\\r\\n\\r\\n")."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+
+
+_DATE_CACHE = [0, ""]
+
+
+def _http_date():
+    """The Date header value, formatted at most once a second."""
+    now = int(time.time())
+    if _DATE_CACHE[0] != now:
+        _DATE_CACHE[:] = [now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))]
+    return _DATE_CACHE[1]
+
+
+#: The head of a translated stream (translation.md §3.1).
+SSE_HEADERS = (("Content-Type", "text/event-stream; charset=utf-8"),
+               ("Cache-Control", "no-cache"))
+
+
+# ---- One proxied call --------------------------------------------------------------
+
+class AccessRecord:
+    """One request's access-log line and metrics, filled in as it goes: by its handler
+    (method, path, status, route, model), by its Exchange (provider, upstream model and
+    status, attempts, first byte, tokens).  Handler._log_access writes it once."""
+
+    FIELDS = ("request_id", "client", "method", "path", "status", "route", "provider",
+              "model", "upstream_model", "upstream_status", "attempts", "latency_ms",
+              "ttfb_ms", "input_tokens", "output_tokens", "error")
+    __slots__ = FIELDS + ("stream_ttfb",)       # seconds to a stream's first byte
+
+    def __init__(self, request_id, client):
+        for name in self.__slots__:
+            setattr(self, name, None)
+        self.request_id, self.client = request_id, client
+
+    def update(self, **values):
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def items(self):
+        """(field, value) of the fields that are set, in log order."""
+        return [(k, getattr(self, k)) for k in self.FIELDS if getattr(self, k) is not None]
+
+
+class Exchange:
+    """One proxied call: planning, attempts and fallback, the commit of the response
+    head, pings, and relaying or translating the answer.  Handler._proxy makes one per
+    call and drops it after; its state lives here, not in the connection's handler
+    (issue #19).  It writes through its handler (_head, _send) and, for a stream, under
+    its own write_lock, which the Pinger takes too."""
+
+    __slots__ = ("handler", "service", "access", "write_lock", "pinging", "last_write",
+                 "pending_head", "ping_frame", "upstream_started")
+
+    def __init__(self, handler):
+        self.handler, self.service, self.access = handler, handler.server.service, handler.access
+        self.write_lock, self.pinging, self.last_write = threading.Lock(), False, 0.0
+        self.pending_head = self.ping_frame = self.upstream_started = None
+
+    def _write(self, data):
+        with self.write_lock:
+            self.handler._write(data)
+            self.last_write = time.monotonic()
+
+    def stop_pinging(self):
+        with self.write_lock:
+            self.pinging = False
+
+    def ping_if_idle(self, interval):
+        """Called by the Pinger thread: one SSE ping if nothing was written lately; for
+        a stream still waiting for its first event, after FIRST_EVENT_WAIT, the head
+        and message_start (which ends in a ping) instead."""
+        with self.write_lock:
+            head = self.pending_head
+            wait = FIRST_EVENT_WAIT if head is not None else interval
+            if not self.pinging or time.monotonic() - self.last_write < wait:
+                return
+            self.pending_head = None
+            if head is not None:
+                self.access.stream_ttfb = time.monotonic() - self.handler.t0
+            try:
+                self.handler._write(head if head is not None else self.ping_frame)
+            except OSError:
+                pass                # the stream's own thread sees the broken client
+            self.last_write = time.monotonic()
+
+    def forward(self, plan, endpoint, query, method, request):
+        """Relay the first answer of the providers in `plan` (see _answer).
+        `request` holds the body ({"raw", "body"}, or empty for a GET)."""
+        body = request.get("body") or {}
+        client_model, stream = body.get("model", ""), body.get("stream") is True
+        body = None                      # no reference here may outlive _take_body's pop
+        answer = self._answer(plan, endpoint, query, method, request)
+        if answer is None:
+            return                       # an upstream error was relayed
+        request.clear()                  # answered: the body is needed no more
+        client, resp, tr, model = answer
+        try:
+            if tr is not None:
+                return self._relay_translated(client, resp, tr, stream)
+            return self._relay(client, resp, client_model if model and
+                               model != client_model else "")
+        finally:
+            self._note_speed()
+
+    def _note_speed(self):
+        """The provider's output tokens per second, from this call."""
+        access = self.access
+        if self.upstream_started and access.output_tokens and access.provider:
+            self.service.stats.record_tokens(access.provider, access.output_tokens,
+                                             time.monotonic() - self.upstream_started)
+
+    def _answer(self, plan, endpoint, query, method, request):
+        """Try each (provider, model) in order until one answers: (client, response,
+        Translation or None, upstream model), or None once an error was relayed.
+
+        A provider that fails before any byte reached the client (connection error, 5xx,
+        429, timeout) passes the request on; once bytes are sent there is no retry.  A
+        frame of its own: the upstream body, headers and URL are gone before a stream
+        that may last minutes is relayed (about 0.5 KB per open stream).
+        """
+        service = self.service
+        plan = callable_plan(service.config, plan, service.stats.available)
+        for attempt, (provider, model) in enumerate(plan, 1):
+            last = attempt == len(plan)
+            # Which model served the call: the one the client asked for is `model`.
+            self.access.update(provider=provider.name, attempts=attempt,
+                               upstream_model=model or self.access.model)
+            url, data, headers, tr = self._prepare(
+                provider, model, endpoint, query, request.get("raw"),
+                _take_body(request, self.service.members))
+            client, resp = self._attempt(provider, method, url, data, headers, last)
+            if resp is None:
+                continue
+            if resp.status < 400:
+                return client, resp, tr, model
+            if self._relay_error(client, provider, resp, last):
+                return None
+        return None                      # not reached: the last attempt answers or raises
+
+    def _prepare(self, provider, model, endpoint, query, raw, body):
+        """(url, body bytes, headers, Translation or None) for one attempt."""
+        service = self.service
+        if provider.type == "anthropic":
+            data = passthrough_body(raw, body, model) if body else None
+            return (anthropic_url(provider, endpoint, query), data,
+                    passthrough_headers(self.handler.headers, provider, service.config), None)
+        quirks = quirks_for(provider)
+        tools = service.tools.get(body.get("tools"), quirks)
+        raw_estimate = estimate_input_tokens(body, tools_size=tools.size)
+        tr = Translation(route=provider.name, client_model=body.get("model", ""),
+                         upstream_model=model, quirks=quirks,
+                         estimate=service.calibration.scale(provider.name, raw_estimate),
+                         raw_estimate=raw_estimate, signatures=service.signatures)
+        data, stream = translated_request(body, tr, tools)
+        return openai_url(provider), data, openai_headers(provider, stream), tr
+
+    def _attempt(self, provider, method, url, data, headers, last):
+        """Open one upstream call: (client, response), the response None when it failed
+        and the next provider should be tried."""
+        service = self.service
+        client = service.upstreams.client(provider)
+        started = time.monotonic()
+        try:
+            resp = client.open(method, url, data, headers)
+        except UpstreamError as exc:
+            service.record_upstream(provider.name, exc.kind, time.monotonic() - started)
+            log.warning("%s attempt provider=%s failed: %s", self.handler.request_id, provider.name,
+                        exc)
+            self.access.upstream_status = exc.kind
+            if last:
+                status, etype, message, headers = failure_reply(exc, provider.name)
+                raise HTTPError(status, etype, message, headers) from exc
+            return client, None
+        latency = time.monotonic() - started
+        misdirected = misdirected_reply(resp.status, resp.headers)
+        service.record_upstream(provider.name, "misdirected" if misdirected else resp.status,
+                                latency, resp.headers)
+        self.upstream_started = time.monotonic()
+        self.access.update(upstream_status=resp.status, ttfb_ms=int(
+            (time.monotonic() - self.handler.t0) * 1000))
+        if not misdirected:
+            return client, resp
+        client.discard(resp)
+        log.warning("%s attempt provider=%s: %s", self.handler.request_id, provider.name, misdirected)
+        if last:
+            raise HTTPError(502, "api_error", "%s upstream %s" % (provider.name, misdirected))
+        return client, None
+
+    def _relay_error(self, client, provider, resp, last):
+        """Relay an upstream error, or return False to let the next provider try."""
+        try:
+            body = resp.read(1 << 20)
+        except (OSError, http.client.HTTPException):
+            body = b""
+        client.release(resp) if resp.isclosed() else client.discard(resp)
+        if fallback_worthy(resp.status) and not last:
+            log.warning("%s attempt provider=%s status=%d, trying the next provider",
+                        self.handler.request_id, provider.name, resp.status)
+            return False
+        status, headers, out = map_upstream_error(resp.status, resp.headers, body,
+                                                  provider.name, provider.type == "anthropic")
+        self.handler._send(status, headers + [("Content-Type", "application/json")], out)
+        return True
+
+    def _relay(self, client, resp, rename):
+        """Relay a successful answer: a stream chunk by chunk, anything else whole."""
+        headers = filter_headers(resp.headers, RESPONSE_DROP | connection_tokens(resp.headers))
+        if "text/event-stream" in (resp.headers.get("content-type") or ""):
+            return self._relay_stream(client, resp, headers, rename)
+        data = self._read_all(client, resp)
+        if rename:
+            data = rewrite_model_json(data, rename)
+        doc = _loads(data) if b'"usage"' in data else None
+        if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
+            self._note_tokens(doc["usage"])
+        self.handler._send(resp.status, headers, data)
+
+    def _read_all(self, client, resp):
+        limit = self.service.config.max_reply_bytes
+        try:
+            data = resp.read(limit + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            client.discard(resp)
+            raise HTTPError(500, "api_error", "upstream response cut short: %s"
+                            % _os_error_text(exc)) from exc
+        if len(data) > limit:
+            client.discard(resp)
+            raise HTTPError(500, "api_error", "upstream reply larger than %d bytes "
+                            "(max_reply_bytes)" % limit, (("x-should-retry", "false"),))
+        client.release(resp)
+        return data
+
+    # -- translated replies -------------------------------------------------------
+
+    def _relay_translated(self, client, resp, tr, want_stream):
+        """An OpenAI reply to the client in Anthropic form, streamed when it streams."""
+        if "text/event-stream" in (resp.headers.get("content-type") or ""):
+            return self._translate_stream(client, resp, tr)
+        doc = _loads(self._read_all(client, resp))
+        try:
+            message = openai_to_anthropic(doc if isinstance(doc, dict) else None, tr)
+        except UpstreamReplyError as exc:
+            raise HTTPError(529 if exc.etype == "overloaded_error" else 500, exc.etype,
+                            str(exc)) from exc
+        self._learn(tr, _usage_of(doc))
+        self._note_tokens(message["usage"])
+        if want_stream:     # the upstream ignored stream:true, or was asked without it
+            return self.handler._send(200, SSE_HEADERS, synthesize_stream(message))
+        self.handler._send(200, [("Content-Type", "application/json")], json_bytes(message))
+
+    def _learn(self, tr, usage):
+        prompt = (usage or {}).get("prompt_tokens") if isinstance(usage, dict) else None
+        self.service.calibration.learn(tr.route, tr.raw_estimate, prompt)
+
+    def _note_tokens(self, usage):
+        self.access.update(input_tokens=usage.get("input_tokens"),
+                           output_tokens=usage.get("output_tokens"))
+
+    def _translate_stream(self, client, resp, tr):
+        """S0 (§3.4): wait for the first upstream event.  An error before it becomes a
+        plain HTTP error (so 429 + retry-after works); the event commits the stream, and
+        so does a wait past FIRST_EVENT_WAIT (the Pinger writes the head then: a model
+        that thinks for minutes must not leave the client, or a proxy, without one)."""
+        parser, st = SSEParser(self.service.config.max_event_bytes), StreamTranslator(tr)
+        resp.headers = None       # read already; a long stream need not keep them
+        chunked = self.handler.request_version == "HTTP/1.1"
+        self.handler.close_connection = self.handler.close_connection or not chunked
+        framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
+        frame = _chunk if chunked else bytes
+        self.ping_frame = frame(sse_event("ping", {"type": "ping"}))
+        self.pending_head = self.handler._head(200, SSE_HEADERS, (framing,)) + frame(st.start())
+        self.pinging, self.last_write = True, time.monotonic()
+        self.service.pinger.add(self)
+        done = False
+        try:
+            rest = self._first_event(resp, parser, st, frame)
+            done = rest is not None and self._pump_translated(resp, parser, st, frame, rest)
+        finally:
+            self.service.pinger.remove(self)
+            client.release(resp) if done else client.discard(resp)
+            self._learn(tr, st.usage)
+            if st.usage:
+                self._note_tokens(anthropic_usage(st.usage, tr.estimate, 1))
+        if chunked:
+            self._write(b"0\r\n\r\n")
+
+    def _first_event(self, resp, parser, st, frame):
+        """Read and write the first event (with the head, unless the Pinger sent it);
+        the bytes read after it, or None when the stream ended in an error event."""
+        try:
+            payloads, rest = self._first_payloads(resp, parser)
+            if not payloads:
+                raise UpstreamReplyError("api_error", "%s upstream stream was empty"
+                                         % st.tr.route)
+            first = b"".join(st.feed(p) for p in payloads)
+        except (UpstreamReplyError, OSError, http.client.HTTPException, ValueError) as exc:
+            etype, message = (exc.etype, str(exc)) if isinstance(exc, UpstreamReplyError) else (
+                "api_error", "%s upstream stream failed before the first event: %s"
+                % (st.tr.route, _os_error_text(exc)))
+            head = self._take_pending_head()
+            if head is not None:                  # not committed: a plain HTTP error
+                raise HTTPError(529 if etype == "overloaded_error" else 500, etype,
+                                message) from exc
+            self.access.upstream_status = "stream_error"
+            self._write(frame(st.error(etype, message)))
+            return None
+        head = self._take_pending_head()
+        if head is not None:
+            self.access.stream_ttfb = time.monotonic() - self.handler.t0
+        self._write((head or b"") + frame(first))
+        return rest
+
+    def _take_pending_head(self):
+        """The head the Pinger has not written yet (now it never will), or None."""
+        with self.write_lock:
+            head, self.pending_head = self.pending_head, None
+        return head
+
+    @staticmethod
+    def _first_payloads(resp, parser):
+        """The payloads of the first upstream event, and the bytes read after it.  Commit
+        on the first event alone: a read that brought hundreds (a burst after a silent
+        reasoning phase, a cached reply) is parsed after the head went out; parsing
+        64 KB of events first cost 0.33 ms of time to first byte."""
+        rest = b""
+        while True:
+            data = rest or resp.read1(RELAY_CHUNK)
+            end = SSE_EVENT_END.search(data)
+            if end:
+                data, rest = data[:end.end()], data[end.end():]
+            else:
+                rest = b""
+            payloads = parser.feed(data) if data else parser.close()
+            if payloads or not data:
+                return payloads, rest
+
+    def _pump_translated(self, resp, parser, st, frame, pending):
+        """Translate and write each upstream chunk the moment it is read; True when the
+        upstream ended cleanly.  Errors after the commit end in an SSE error event and
+        nothing after it (§3.5).  `pending`: bytes read but not yet parsed."""
+        while True:
+            try:
+                data, pending = pending or resp.read1(RELAY_CHUNK), b""
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                kind = "timed out" if isinstance(exc, socket.timeout) else "broken"
+                self.access.upstream_status = "stream_error"
+                self._write(frame(st.error("api_error", "%s upstream stream %s: %s" % (
+                    st.tr.route, kind, _os_error_text(exc)))))
+                return False
+            out = []
+            try:
+                payloads = parser.feed(data) if data else parser.close()
+                for payload in payloads:
+                    out.append(st.feed(payload))
+                if not data:
+                    out.append(st.end())
+            except UpstreamReplyError as exc:
+                self.access.upstream_status = "stream_error"
+                self._write(frame(b"".join(out) + st.error(exc.etype, str(exc))))
+                return False
+            if out and any(out):
+                self._write(frame(b"".join(out)))
+            if not data:
+                return True
+
+    def _relay_stream(self, client, resp, headers, rename):
+        """Write each upstream chunk to the client the moment it is read (never buffer
+        a stream); a client that leaves closes the upstream socket at once."""
+        chunked = self.handler.request_version == "HTTP/1.1"
+        resp.headers = None       # the head is built; a long stream need not keep them
+        if not chunked:
+            self.handler.close_connection = True      # HTTP/1.0: the body ends with the connection
+        framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
+        renamer = SSEModelRenamer(rename) if rename else None
+        self._write(self.handler._head(resp.status, headers, (framing,)))
+        self.access.stream_ttfb = time.monotonic() - self.handler.t0
+        done, scanner = False, UsageScanner()
+        try:
+            done = self._pump(resp, renamer, chunked, scanner)
+        finally:
+            client.release(resp) if done else client.discard(resp)
+            self.access.update(input_tokens=scanner.input_tokens,
+                               output_tokens=scanner.output_tokens)
+
+    def _pump(self, resp, renamer, chunked, scanner):
+        """The relay loop; True when the upstream body ended cleanly."""
+        frame = _chunk if chunked else bytes
+        while True:
+            try:
+                data = resp.read1(RELAY_CHUNK)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                self._stream_failed(exc, chunked)
+                return False
+            scanner.feed(data)
+            if not data:
+                tail = renamer.flush() if renamer else b""
+                self._write((frame(tail) if tail else b"") + (b"0\r\n\r\n" if chunked else b""))
+                return True
+            if renamer:
+                data = renamer.feed(data)
+            if data:
+                self._write(frame(data))
+
+    def _stream_failed(self, exc, chunked):
+        """The upstream stream broke: break ours the same way (no terminating chunk), so
+        the client sees exactly what a direct connection would and retries the stream.
+        Seen with Claude Code 2.1.330: an SSE error event instead makes it give up on
+        streaming and re-send the turn as stream:false.  HTTP/1.0 has no way to signal
+        a cut in a close-delimited body, so there an error event ends it."""
+        kind = "timeout" if isinstance(exc, socket.timeout) else "reset"
+        self.access.upstream_status = "stream_" + kind
+        self.handler.close_connection = True
+        log.warning("%s upstream stream %s: %s", self.handler.request_id, kind, _os_error_text(exc))
+        if not chunked:
+            event = {"type": "error", "error": {"type": "api_error", "message":
+                     "upstream stream %s: %s" % (kind, _os_error_text(exc))}}
+            self._write(b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n")
+
+
+# ---- HTTP server and handler ---------------------------------------------------
+
 class Server(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer with a real backlog, no DNS at bind, and a heartbeat."""
 
@@ -4596,9 +5023,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     __slots__ = ("request", "client_address", "server", "connection", "rfile", "wfile",
                  "timeout", "raw_requestline", "requestline", "command", "request_version",
                  "close_connection", "path", "headers", "_headers_buffer",
-                 "requests_here", "fresh", "request_id", "t0", "sent", "fields", "body_read",
-                 "upstream_started", "write_lock", "pinging", "last_write", "pending_head",
-                 "length", "ping_frame")
+                 "requests_here", "fresh", "request_id", "t0", "sent", "access", "body_read",
+                 "length")
 
     def __init__(self, request, client_address, server):
         # The state only; Server._serve calls serve().  BaseRequestHandler.__init__
@@ -4624,6 +5050,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.service.config.idle_timeout
         self.requests_here, self.fresh = 0, True     # fresh: counted as connecting
+        self.access = None                           # a request's AccessRecord
         super().setup()
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -4647,9 +5074,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             self.request_id, self.t0, self.sent = new_request_id(), time.monotonic(), False
-            self.fields, self.body_read, self.upstream_started = {}, False, None
-            self.write_lock, self.pinging, self.last_write = threading.Lock(), False, 0.0
-            self.pending_head = None
+            self.access, self.body_read = AccessRecord(self.request_id,
+                                                       self.client_address[0]), False
             deadlines.arm(self.connection, self.server.service.config.header_timeout, "head")
             super().handle_one_request()
         except (ConnectionError, socket.timeout):
@@ -4715,7 +5141,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         endpoint = self._precheck(path)
         if self.command == "OPTIONS":
             return self._send(204, self._cors_preflight())
-        name = self.fields["route"] = endpoint[0]
+        name = self.access.route = endpoint[0]
         if name in ("messages", "count_tokens"):
             return self._proxy(name, query)
         getattr(self, "_ep_" + name)(query)
@@ -4814,7 +5240,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """http.server's own errors (400, 414, 431, 501) in Anthropic shape."""
         etype = {413: "request_too_large", 404: "not_found_error"}.get(
             code, "invalid_request_error")
-        self.fields.setdefault("method", escape_log(self.command or "-"))
+        if self.access is not None:
+            self.access.method = self.access.method or escape_log(self.command or "-")
         self._send_error(code, etype, message or http.client.responses.get(code, "error"),
                          close=True)
         self._log_access()
@@ -4846,7 +5273,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 lines.append("%s: %s" % (name, value))
         if self._closing():
             lines.append("Connection: close")
-        self.fields["status"] = status
+        self.access.status = status
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
     def _closing(self):
@@ -4856,27 +5283,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _write(self, data):
         self.sent = True
-        with self.write_lock:
-            self.wfile.write(data)
-            self.last_write = time.monotonic()
-
-    def ping_if_idle(self, interval):
-        """Called by the Pinger thread: one SSE ping if nothing was written lately; for
-        a stream still waiting for its first event, after FIRST_EVENT_WAIT, the head
-        and message_start (which ends in a ping) instead."""
-        with self.write_lock:
-            head = self.pending_head
-            wait = FIRST_EVENT_WAIT if head is not None else interval
-            if not self.pinging or time.monotonic() - self.last_write < wait:
-                return
-            self.pending_head, self.sent = None, True
-            if head is not None:
-                self.fields["stream_ttfb"] = time.monotonic() - self.t0
-            try:
-                self.wfile.write(head if head is not None else self.ping_frame)
-            except OSError:
-                pass                # the stream's own thread sees the broken client
-            self.last_write = time.monotonic()
+        self.wfile.write(data)
 
     def _send(self, status, headers=(), body=b"", close=False):
         """A complete response in one write (head and body together: no Nagle stall)."""
@@ -4896,37 +5303,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.sent:
             self.close_connection = True
             return
-        self.fields["error"] = etype
+        self.access.error = etype
         body = error_body(etype, message, self.request_id)
         self._send(status, list(headers) + [("Content-Type", "application/json")], body,
                    close)
 
     def _log_access(self):
-        if not hasattr(self, "t0"):
+        """The request's access line and metrics, once: the record is dropped after."""
+        record, self.access = self.access, None
+        if record is None:
             return
-        f = self.fields
-        f.update(request_id=self.request_id, client=self.client_address[0],
-                 method=f.get("method") or self.command or "-",
-                 path=(getattr(self, "path", "") or "-").partition("?")[0][:300],
-                 latency_ms=int((time.monotonic() - self.t0) * 1000))
-        f.setdefault("status", "-")
+        record.update(method=record.method or self.command or "-",
+                      path=(getattr(self, "path", "") or "-").partition("?")[0][:300],
+                      latency_ms=int((time.monotonic() - self.t0) * 1000))
+        record.status = "-" if record.status is None else record.status
         if log.isEnabledFor(logging.INFO):   # 20 us per request to build, seen by no one
-            log.info(access_record(f), extra={"access": dict(f)})
-        self._observe(f)
-        del self.t0
+            fields = dict(record.items())
+            log.info(access_record(fields), extra={"access": fields})
+        self._observe(record)
 
-    def _observe(self, f):
+    def _observe(self, record):
         """Metrics for the request just answered (labels from fixed sets only)."""
-        service = self.server.service
-        code = f["status"] if isinstance(f["status"], int) else 0
-        service.metrics.observe_request(f.get("route", "other"), code, f["latency_ms"] / 1000.0,
-                                        f.get("stream_ttfb"), f.get("provider"))
-        if f.get("provider"):
-            service.metrics.add_tokens(f["provider"], f.get("input_tokens"),
-                                       f.get("output_tokens"))
-            if getattr(self, "upstream_started", None) and f.get("output_tokens"):
-                service.stats.record_tokens(f["provider"], f["output_tokens"],
-                                            time.monotonic() - self.upstream_started)
+        metrics = self.server.service.metrics
+        code = record.status if isinstance(record.status, int) else 0
+        metrics.observe_request(record.route or "other", code, record.latency_ms / 1000.0,
+                                record.stream_ttfb, record.provider)
+        if record.provider:
+            metrics.add_tokens(record.provider, record.input_tokens, record.output_tokens)
 
     def log_message(self, format, *args):
         log.debug("%s %s", self.client_address[0], escape_log(format % args))
@@ -4995,11 +5398,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         provider = config.providers[0]
         if provider.type != "anthropic":
             return self._send_json(200, models_document(config))
-        self._forward([(provider, "")], "models", query, "GET", {})
+        Exchange(self).forward([(provider, "")], "models", query, "GET", {})
 
     # -- the proxy --------------------------------------------------------------
 
     def _proxy(self, endpoint, query):
+        """Read and check the call's body, then hand it to the call's Exchange."""
         raw = self._read_body()
         body = parse_json_object(raw, self.server.service.members)
         model = body.get("model")
@@ -5007,15 +5411,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(400, "invalid_request_error", "model: a model name is required")
         if not isinstance(body.get("messages"), list):
             raise HTTPError(400, "invalid_request_error", "messages: a list is required")
-        self.fields["model"] = model
+        self.access.model = model
         plan = plan_route(self.server.service.config, model)
         if endpoint == "count_tokens" and plan[0][0].type != "anthropic":
             return self._count_tokens(plan[0][0], body)
-        # Handed over in a holder that _forward empties as it goes, so a long stream
+        # Handed over in a holder that forward() empties as it goes, so a long stream
         # does not keep a 50 KB body (100 KB parsed) alive (see _take_body).
         request = {"raw": raw, "body": body}
         del raw, body
-        self._forward(plan, endpoint, query, "POST", request)
+        Exchange(self).forward(plan, endpoint, query, "POST", request)
 
     def _count_tokens(self, provider, body):
         """count_tokens on a translated route: the estimator, calibrated per route."""
@@ -5023,355 +5427,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         tools = service.tools.get(body.get("tools"), quirks_for(provider))
         estimate = estimate_input_tokens(body, tools_size=tools.size)
         tokens = service.calibration.scale(provider.name, estimate)
-        self.fields["provider"] = provider.name
+        self.access.provider = provider.name
         self._send_json(200, {"input_tokens": tokens})
-
-    def _forward(self, plan, endpoint, query, method, request):
-        """Relay the first answer of the providers in `plan` (see _answer).
-        `request` holds the body ({"raw", "body"}, or empty for a GET)."""
-        body = request.get("body") or {}
-        client_model, stream = body.get("model", ""), body.get("stream") is True
-        body = None                      # no reference here may outlive _take_body's pop
-        answer = self._answer(plan, endpoint, query, method, request)
-        if answer is None:
-            return                       # an upstream error was relayed
-        request.clear()                  # answered: the body is needed no more
-        client, resp, tr, model = answer
-        if tr is not None:
-            return self._relay_translated(client, resp, tr, stream)
-        return self._relay(client, resp, client_model if model and
-                           model != client_model else "")
-
-    def _answer(self, plan, endpoint, query, method, request):
-        """Try each (provider, model) in order until one answers: (client, response,
-        Translation or None, upstream model), or None once an error was relayed.
-
-        A provider that fails before any byte reached the client (connection error, 5xx,
-        429, timeout) passes the request on; once bytes are sent there is no retry.  A
-        frame of its own: the upstream body, headers and URL are gone before a stream
-        that may last minutes is relayed (about 0.5 KB per open stream).
-        """
-        service = self.server.service
-        plan = callable_plan(service.config, plan, service.stats.available)
-        for attempt, (provider, model) in enumerate(plan, 1):
-            last = attempt == len(plan)
-            # Which model served the call: the one the client asked for is `model`.
-            self.fields.update(provider=provider.name, attempts=attempt,
-                               upstream_model=model or self.fields.get("model"))
-            url, data, headers, tr = self._prepare(
-                provider, model, endpoint, query, request.get("raw"),
-                _take_body(request, self.server.service.members))
-            client, resp = self._attempt(provider, method, url, data, headers, last)
-            if resp is None:
-                continue
-            if resp.status < 400:
-                return client, resp, tr, model
-            if self._relay_error(client, provider, resp, last):
-                return None
-        return None                      # not reached: the last attempt answers or raises
-
-    def _prepare(self, provider, model, endpoint, query, raw, body):
-        """(url, body bytes, headers, Translation or None) for one attempt."""
-        service = self.server.service
-        if provider.type == "anthropic":
-            data = passthrough_body(raw, body, model) if body else None
-            return (anthropic_url(provider, endpoint, query), data,
-                    passthrough_headers(self.headers, provider, service.config), None)
-        quirks = quirks_for(provider)
-        tools = service.tools.get(body.get("tools"), quirks)
-        raw_estimate = estimate_input_tokens(body, tools_size=tools.size)
-        tr = Translation(route=provider.name, client_model=body.get("model", ""),
-                         upstream_model=model, quirks=quirks,
-                         estimate=service.calibration.scale(provider.name, raw_estimate),
-                         raw_estimate=raw_estimate, signatures=service.signatures)
-        data, stream = translated_request(body, tr, tools)
-        return openai_url(provider), data, openai_headers(provider, stream), tr
-
-    def _attempt(self, provider, method, url, data, headers, last):
-        """Open one upstream call: (client, response), the response None when it failed
-        and the next provider should be tried."""
-        service = self.server.service
-        client = service.upstreams.client(provider)
-        started = time.monotonic()
-        try:
-            resp = client.open(method, url, data, headers)
-        except UpstreamError as exc:
-            service.record_upstream(provider.name, exc.kind, time.monotonic() - started)
-            log.warning("%s attempt provider=%s failed: %s", self.request_id, provider.name,
-                        exc)
-            self.fields["upstream_status"] = exc.kind
-            if last:
-                status, etype, message, headers = failure_reply(exc, provider.name)
-                raise HTTPError(status, etype, message, headers) from exc
-            return client, None
-        latency = time.monotonic() - started
-        misdirected = misdirected_reply(resp.status, resp.headers)
-        service.record_upstream(provider.name, "misdirected" if misdirected else resp.status,
-                                latency, resp.headers)
-        self.upstream_started = time.monotonic()
-        self.fields.update(upstream_status=resp.status, ttfb_ms=int(
-            (time.monotonic() - self.t0) * 1000))
-        if not misdirected:
-            return client, resp
-        client.discard(resp)
-        log.warning("%s attempt provider=%s: %s", self.request_id, provider.name, misdirected)
-        if last:
-            raise HTTPError(502, "api_error", "%s upstream %s" % (provider.name, misdirected))
-        return client, None
-
-    def _relay_error(self, client, provider, resp, last):
-        """Relay an upstream error, or return False to let the next provider try."""
-        try:
-            body = resp.read(1 << 20)
-        except (OSError, http.client.HTTPException):
-            body = b""
-        client.release(resp) if resp.isclosed() else client.discard(resp)
-        if fallback_worthy(resp.status) and not last:
-            log.warning("%s attempt provider=%s status=%d, trying the next provider",
-                        self.request_id, provider.name, resp.status)
-            return False
-        status, headers, out = map_upstream_error(resp.status, resp.headers, body,
-                                                  provider.name, provider.type == "anthropic")
-        self._send(status, headers + [("Content-Type", "application/json")], out)
-        return True
-
-    def _relay(self, client, resp, rename):
-        """Relay a successful answer: a stream chunk by chunk, anything else whole."""
-        headers = filter_headers(resp.headers, RESPONSE_DROP | connection_tokens(resp.headers))
-        if "text/event-stream" in (resp.headers.get("content-type") or ""):
-            return self._relay_stream(client, resp, headers, rename)
-        data = self._read_all(client, resp)
-        if rename:
-            data = rewrite_model_json(data, rename)
-        doc = _loads(data) if b'"usage"' in data else None
-        if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
-            self._note_tokens(doc["usage"])
-        self._send(resp.status, headers, data)
-
-    def _read_all(self, client, resp):
-        limit = self.server.service.config.max_reply_bytes
-        try:
-            data = resp.read(limit + 1)
-        except (OSError, http.client.HTTPException) as exc:
-            client.discard(resp)
-            raise HTTPError(500, "api_error", "upstream response cut short: %s"
-                            % _os_error_text(exc)) from exc
-        if len(data) > limit:
-            client.discard(resp)
-            raise HTTPError(500, "api_error", "upstream reply larger than %d bytes "
-                            "(max_reply_bytes)" % limit, (("x-should-retry", "false"),))
-        client.release(resp)
-        return data
-
-    # -- translated replies -------------------------------------------------------
-
-    def _relay_translated(self, client, resp, tr, want_stream):
-        """An OpenAI reply to the client in Anthropic form, streamed when it streams."""
-        if "text/event-stream" in (resp.headers.get("content-type") or ""):
-            return self._translate_stream(client, resp, tr)
-        doc = _loads(self._read_all(client, resp))
-        try:
-            message = openai_to_anthropic(doc if isinstance(doc, dict) else None, tr)
-        except UpstreamReplyError as exc:
-            raise HTTPError(529 if exc.etype == "overloaded_error" else 500, exc.etype,
-                            str(exc)) from exc
-        self._learn(tr, _usage_of(doc))
-        self._note_tokens(message["usage"])
-        if want_stream:     # the upstream ignored stream:true, or was asked without it
-            return self._send(200, SSE_HEADERS, synthesize_stream(message))
-        self._send(200, [("Content-Type", "application/json")], json_bytes(message))
-
-    def _learn(self, tr, usage):
-        prompt = (usage or {}).get("prompt_tokens") if isinstance(usage, dict) else None
-        self.server.service.calibration.learn(tr.route, tr.raw_estimate, prompt)
-
-    def _note_tokens(self, usage):
-        self.fields.update(input_tokens=usage.get("input_tokens"),
-                           output_tokens=usage.get("output_tokens"))
-
-    def _translate_stream(self, client, resp, tr):
-        """S0 (§3.4): wait for the first upstream event.  An error before it becomes a
-        plain HTTP error (so 429 + retry-after works); the event commits the stream, and
-        so does a wait past FIRST_EVENT_WAIT (the Pinger writes the head then: a model
-        that thinks for minutes must not leave the client, or a proxy, without one)."""
-        parser, st = SSEParser(self.server.service.config.max_event_bytes), StreamTranslator(tr)
-        resp.headers = None       # read already; a long stream need not keep them
-        chunked = self.request_version == "HTTP/1.1"
-        self.close_connection = self.close_connection or not chunked
-        framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
-        frame = _chunk if chunked else bytes
-        self.ping_frame = frame(sse_event("ping", {"type": "ping"}))
-        self.pending_head = self._head(200, SSE_HEADERS, (framing,)) + frame(st.start())
-        self.pinging, self.last_write = True, time.monotonic()
-        self.server.service.pinger.add(self)
-        done = False
-        try:
-            rest = self._first_event(resp, parser, st, frame)
-            done = rest is not None and self._pump_translated(resp, parser, st, frame, rest)
-        finally:
-            self.server.service.pinger.remove(self)
-            client.release(resp) if done else client.discard(resp)
-            self._learn(tr, st.usage)
-            if st.usage:
-                self._note_tokens(anthropic_usage(st.usage, tr.estimate, 1))
-        if chunked:
-            self._write(b"0\r\n\r\n")
-
-    def _first_event(self, resp, parser, st, frame):
-        """Read and write the first event (with the head, unless the Pinger sent it);
-        the bytes read after it, or None when the stream ended in an error event."""
-        try:
-            payloads, rest = self._first_payloads(resp, parser)
-            if not payloads:
-                raise UpstreamReplyError("api_error", "%s upstream stream was empty"
-                                         % st.tr.route)
-            first = b"".join(st.feed(p) for p in payloads)
-        except (UpstreamReplyError, OSError, http.client.HTTPException, ValueError) as exc:
-            etype, message = (exc.etype, str(exc)) if isinstance(exc, UpstreamReplyError) else (
-                "api_error", "%s upstream stream failed before the first event: %s"
-                % (st.tr.route, _os_error_text(exc)))
-            head = self._take_pending_head()
-            if head is not None:                  # not committed: a plain HTTP error
-                raise HTTPError(529 if etype == "overloaded_error" else 500, etype,
-                                message) from exc
-            self.fields["upstream_status"] = "stream_error"
-            self._write(frame(st.error(etype, message)))
-            return None
-        head = self._take_pending_head()
-        if head is not None:
-            self.fields["stream_ttfb"] = time.monotonic() - self.t0
-        self._write((head or b"") + frame(first))
-        return rest
-
-    def _take_pending_head(self):
-        """The head the Pinger has not written yet (now it never will), or None."""
-        with self.write_lock:
-            head, self.pending_head = self.pending_head, None
-        return head
-
-    @staticmethod
-    def _first_payloads(resp, parser):
-        """The payloads of the first upstream event, and the bytes read after it.  Commit
-        on the first event alone: a read that brought hundreds (a burst after a silent
-        reasoning phase, a cached reply) is parsed after the head went out; parsing
-        64 KB of events first cost 0.33 ms of time to first byte."""
-        rest = b""
-        while True:
-            data = rest or resp.read1(RELAY_CHUNK)
-            end = SSE_EVENT_END.search(data)
-            if end:
-                data, rest = data[:end.end()], data[end.end():]
-            else:
-                rest = b""
-            payloads = parser.feed(data) if data else parser.close()
-            if payloads or not data:
-                return payloads, rest
-
-    def _pump_translated(self, resp, parser, st, frame, pending):
-        """Translate and write each upstream chunk the moment it is read; True when the
-        upstream ended cleanly.  Errors after the commit end in an SSE error event and
-        nothing after it (§3.5).  `pending`: bytes read but not yet parsed."""
-        while True:
-            try:
-                data, pending = pending or resp.read1(RELAY_CHUNK), b""
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                kind = "timed out" if isinstance(exc, socket.timeout) else "broken"
-                self.fields["upstream_status"] = "stream_error"
-                self._write(frame(st.error("api_error", "%s upstream stream %s: %s" % (
-                    st.tr.route, kind, _os_error_text(exc)))))
-                return False
-            out = []
-            try:
-                payloads = parser.feed(data) if data else parser.close()
-                for payload in payloads:
-                    out.append(st.feed(payload))
-                if not data:
-                    out.append(st.end())
-            except UpstreamReplyError as exc:
-                self.fields["upstream_status"] = "stream_error"
-                self._write(frame(b"".join(out) + st.error(exc.etype, str(exc))))
-                return False
-            if out and any(out):
-                self._write(frame(b"".join(out)))
-            if not data:
-                return True
-
-    def _relay_stream(self, client, resp, headers, rename):
-        """Write each upstream chunk to the client the moment it is read (never buffer
-        a stream); a client that leaves closes the upstream socket at once."""
-        chunked = self.request_version == "HTTP/1.1"
-        resp.headers = None       # the head is built; a long stream need not keep them
-        if not chunked:
-            self.close_connection = True      # HTTP/1.0: the body ends with the connection
-        framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
-        renamer = SSEModelRenamer(rename) if rename else None
-        self._write(self._head(resp.status, headers, (framing,)))
-        self.fields["stream_ttfb"] = time.monotonic() - self.t0
-        done, scanner = False, UsageScanner()
-        try:
-            done = self._pump(resp, renamer, chunked, scanner)
-        finally:
-            client.release(resp) if done else client.discard(resp)
-            self.fields.update(input_tokens=scanner.input_tokens,
-                               output_tokens=scanner.output_tokens)
-
-    def _pump(self, resp, renamer, chunked, scanner):
-        """The relay loop; True when the upstream body ended cleanly."""
-        frame = _chunk if chunked else bytes
-        while True:
-            try:
-                data = resp.read1(RELAY_CHUNK)
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                self._stream_failed(exc, chunked)
-                return False
-            scanner.feed(data)
-            if not data:
-                tail = renamer.flush() if renamer else b""
-                self._write((frame(tail) if tail else b"") + (b"0\r\n\r\n" if chunked else b""))
-                return True
-            if renamer:
-                data = renamer.feed(data)
-            if data:
-                self._write(frame(data))
-
-    def _stream_failed(self, exc, chunked):
-        """The upstream stream broke: break ours the same way (no terminating chunk), so
-        the client sees exactly what a direct connection would and retries the stream.
-        Seen with Claude Code 2.1.330: an SSE error event instead makes it give up on
-        streaming and re-send the turn as stream:false.  HTTP/1.0 has no way to signal
-        a cut in a close-delimited body, so there an error event ends it."""
-        kind = "timeout" if isinstance(exc, socket.timeout) else "reset"
-        self.fields["upstream_status"] = "stream_" + kind
-        self.close_connection = True
-        log.warning("%s upstream stream %s: %s", self.request_id, kind, _os_error_text(exc))
-        if not chunked:
-            event = {"type": "error", "error": {"type": "api_error", "message":
-                     "upstream stream %s: %s" % (kind, _os_error_text(exc))}}
-            self._write(b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n")
-
-
-def _chunk(data):
-    """One HTTP/1.1 chunk (RFC 9112 §7.1), in one buffer so it goes out in one send.
-    Nothing for no data: an empty chunk would end the body (the last-chunk is
-    written on its own, as b"0\\r\\n\\r\\n")."""
-    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
-
-
-_DATE_CACHE = [0, ""]
-
-
-def _http_date():
-    """The Date header value, formatted at most once a second."""
-    now = int(time.time())
-    if _DATE_CACHE[0] != now:
-        _DATE_CACHE[:] = [now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))]
-    return _DATE_CACHE[1]
-
-
-#: The head of a translated stream (translation.md §3.1).
-SSE_HEADERS = (("Content-Type", "text/event-stream; charset=utf-8"),
-               ("Cache-Control", "no-cache"))
-
 
 class StatusHandler(Handler):
     """The optional second listener: /status*, /health* only (APISIX status server)."""

@@ -1020,7 +1020,6 @@ class SocketlessHandler(ccproxy.Handler):
     def __init__(self, raw, service, peer="127.0.0.1"):
         self.rfile, self.wfile = io.BufferedReader(io.BytesIO(raw)), io.BytesIO()
         self.connection, self.requests_here, self.fresh = None, 0, False
-        self.write_lock = threading.Lock()
         self.server, self.client_address = _FakeServer(service), (peer, 50000)
         self.close_connection = True
 
@@ -3927,7 +3926,7 @@ class TestFuzz(unittest.TestCase):
             ccproxy.ProviderConfig(name="ol", type="ollama", base_url="http://127.0.0.1:9"))]
         base = json.loads(surrogate_body(stream=True))
         refuse = lambda *a, **k: (_ for _ in ()).throw(ccproxy.HTTPError(502, "api_error", "x"))
-        with unittest.mock.patch.object(ccproxy.Handler, "_attempt", refuse):
+        with unittest.mock.patch.object(ccproxy.Exchange, "_attempt", refuse):
             for seed in range(max(300, FUZZ_ITERATIONS // 4)):
                 rng = random.Random(seed)
                 raw = mutate(rng, base)
