@@ -4674,6 +4674,110 @@ class TestDrainAndSignals(LifecycleCase):
                     rx.close()
 
 
+class TestStreamThreadBudget(LifecycleCase):
+    """An open stream's memory is its thread's stack: two 4 KB pages of C stack and one
+    of Python frames on 3.11+ (docs/performance.md).  One more frame or C call level on
+    the deepest path costs a page per open stream.  These tests fail when that path
+    changes; a change that means it updates them, and the bench's figures."""
+
+    PATH = ["_serve", "serve", "handle_one_request", "handle_one_request", "_dispatch",
+            "_route", "_proxy", "forward"]
+    DEEPEST = {   # relay loop -> the frames from its relay loop down to the socket read
+        "pass-through": ["_relay", "_relay_stream", "_pump"],
+        "translated, first event": ["_relay_translated", "_translate_stream",
+                                    "_first_event", "_first_payloads"],
+        "translated": ["_relay_translated", "_translate_stream", "_pump_translated"]}
+    READ = ["read1", "_read1_chunked", "_get_chunk_left", "_read_next_chunk_size"]
+
+    def deepest_frames(self):
+        """The Python frames above each socket read of a proxy thread, deepest kept."""
+        deepest, original = {}, socket.SocketIO.readinto
+
+        def readinto(sock, buffer):
+            frame, chain = sys._getframe(1), []
+            while frame is not None:
+                chain.append(frame.f_code)
+                frame = frame.f_back
+            names = [c.co_name for c in reversed(chain)]
+            loop = next((k for k, v in self.DEEPEST.items() if names[8:8 + len(v)] == v
+                         and names[:1] == ["_serve"]), None)
+            if loop and len(chain) >= len(deepest.get(loop, [])):
+                deepest[loop] = chain[::-1]
+            return original(sock, buffer)
+
+        def slow(pieces):
+            def behave(h, body):
+                h.start_stream()
+                for piece in pieces:
+                    h.chunk(piece)
+                    h.wfile.flush()
+                    time.sleep(0.05)
+                h.chunk(b"")
+            return behave
+        translated = [c.encode() for c in (chunk({"content": "a"}), chunk({"content": "b"}),
+                                           chunk(finish="stop") + "data: [DONE]\n\n")]
+        with unittest.mock.patch.object(socket.SocketIO, "readinto", readinto):
+            for pieces, make_config in ((STREAM, one_provider), (translated, openai_provider)):
+                with FakeUpstream(slow(pieces)) as up, Proxy(make_config(up.url)) as px:
+                    px.call("POST", "/v1/messages", dict(BODY, stream=True))
+        return deepest
+
+    def test_the_deepest_point_of_a_stream_gains_no_frame(self):
+        deepest = self.deepest_frames()
+        self.assertEqual(sorted(deepest), sorted(self.DEEPEST))
+        for loop, chain in deepest.items():
+            with self.subTest(loop):
+                self.assertEqual([c.co_name for c in chain],
+                                 self.PATH + self.DEEPEST[loop] + self.READ)
+                # Locals, value stack and a frame's own fields, in words (3.11+ frames).
+                words = sum(c.co_nlocals + len(c.co_cellvars) + len(c.co_freevars) +
+                            c.co_stacksize + 10 for c in chain)
+                self.assertLessEqual(words * 8, 3072)
+
+    @unittest.skipUnless(sys.version_info >= (3, 11) and os.path.exists("/proc/self/smaps"),
+                         "before 3.11 Python calls recurse in C: a thread keeps 20 KB anyway")
+    def test_an_open_streams_thread_keeps_two_pages_of_c_stack(self):
+        release = threading.Event()
+        streams = 20
+        with FakeUpstream(thinking_upstream(["".join(s.decode() for s in STREAM[:2])],
+                                            release, [s.decode() for s in STREAM[2:]])) as up:
+            self.env["CCPROXY_BASE_URL"] = up.url
+            proc = self.run_foreground()
+            wait_for(self.accepts)
+            socks = [socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+                     for _ in range(streams)]
+            data = json.dumps(dict(BODY, stream=True)).encode()
+            for sock in socks:
+                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+                             b"\r\n\r\n%s" % (len(data), data))
+            for sock in socks:
+                self.assertIn(b"200 OK", sock.recv(65536))       # streaming, paused
+            kb = stack_kb(proc.pid)
+            release.set()
+            for sock in socks:
+                sock.close()
+        # The streams' threads, at least; the serve loop's and the reaper's may be more.
+        self.assertGreaterEqual(sum(k <= 8 for k in kb), streams, "KB of stack: %s" % kb)
+
+
+def stack_kb(pid):
+    """Resident KB of each of a process's thread stacks (mappings of the stack size),
+    as bench.py's thread_stacks reads them."""
+    import resource
+    limit = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    size = 8192 if limit in (resource.RLIM_INFINITY, 0) else limit >> 10
+    sizes, current = [], None
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                current = (hi - lo) >> 10
+            elif line.startswith("Rss:") and current is not None and abs(current - size) <= 8:
+                sizes.append(int(line.split()[1]))
+    return sizes
+
+
 class TestModule(unittest.TestCase):
 
     def test_all(self):
