@@ -1470,6 +1470,46 @@ def overall_health(statuses):
     return "degraded"
 
 
+def _merged(how):
+    """A Snapshot field, and how the workers' values of it merge (merge_snapshots)."""
+    return dataclasses.field(default=None, metadata={"merge": how})
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The service at one moment, read once: /status, /health/detailed and /metrics are
+    rendered from it.  Each field says how the snapshots of a supervisor's workers
+    merge into the service's (issue #19: dicts indexed by position, merged by hand):
+
+    - own:     the answering process's (the same in every worker, or its own view);
+    - live:    summed over the workers that run now;
+    - total:   summed over every worker that ran, the last reports of dead ones
+               included, so that counters never go back;
+    - stats:   provider health: each provider's newest status, its counts summed;
+    - metrics: counters and histogram buckets summed (merge_metrics).
+    """
+    config: object = _merged("own")
+    now: float = _merged("own")
+    started: float = _merged("own")
+    pid: int = _merged("own")                 # a worker's answer gives the supervisor's
+    port: int = _merged("own")
+    draining: bool = _merged("own")
+    ready: bool = _merged("own")
+    loaded_at: float = _merged("own")
+    last_reload_error: object = _merged("own")
+    build: dict = _merged("own")
+    record: dict = _merged("own")             # the runtime record, once serving
+    workers: tuple = _merged("own")           # set by the merge: a summary per live worker
+    ready_error: object = _merged("own")      # set by the merge: why not every worker is
+    requests_served: int = _merged("total")
+    reload_failures: int = _merged("total")
+    upstream_connections: int = _merged("total")
+    in_flight: int = _merged("live")
+    reloads: int = _merged("live")
+    provider_stats: dict = _merged("stats")
+    metrics: dict = _merged("metrics")        # a Metrics.snapshot(); exported in reports
+
+
 def provider_items(config, stats, now):
     """The /status provider entries: configuration plus what traffic showed."""
     items = []
@@ -1517,7 +1557,7 @@ def _percent(part, whole):
     return round(100.0 * part / whole, 1) if whole else 0.0
 
 
-def health_problem(items, health, now_stats):
+def health_problem(items, health, now_stats, now):
     """The error/warning fields /status adds when health is not healthy."""
     if health == "unhealthy":
         bad = next(i for i in items if i["status"] not in USABLE)
@@ -1530,60 +1570,61 @@ def health_problem(items, health, now_stats):
     limited = [i for i in items if i["status"] == "rate_limited"]
     if limited:
         until = now_stats.get(limited[0]["name"], {}).get("rate_limited_until", 0)
-        return {"warning": "rate_limited",
-                "retry_after": max(0, int(until - time.time() + 0.999))}
+        return {"warning": "rate_limited", "retry_after": max(0, int(until - now + 0.999))}
     return {}
 
 
 def status_document(snap):
-    """The /status document (product.md §5) from a snapshot dict of the service."""
-    config, now = snap["config"], snap["now"]
-    items = provider_items(config, snap["provider_stats"], now)
+    """The /status document (docs/operating.md §4) from a Snapshot of the service."""
+    config, now = snap.config, snap.now
+    items = provider_items(config, snap.provider_stats, now)
     health = overall_health([i["status"] for i in items])
+    record = snap.record or {}
     doc = {
         "service": "ccproxy", "version": __version__,
-        "status": "draining" if snap["draining"] else "running",
+        "status": "draining" if snap.draining else "running",
         "health": health, "timestamp": iso_time(now),
-        "uptime": format_duration(now - snap["started"]),
-        "uptime_seconds": int(now - snap["started"]),
-        "pid": snap["pid"], "host": config.host, "port": snap["port"],
-        "pid_file": snap.get("record", {}).get("pid_file"),
-        "log_file": snap.get("record", {}).get("log_file"),
+        "uptime": format_duration(now - snap.started),
+        "uptime_seconds": int(now - snap.started),
+        "pid": snap.pid, "host": config.host, "port": snap.port,
+        "pid_file": record.get("pid_file"), "log_file": record.get("log_file"),
         "api_key_configured": bool(config.api_key),
-        "requests_served": snap["requests_served"],
-        "requests_in_flight": snap["in_flight"],
+        "requests_served": snap.requests_served,
+        "requests_in_flight": snap.in_flight,
         "providers": providers_document(items),
         "provider": items[0] if items else None,
         "config": {"source": config.source or None, "fingerprint": config.fingerprint,
-                   "loaded_at": iso_time(snap["loaded_at"]), "reloads": snap["reloads"],
-                   "reload_failures": snap["reload_failures"],
-                   "last_reload_error": snap["last_reload_error"]},
-        "build": snap["build"],
+                   "loaded_at": iso_time(snap.loaded_at), "reloads": snap.reloads,
+                   "reload_failures": snap.reload_failures,
+                   "last_reload_error": snap.last_reload_error},
+        "build": snap.build,
     }
-    doc.update(health_problem(items, health, snap["provider_stats"]))
+    if snap.workers is not None:
+        doc["workers"] = list(snap.workers)
+    doc.update(health_problem(items, health, snap.provider_stats, now))
     return doc
 
 
 def detailed_health_document(snap):
     """/health/detailed: components and the effective configuration, no secrets."""
-    config = snap["config"]
-    items = provider_items(config, snap["provider_stats"], snap["now"])
+    config = snap.config
+    items = provider_items(config, snap.provider_stats, snap.now)
     settings = {k: v for k, v in dataclasses.asdict(config).items()
                 if k not in ("api_key", "providers", "routes")}
     settings["api_key_configured"] = bool(config.api_key)
     settings["routes"] = [dataclasses.asdict(r) for r in config.routes]
     return {
-        "status": "pass" if snap["ready"] else "fail",
-        "version": __version__, "serviceId": "ccproxy", "timestamp": iso_time(snap["now"]),
+        "status": "pass" if snap.ready else "fail",
+        "version": __version__, "serviceId": "ccproxy", "timestamp": iso_time(snap.now),
         "components": {
-            "server": {"status": "pass" if snap["ready"] else "fail",
-                       "draining": snap["draining"], "in_flight": snap["in_flight"]},
-            "config": {"status": "pass" if not snap["last_reload_error"] else "warn",
+            "server": {"status": "pass" if snap.ready else "fail",
+                       "draining": snap.draining, "in_flight": snap.in_flight},
+            "config": {"status": "pass" if not snap.last_reload_error else "warn",
                        "fingerprint": config.fingerprint,
-                       "reload_failures": snap["reload_failures"]},
+                       "reload_failures": snap.reload_failures},
             "providers": items,
             # Keep-alive at work: far fewer connections than upstream calls.
-            "upstream": {"connections_opened": snap.get("upstream_connections", 0)},
+            "upstream": {"connections_opened": snap.upstream_connections or 0},
         },
         "config": settings,
     }
@@ -1736,9 +1777,10 @@ def upstream_outcome(status):
     return "client_error" if status >= 400 else "ok"
 
 
-def metrics_families(m, snap):
-    """The families of /metrics from a Metrics snapshot `m` and a service snapshot."""
-    items = provider_items(snap["config"], snap["provider_stats"], snap["now"])
+def metrics_families(snap):
+    """The families of /metrics from a Snapshot of the service."""
+    m = snap.metrics
+    items = provider_items(snap.config, snap.provider_stats, snap.now)
     return [
         ("ccproxy_requests_total", "counter", "Requests answered, by status code and route.",
          [("", (("code", str(c)), ("route", r)), n) for (c, r), n in sorted(m["requests"].items())]),
@@ -1756,17 +1798,17 @@ def metrics_families(m, snap):
          [("", (("provider", p), ("direction", d)), n)
           for (p, d), n in sorted(m["tokens"].items())]),
         ("ccproxy_inflight_requests", "gauge", "Requests being served now.",
-         [("", (), snap["in_flight"])]),
+         [("", (), snap.in_flight)]),
         ("ccproxy_provider_up", "gauge", "1 when the provider is usable (connected or "
          "untried), else 0.", [("", (("provider", i["name"]),), int(
              i["status"] in USABLE)) for i in items]),
         ("ccproxy_build_info", "gauge", "Build of the running ccproxy; always 1.",
-         [("", (("version", snap["build"]["version"]), ("commit", snap["build"]["commit"])),
+         [("", (("version", snap.build["version"]), ("commit", snap.build["commit"])),
            1)]),
         ("ccproxy_config_reload_failures_total", "counter", "Reloads refused for a bad config.",
-         [("", (), snap["reload_failures"])]),
+         [("", (), snap.reload_failures)]),
         ("process_start_time_seconds", "gauge", "Start time of the process since the epoch.",
-         [("", (), round(snap["started"], 3))]),
+         [("", (), round(snap.started, 3))]),
     ]
 
 
@@ -1811,30 +1853,50 @@ def merge_provider_stats(reports):
     return merged
 
 
-def cluster_view(reports, dead, expected, fingerprint, now):
-    """What the workers' reports say together: totals, worker list, readiness error."""
-    live = [r for r in reports if now - r.get("heartbeat", 0) < 5]
-    error = None
-    if len(live) < expected:
-        error = "worker count: %d but status report count: %d" % (expected, len(live))
-    else:
-        stale = [r for r in live if r.get("fingerprint") != fingerprint]
-        if stale:
-            error = "worker id: %s has not received configuration" % stale[0].get("id")
-    everyone = reports + dead
-    return {
-        "requests_served": sum(r.get("requests_served", 0) for r in everyone),
-        "in_flight": sum(r.get("in_flight", 0) for r in live),
-        "reloads": sum(r.get("reloads", 0) for r in live),
-        "reload_failures": sum(r.get("reload_failures", 0) for r in everyone),
-        "provider_stats": merge_provider_stats(live),
-        "metrics": merge_metrics([r.get("metrics", {}) for r in everyone]),
-        "workers": [{"id": r.get("id"), "pid": r.get("pid"), "state": r.get("state"),
+def snapshot_report(snap, worker_id, state):
+    """A worker's Snapshot as the JSON report it writes for the others: its fields that
+    merge (metrics exported: tuple keys do not survive JSON), and who wrote it."""
+    report = {f.name: getattr(snap, f.name) for f in dataclasses.fields(Snapshot)
+              if f.metadata["merge"] != "own"}
+    report["metrics"] = export_metrics(snap.metrics)
+    report.update(id=worker_id, pid=os.getpid(), state=state, heartbeat=snap.now,
+                  fingerprint=snap.config.fingerprint)
+    return report
+
+
+#: How each kind of Snapshot field merges: (the live reports, every report) -> value.
+MERGES = {
+    "live": lambda live, everyone, name: sum(r.get(name) or 0 for r in live),
+    "total": lambda live, everyone, name: sum(r.get(name) or 0 for r in everyone),
+    "stats": lambda live, everyone, name: merge_provider_stats(live),
+    "metrics": lambda live, everyone, name: merge_metrics([r.get(name) or {}
+                                                          for r in everyone]),
+}
+
+
+def merge_snapshots(own, reports, dead, expected, service_pid):
+    """The whole service out of the answering worker's own Snapshot and the workers'
+    reports (live ones, and the last reports of dead ones): each field as its kind
+    says (Snapshot), the worker list, the readiness error, the supervisor's PID."""
+    live = [r for r in reports if own.now - r.get("heartbeat", 0) < 5]
+    merged = {f.name: MERGES[f.metadata["merge"]](live, reports + dead, f.name)
+              for f in dataclasses.fields(Snapshot) if f.metadata["merge"] != "own"}
+    workers = tuple({"id": r.get("id"), "pid": r.get("pid"), "state": r.get("state"),
                      "requests_served": r.get("requests_served", 0),
                      "config": r.get("fingerprint")} for r in sorted(
-                         live, key=lambda r: r.get("id", 0))],
-        "ready_error": error,
-    }
+                         live, key=lambda r: r.get("id", 0)))
+    return dataclasses.replace(own, workers=workers, pid=service_pid, ready_error=(
+        readiness_error(live, expected, own.config.fingerprint)), **merged)
+
+
+def readiness_error(live, expected, fingerprint):
+    """Why the service is not ready although this worker is, or None (APISIX's words)."""
+    if len(live) < expected:
+        return "worker count: %d but status report count: %d" % (expected, len(live))
+    stale = [r for r in live if r.get("fingerprint") != fingerprint]
+    if stale:
+        return "worker id: %s has not received configuration" % stale[0].get("id")
+    return None
 
 
 # ---- Translation: provider quirks ----------------------------------------------
@@ -3563,9 +3625,6 @@ class Cluster:
                     continue            # being replaced right now
         return live, dead
 
-    def view(self, fingerprint):
-        live, dead = self.read()
-        return cluster_view(live, dead, self.expected, fingerprint, time.time())
 
 
 class Pinger:
@@ -4295,46 +4354,34 @@ class Service:
 
     def report(self, worker_id, state):
         """This worker's report for the shared state directory."""
-        with self._idle:
-            served, in_flight = self.requests_served, self.in_flight
-        return {"id": worker_id, "pid": os.getpid(), "state": state, "heartbeat": time.time(),
-                "fingerprint": self.config.fingerprint, "requests_served": served,
-                "in_flight": in_flight, "reloads": self.reloads,
-                "reload_failures": self.reload_failures,
-                "provider_stats": self.stats.snapshot(),
-                "metrics": export_metrics(self.metrics.snapshot())}
+        return snapshot_report(self.snapshot(), worker_id, state)
 
     def whole_service(self):
-        """(snapshot, metrics snapshot, readiness error): for one process its own; for a
-        worker, everything the workers' reports say together."""
-        snap, metrics = self.snapshot(), self.metrics.snapshot()
+        """The Snapshot of the whole service: for one process its own; for a worker,
+        what the workers' reports say together."""
+        snap = self.snapshot()
         if self.cluster is None:
-            return snap, metrics, None
-        view = self.cluster.view(self.config.fingerprint)
-        for key in ("requests_served", "in_flight", "provider_stats", "reloads",
-                    "reload_failures"):
-            snap[key] = view[key]
-        snap["workers"] = view["workers"]
-        snap["pid"] = os.getppid()       # the service's PID: the supervisor's, as in the PID file
-        return snap, view["metrics"], view["ready_error"]
+            return snap
+        live, dead = self.cluster.read()
+        return merge_snapshots(snap, live, dead, self.cluster.expected, os.getppid())
 
     def alive(self):
         """Liveness: the serve loop has polled recently."""
         return time.monotonic() - self.heartbeat < HEARTBEAT_STALE
 
     def snapshot(self):
-        """Everything status_document() needs, read once."""
-        return {
-            "config": self.config, "now": time.time(), "started": self.started,
-            "pid": os.getpid(), "port": self.port, "draining": self.draining,
-            "ready": self.ready and not self.draining,
-            "requests_served": self.requests_served, "in_flight": self.in_flight,
-            "provider_stats": self.stats.snapshot(), "loaded_at": self.loaded_at,
-            "reloads": self.reloads, "reload_failures": self.reload_failures,
-            "last_reload_error": self.last_reload_error, "build": self.build,
-            "upstream_connections": self.upstreams.connections_opened(),
-            "record": self.record,
-        }
+        """This process's Snapshot, read once."""
+        with self._idle:
+            served, in_flight = self.requests_served, self.in_flight
+        return Snapshot(
+            config=self.config, now=time.time(), started=self.started, pid=os.getpid(),
+            port=self.port, draining=self.draining, ready=self.ready and not self.draining,
+            loaded_at=self.loaded_at, last_reload_error=self.last_reload_error,
+            build=self.build, record=self.record, requests_served=served,
+            reload_failures=self.reload_failures,
+            upstream_connections=self.upstreams.connections_opened(), in_flight=in_flight,
+            reloads=self.reloads, provider_stats=self.stats.snapshot(),
+            metrics=self.metrics.snapshot())
 
 
 # ---- HTTP: endpoints, request heads, framing ------------------------------------
@@ -5365,28 +5412,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         service = self.server.service
         reason = "draining" if service.draining else None if service.ready else "starting"
         if reason is None and service.cluster is not None:
-            reason = service.whole_service()[2]       # every worker has the config?
+            reason = service.whole_service().ready_error    # every worker has the config?
         if reason is None:
             return self._send_json(200, {"status": "ok"})
         self._send_json(503, {"status": "error", "error": reason}, (("Retry-After", "1"),))
 
     def _ep_status(self, query):
-        snap = self.server.service.whole_service()[0]
-        doc = status_document(snap)
-        if "workers" in snap:
-            doc["workers"] = snap["workers"]
-        self._send_json(200, doc)
+        self._send_json(200, status_document(self.server.service.whole_service()))
 
     def _ep_detailed(self, query):
         snap = self.server.service.snapshot()
-        self._send_json(200 if snap["ready"] else 503, detailed_health_document(snap))
+        self._send_json(200 if snap.ready else 503, detailed_health_document(snap))
 
     def _ep_metrics(self, query):
         service = self.server.service
         if not service.config.metrics:
             raise HTTPError(404, "not_found_error", "metrics are off (CCPROXY_METRICS=0)")
-        snap, metrics, _ = service.whole_service()
-        text = render_metrics(metrics_families(metrics, snap))
+        text = render_metrics(metrics_families(service.whole_service()))
         self._send(200, [("Content-Type", METRICS_CONTENT_TYPE),
                          ("Cache-Control", "no-store")], text.encode())
 

@@ -907,13 +907,14 @@ class TestStatusDocument(unittest.TestCase):
              "model": "m"},
             {"name": "other", "base_url": "http://127.0.0.1:9", "api_key": "sk-secret-3"}]},
             {"CCPROXY_API_KEY": "sk-secret-2"}, {})
-        snap = {"config": cfg, "now": 1764000000.0, "started": 1764000000.0 - 8130,
-                "pid": 42, "port": 3456, "draining": False, "ready": True,
-                "requests_served": 7, "in_flight": 1, "provider_stats": {},
-                "loaded_at": 1764000000.0, "reloads": 0, "reload_failures": 0,
-                "last_reload_error": None, "build": ccproxy.build_info()}
+        snap = dict(config=cfg, now=1764000000.0, started=1764000000.0 - 8130,
+                    pid=42, port=3456, draining=False, ready=True,
+                    requests_served=7, in_flight=1, provider_stats={},
+                    loaded_at=1764000000.0, reloads=0, reload_failures=0,
+                    last_reload_error=None, build=ccproxy.build_info(), record={},
+                    metrics=ccproxy.Metrics().snapshot(), upstream_connections=0)
         snap.update(kw)
-        return snap
+        return ccproxy.Snapshot(**snap)
 
     def test_every_field_of_product_md_5_with_types(self):
         doc = ccproxy.status_document(self.snapshot())
@@ -4450,25 +4451,56 @@ class TestWorkers(LifecycleCase):
                                          "last_check": time.time()}},
                 "metrics": ccproxy.export_metrics(metrics.snapshot())}
 
-    def test_cluster_view(self):
-        now = time.time()
+    def own(self, fingerprint="f"):
+        cfg = dataclasses.replace(config(), fingerprint=fingerprint)
+        return ccproxy.Snapshot(config=cfg, now=time.time(), pid=10, metrics={})
+
+    def test_merge_snapshots(self):
         live = [self.report(0, 10, 5, tokens=3), self.report(1, 11, 7, tokens=4)]
         dead = [dict(self.report(0, 9, 100, tokens=50), state="stopped")]
-        view = ccproxy.cluster_view(live, dead, 2, "f", now)
-        self.assertEqual((view["requests_served"], view["in_flight"]), (112, 2))
-        self.assertIsNone(view["ready_error"])
-        self.assertEqual([w["pid"] for w in view["workers"]], [10, 11])
-        self.assertEqual(view["metrics"]["tokens"][("p", "output")], 57)   # dead ones count
-        self.assertEqual(view["metrics"]["requests"][(200, "messages")], 3)
-        self.assertEqual(view["metrics"]["duration"]["messages"][2], 3)
-        self.assertEqual(view["provider_stats"]["p"]["requests"], 12)
+        view = ccproxy.merge_snapshots(self.own(), live, dead, 2, 1)
+        self.assertEqual((view.requests_served, view.in_flight, view.pid), (112, 2, 1))
+        self.assertIsNone(view.ready_error)
+        self.assertEqual([w["pid"] for w in view.workers], [10, 11])
+        self.assertEqual(view.metrics["tokens"][("p", "output")], 57)   # dead ones count
+        self.assertEqual(view.metrics["requests"][(200, "messages")], 3)
+        self.assertEqual(view.metrics["duration"]["messages"][2], 3)
+        self.assertEqual(view.provider_stats["p"]["requests"], 12)
+        now = time.time()
         rows = [([live[0]], "worker count: 2 but status report count: 1"),
                 ([live[0], dict(live[1], heartbeat=now - 60)],
                  "worker count: 2 but status report count: 1"),
                 ([live[0], dict(live[1], fingerprint="old")],
                  "worker id: 1 has not received configuration")]
         for reports, error in rows:
-            self.assertEqual(ccproxy.cluster_view(reports, [], 2, "f", now)["ready_error"], error)
+            self.assertEqual(ccproxy.merge_snapshots(self.own(), reports, [], 2, 1).ready_error,
+                             error)
+
+    def test_every_snapshot_field_merges_as_it_says(self):
+        """A new field is one line in Snapshot: its kind decides how workers merge it."""
+        kinds = {f.name: f.metadata["merge"] for f in dataclasses.fields(ccproxy.Snapshot)}
+        self.assertLessEqual(set(kinds.values()), {"own", "live", "total", "stats",
+                                                   "metrics"})
+        own = self.own()
+        service = ccproxy.Service(config())
+        report = ccproxy.snapshot_report(service.snapshot(), 0, "running")
+        json.dumps(report)                             # what a worker writes is JSON
+        self.assertEqual({n for n, k in kinds.items() if k != "own"},
+                         set(report) - {"id", "pid", "state", "heartbeat", "fingerprint"})
+        a, b, gone = (dict(report, heartbeat=time.time(), id=i) for i in range(3))
+        for name, kind in kinds.items():
+            if kind in ("live", "total"):
+                a[name], b[name], gone[name] = 1, 10, 100
+        merged = ccproxy.merge_snapshots(own, [a, b], [gone], 2, 1)
+        for name, kind in kinds.items():
+            with self.subTest(name):
+                value = getattr(merged, name)
+                if kind == "live":
+                    self.assertEqual(value, 11)
+                elif kind == "total":
+                    self.assertEqual(value, 111)
+                elif kind == "own" and name not in ("workers", "ready_error", "pid"):
+                    self.assertEqual(value, getattr(own, name))
 
     def workers(self):
         try:
