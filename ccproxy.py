@@ -529,14 +529,26 @@ def _check_url(key, url):
     return url.rstrip("/")
 
 
+def _known_object(where, raw, keys):
+    """Check that `raw` is an object with none but `keys` (`where` names it; "" is the
+    file's top level): a misspelled key fails start-up, with the closest known one."""
+    if not isinstance(raw, dict):
+        raise ConfigError("%s must be an object" % where if where else
+                          "the config file must hold a JSON object")
+    unknown = next((k for k in raw if k not in keys), None)
+    if unknown is None:
+        return
+    import difflib            # here: only for a key that is wrong
+    close = difflib.get_close_matches(str(unknown), keys, 1, 0.6)
+    raise ConfigError("%sunknown key %s%s" % (where + ": " if where else "", _shown(unknown),
+                                              "; did you mean %s?" % _shown(close[0])
+                                              if close else ""))
+
+
 def _provider(index, raw, environ, read_key):
     """Validate one provider entry of the config file into a ProviderConfig."""
     where = "providers[%d]" % index
-    if not isinstance(raw, dict):
-        raise ConfigError("%s must be an object" % where)
-    for key in raw:
-        if key not in PROVIDER_KEYS:
-            raise ConfigError("%s: unknown key %s" % (where, _shown(key)))
+    _known_object(where, raw, PROVIDER_KEYS)
     ptype = raw.get("type", "anthropic")
     if ptype not in PROVIDER_TYPES:
         raise ConfigError("%s.type must be one of %s, got %s"
@@ -664,11 +676,7 @@ def _routes(raw_routes, names):
     routes = []
     for index, raw in enumerate(raw_routes):
         where = "routes[%d]" % index
-        if not isinstance(raw, dict):
-            raise ConfigError("%s must be an object" % where)
-        for key in raw:
-            if key not in ROUTE_KEYS:
-                raise ConfigError("%s: unknown key %s" % (where, _shown(key)))
+        _known_object(where, raw, ROUTE_KEYS)
         match, provider = raw.get("match"), raw.get("provider")
         if not isinstance(match, str) or not match:
             raise ConfigError("%s.match must be a model pattern or \"default\"" % where)
@@ -700,12 +708,7 @@ def _primary_from_env(raw_providers, environ):
 
 def _file_settings(data):
     """Check the top level of a config file for unknown keys and wrong shapes."""
-    if not isinstance(data, dict):
-        raise ConfigError("the config file must hold a JSON object")
-    known = {s[0] for s in SETTINGS} | set(FILE_ONLY_KEYS)
-    for key in data:
-        if key not in known:
-            raise ConfigError("unknown key %s" % _shown(key))
+    _known_object("", data, [s[0] for s in SETTINGS] + list(FILE_ONLY_KEYS))
     if not isinstance(data.get("providers", []), list):
         raise ConfigError("providers must be a list")
     return data
