@@ -6,12 +6,25 @@ PREFIX ?= /usr/local
 UNIT_DIR ?= /etc/systemd/system
 export PYTHONPATH := $(PYDEPS)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: test e2e bench ab bench-tools lint fuzz soak check-unit check-metrics install uninstall clean
+.PHONY: test test-versions e2e bench ab bench-tools lint fuzz soak check-unit check-metrics install uninstall clean
 
 test:  ## run the test suite (installs pytest into .cache/py if it is missing)
 	@$(PYTHON) -c 'import pytest' 2>/dev/null || \
 	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(PYDEPS) pytest
 	$(PYTHON) -m pytest -q test_ccproxy.py
+
+PYTHONS ?= 3.9 3.13
+test-versions:  ## the suite under -X dev on the oldest and newest CPython here (pyenv), unclosed resources failing it
+	@for v in $(PYTHONS); do \
+	  py=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python3 2>/dev/null | sort -V | tail -1); \
+	  [ -n "$$py" ] || { python$$v -c pass 2>/dev/null && py=python$$v; }; \
+	  if [ -z "$$py" ]; then echo "SKIP python$$v: not installed"; continue; fi; \
+	  echo "== $$($$py --version) -X dev -W error::ResourceWarning -m unittest test_ccproxy"; \
+	  $$py -X dev -W error::ResourceWarning -m unittest test_ccproxy 2> .cache-test-$$v.log; rc=$$?; \
+	  grep -A30 "^FAIL:\|^ERROR:" .cache-test-$$v.log | head -80; tail -3 .cache-test-$$v.log; \
+	  if grep -q "ResourceWarning" .cache-test-$$v.log; then rc=1; \
+	    grep -B2 -A6 "ResourceWarning" .cache-test-$$v.log | head -40; echo "FAIL unclosed resources"; fi; \
+	  rm -f .cache-test-$$v.log; [ $$rc = 0 ] || exit 1; done
 
 e2e:  ## real clients (Claude Code CLI, anthropic SDK, README curl, nginx in front) through ccproxy
 	$(PYTHON) e2e/run.py
