@@ -125,7 +125,7 @@ import urllib.parse
 import urllib.request
 import zlib
 
-# ---- Constants -------------------------------------------------------------------
+# ---- Constants -----------------------------------------------------------------------
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3456
@@ -227,7 +227,7 @@ PROVIDER_TYPES = {
     "openai-compatible": ProviderType("", (), (), False),
 }
 
-#: Every quirk flag with its default (translation.md §6).  A provider type is a row of
+#: Every quirk flag with its default (docs/translation.md §6).  A provider type is a row of
 #: overrides below; a config file can override any flag per provider under "quirks".
 #: Adding a provider is adding a row, never a branch in the code.
 QUIRK_DEFAULTS = {
@@ -296,7 +296,7 @@ _CONTROL_CHARS = str.maketrans(
 log = logging.getLogger("ccproxy")
 
 
-# ---- Errors --------------------------------------------------------------------
+# ---- Errors --------------------------------------------------------------------------
 
 class CcproxyError(Exception):
     """Base class of every error ccproxy raises on purpose."""
@@ -333,7 +333,7 @@ class UpstreamError(CcproxyError):
         self.kind, self.url, self.detail = kind, url, detail
 
 
-# ---- Configuration -------------------------------------------------------------
+# ---- Configuration -------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class ProviderConfig:
@@ -655,7 +655,7 @@ def with_provider_headers(headers, provider):
 
 
 def _quirks(where, raw):
-    """Per-provider quirk overrides, checked against the flag table (translation.md §6)."""
+    """Per-provider quirk overrides, checked against the flag table (docs/translation.md §6)."""
     if not isinstance(raw, dict):
         raise ConfigError("%s must be an object of flags" % where)
     for flag, value in raw.items():
@@ -814,7 +814,7 @@ def unknown_variables(environ):
 
 
 def _check_exposure(config):
-    """Refuse to serve provider keys to the network with no client key (product.md §4)."""
+    """Refuse to serve provider keys to the network with no client key (docs/security.md §1)."""
     exposed = [h for h in (config.host, config.status_host if config.status_port else "")
                if h and not is_loopback_host(h)]
     if exposed and not config.api_key and not config.allow_remote:
@@ -926,7 +926,7 @@ def _others_may_read(path):
         return False
 
 
-# ---- Pure protocol functions ---------------------------------------------------
+# ---- Pure protocol functions ---------------------------------------------------------
 
 def is_loopback_host(host):
     """True for 127.0.0.0/8, ::1 and localhost names; False for wildcards and others."""
@@ -999,7 +999,7 @@ def new_request_id():
 
 
 def error_body(etype, message, request_id=""):
-    """The Anthropic error document (translation.md §4)."""
+    """The Anthropic error document (docs/translation.md §4)."""
     doc = {"type": "error", "error": {"type": etype, "message": message}}
     if request_id:
         doc["request_id"] = request_id
@@ -1007,7 +1007,7 @@ def error_body(etype, message, request_id=""):
 
 
 #: Upstream status -> (status for the client, Anthropic error type, extra headers).
-#: translation.md §4; x-should-retry: false where retrying cannot help (Claude Code
+#: docs/translation.md §4; x-should-retry: false where retrying cannot help (Claude Code
 #: otherwise retries a 401 eight times over 100 s).
 UPSTREAM_STATUS_MAP = {
     400: (400, "invalid_request_error", ()),
@@ -1119,7 +1119,7 @@ def failure_reply(error, label):
         return 504, "timeout_error", "%s upstream timed out: %s" % (label, error.url), ()
     if error.kind == "connect":
         # Not retried by Claude Code: a provider that is down stays down for minutes,
-        # and the user should see the URL at once (translation.md §4).
+        # and the user should see the URL at once (docs/translation.md §4).
         return (500, "api_error", "%s upstream unreachable: %s (%s)"
                 % (label, error.url, error.detail), (("x-should-retry", "false"),))
     return 500, "api_error", "%s upstream connection failed: %s (%s)" % (
@@ -1437,6 +1437,8 @@ def _loads(text):
 _INVALID = object()
 
 
+# ---- Status documents and log lines --------------------------------------------------
+
 def format_duration(seconds):
     """8130 -> '2h 15m 30s' (the /status uptime field)."""
     seconds = int(seconds)
@@ -1647,54 +1649,6 @@ def models_document(config):
             "first_id": names[0] if names else None, "last_id": names[-1] if names else None}
 
 
-def read_git_build(repo_dir):
-    """(commit, date) of a checkout, read from .git without running git."""
-    git = os.path.join(repo_dir, ".git")
-    try:
-        head = _read_text(os.path.join(git, "HEAD"))
-        commit = head
-        if head.startswith("ref: "):
-            ref = head[5:]
-            commit = _read_text(os.path.join(git, ref)) if os.path.exists(
-                os.path.join(git, ref)) else _packed_ref(git, ref)
-    except OSError:
-        return "unknown", "unknown"
-    if not re.match(r"^[0-9a-f]{40}$", commit or ""):
-        return "unknown", "unknown"
-    return commit[:12], _commit_date(git, commit)
-
-
-def _read_text(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip()
-
-
-def _packed_ref(git, ref):
-    for line in _read_text(os.path.join(git, "packed-refs")).splitlines():
-        if line.endswith(" " + ref):
-            return line.split()[0]
-    return ""
-
-
-def _commit_date(git, commit):
-    """The committer date of a loose commit object; "unknown" when packed."""
-    try:
-        with open(os.path.join(git, "objects", commit[:2], commit[2:]), "rb") as f:
-            raw = zlib.decompress(f.read())
-    except (OSError, zlib.error):
-        return "unknown"
-    match = re.search(rb"\ncommitter .* (\d+) [+-]\d{4}\n", raw)
-    return iso_time(int(match.group(1))) if match else "unknown"
-
-
-def build_info():
-    """{"version", "commit", "date"}: stamped, else from .git beside this file."""
-    commit, date = BUILD_COMMIT, BUILD_DATE
-    if not commit:
-        commit, date = read_git_build(os.path.dirname(os.path.abspath(__file__)))
-    return {"version": __version__, "commit": commit or "unknown", "date": date or "unknown"}
-
-
 def escape_log(text):
     """Control characters and backslashes escaped, as http.server does for its own
     log; a lone surrogate, which a UTF-8 log file cannot hold, as \\udxxx."""
@@ -1703,7 +1657,7 @@ def escape_log(text):
 
 
 def access_record(fields):
-    """One access-log line in text form (product.md §7)."""
+    """One access-log line in text form (docs/operating.md §6)."""
     order = ("request_id", "client", "method", "path", "status", "route", "provider",
              "model", "upstream_model", "upstream_status", "attempts", "latency_ms",
              "ttfb_ms", "input_tokens", "output_tokens")
@@ -1713,7 +1667,7 @@ def access_record(fields):
     return (head + " " + tail).strip()
 
 
-# ---- Metrics text (Prometheus exposition format 0.0.4) ---------------------------
+# ---- Metrics text (Prometheus exposition format 0.0.4) -------------------------------
 
 def escape_label(value):
     """A label value: backslash, double quote and newline escaped."""
@@ -1815,7 +1769,7 @@ def metrics_families(snap):
     ]
 
 
-# ---- Workers: one service out of several processes' reports ---------------------
+# ---- Workers: one service out of several processes' reports --------------------------
 
 def export_metrics(m):
     """A Metrics snapshot as JSON-able lists (tuple keys do not survive JSON)."""
@@ -1902,7 +1856,7 @@ def readiness_error(live, expected, fingerprint):
     return None
 
 
-# ---- Translation: provider quirks ----------------------------------------------
+# ---- Translation: provider quirks ----------------------------------------------------
 
 def quirks_for(provider):
     """The effective quirk flags of a provider: defaults < its type's row < config."""
@@ -1912,7 +1866,7 @@ def quirks_for(provider):
     return flags
 
 
-# ---- Translation: Anthropic request -> OpenAI request (translation.md §1) ---------
+# ---- Translation: Anthropic request -> OpenAI request (docs/translation.md §1) -------
 
 TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 BILLING_PREFIX = "x-anthropic-billing-header:"
@@ -2525,7 +2479,7 @@ def translated_request(body, tr, prepared=None):
     return text.encode(), bool(doc.get("stream"))
 
 
-# ---- Translation: OpenAI reply -> Anthropic reply (translation.md §2) -------------
+# ---- Translation: OpenAI reply -> Anthropic reply (docs/translation.md §2) -----------
 
 FINISH_TO_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                   "function_call": "tool_use", "content_filter": "refusal"}
@@ -2795,7 +2749,7 @@ def _block_events(index, block):
     return out
 
 
-# ---- Translation: the streaming state machine (translation.md §3) -----------------
+# ---- Translation: the streaming state machine (docs/translation.md §3) ---------------
 
 SSE_EVENT_END = re.compile(rb"\n\r?\n")      # a line end, then the blank line
 
@@ -3149,7 +3103,7 @@ class StreamTranslator:
                                                               "message": message}})
 
 
-# ---- Translation: token estimation (translation.md §5) ----------------------------
+# ---- Translation: token estimation (docs/translation.md §5) --------------------------
 
 TOOLS_OVERHEAD = 300        # Anthropic's hidden tool-use system prompt
 UNKNOWN_IMAGE_TOKENS = 1600
@@ -3296,7 +3250,7 @@ def estimate_input_tokens(body, tools_overhead=TOOLS_OVERHEAD, tools_size=None):
     return -(-total // 4) + 4 * len(messages) + fixed + (tools_overhead if tools else 0)
 
 
-# ---- Probes, check and env: the pure parts ----------------------------------
+# ---- Probes, check and env: the pure parts -------------------------------------------
 
 def probe_request(provider):
     """(url, headers) of a light call that spends no tokens: the provider's model list.
@@ -3421,7 +3375,7 @@ def env_lines(config, record=None):
     return lines
 
 
-# ---- Registries ----------------------------------------------------------------
+# ---- Registries ----------------------------------------------------------------------
 
 class ProviderStats:
     """Per-provider health from real traffic and probes, behind one lock.
@@ -3555,114 +3509,8 @@ class Metrics:
                     "ttfb": {k: h.state() for k, h in self.ttfb.items()}}
 
 
-class Deadlines:
-    """Absolute deadlines for reading a request head and body.  The socket timeout is
-    per recv, so one byte every few seconds would hold a thread forever (slowloris);
-    one reaper thread shuts down the socket of any read past its deadline."""
-
-    TICK = 0.1
-
-    def __init__(self):
-        self._lock, self._armed, self._thread = threading.Lock(), {}, None
-
-    def arm(self, sock, seconds, what):
-        if sock is None:
-            return
-        with self._lock:
-            self._armed[id(sock)] = (sock, time.monotonic() + seconds, what)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._reap, name="deadlines",
-                                                daemon=True)
-                self._thread.start()
-
-    def disarm(self, sock):
-        with self._lock:
-            self._armed.pop(id(sock), None)
-
-    def _reap(self):
-        while True:
-            time.sleep(self.TICK)
-            now = time.monotonic()
-            with self._lock:
-                expired = [k for k, (_, deadline, _) in self._armed.items() if deadline <= now]
-                expired = [self._armed.pop(k) for k in expired]
-            for sock, _, what in expired:
-                log.warning("closing a connection whose request %s did not arrive in time",
-                            what)
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-class Cluster:
-    """The state directory one supervisor's workers share: each writes its report there
-    every second; whichever answers /status, /metrics or /status/ready reads them all.
-    A dead worker's report is kept (renamed dead-PID.json) so counters never go back."""
-
-    def __init__(self, state_dir, worker_id, expected):
-        self.dir, self.id, self.expected = state_dir, worker_id, expected
-
-    def write(self, report):
-        path = os.path.join(self.dir, "w%d.json" % self.id)
-        tmp = "%s.%d.tmp" % (path, os.getpid())
-        try:
-            with open(tmp, "w") as f:
-                json.dump(report, f)
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("cannot write the worker report %s: %s", path, exc)
-
-    def read(self):
-        live, dead = [], []
-        try:
-            names = sorted(os.listdir(self.dir))
-        except OSError:
-            return live, dead
-        for name in names:
-            if name.endswith(".json"):
-                try:
-                    with open(os.path.join(self.dir, name)) as f:
-                        (dead if name.startswith("dead-") else live).append(json.load(f))
-                except (OSError, ValueError):
-                    continue            # being replaced right now
-        return live, dead
-
-
-
-class Pinger:
-    """SSE pings for translated streams whose upstream has gone quiet (translation.md
-    §3.4): reasoning models think for minutes before their first token, and proxies in
-    between cut idle connections (nginx's default proxy_read_timeout is 60 s).  One
-    thread for all streams.  A stream is an object with ping_if_idle(interval) and
-    stop_pinging(), which serialise their writes with the stream's own (Exchange)."""
-
-    def __init__(self):
-        self._lock, self._streams, self._thread = threading.Lock(), set(), None
-
-    def add(self, stream):
-        with self._lock:
-            self._streams.add(stream)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pinger", daemon=True)
-                self._thread.start()
-
-    def remove(self, stream):
-        with self._lock:
-            self._streams.discard(stream)
-        stream.stop_pinging()              # no ping is being written after this
-
-    def _run(self):
-        while True:
-            time.sleep(min(1.0, PING_INTERVAL / 4, FIRST_EVENT_WAIT / 4))
-            with self._lock:
-                streams = list(self._streams)
-            for stream in streams:
-                stream.ping_if_idle(PING_INTERVAL)
-
-
 class Calibration:
-    """Per-route ratio of real prompt_tokens to our estimate (translation.md §5):
+    """Per-route ratio of real prompt_tokens to our estimate (docs/translation.md §5):
     r <- 0.8 r + 0.2 P/E, clamped to [0.5, 2]; estimates are multiplied by r."""
 
     def __init__(self):
@@ -3761,7 +3609,115 @@ class MemberCache:
         return value, end
 
 
-# ---- Upstream client -----------------------------------------------------------
+# ---- Background threads and the workers' directory -----------------------------------
+
+class Deadlines:
+    """Absolute deadlines for reading a request head and body.  The socket timeout is
+    per recv, so one byte every few seconds would hold a thread forever (slowloris);
+    one reaper thread shuts down the socket of any read past its deadline."""
+
+    TICK = 0.1
+
+    def __init__(self):
+        self._lock, self._armed, self._thread = threading.Lock(), {}, None
+
+    def arm(self, sock, seconds, what):
+        if sock is None:
+            return
+        with self._lock:
+            self._armed[id(sock)] = (sock, time.monotonic() + seconds, what)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._reap, name="deadlines",
+                                                daemon=True)
+                self._thread.start()
+
+    def disarm(self, sock):
+        with self._lock:
+            self._armed.pop(id(sock), None)
+
+    def _reap(self):
+        while True:
+            time.sleep(self.TICK)
+            now = time.monotonic()
+            with self._lock:
+                expired = [k for k, (_, deadline, _) in self._armed.items() if deadline <= now]
+                expired = [self._armed.pop(k) for k in expired]
+            for sock, _, what in expired:
+                log.warning("closing a connection whose request %s did not arrive in time",
+                            what)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class Cluster:
+    """The state directory one supervisor's workers share: each writes its report there
+    every second; whichever answers /status, /metrics or /status/ready reads them all.
+    A dead worker's report is kept (renamed dead-PID.json) so counters never go back."""
+
+    def __init__(self, state_dir, worker_id, expected):
+        self.dir, self.id, self.expected = state_dir, worker_id, expected
+
+    def write(self, report):
+        path = os.path.join(self.dir, "w%d.json" % self.id)
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        try:
+            with open(tmp, "w") as f:
+                json.dump(report, f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write the worker report %s: %s", path, exc)
+
+    def read(self):
+        live, dead = [], []
+        try:
+            names = sorted(os.listdir(self.dir))
+        except OSError:
+            return live, dead
+        for name in names:
+            if name.endswith(".json"):
+                try:
+                    with open(os.path.join(self.dir, name)) as f:
+                        (dead if name.startswith("dead-") else live).append(json.load(f))
+                except (OSError, ValueError):
+                    continue            # being replaced right now
+        return live, dead
+
+
+
+class Pinger:
+    """SSE pings for translated streams whose upstream has gone quiet (docs/translation.md
+    §3.4): reasoning models think for minutes before their first token, and proxies in
+    between cut idle connections (nginx's default proxy_read_timeout is 60 s).  One
+    thread for all streams.  A stream is an object with ping_if_idle(interval) and
+    stop_pinging(), which serialise their writes with the stream's own (Exchange)."""
+
+    def __init__(self):
+        self._lock, self._streams, self._thread = threading.Lock(), set(), None
+
+    def add(self, stream):
+        with self._lock:
+            self._streams.add(stream)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pinger", daemon=True)
+                self._thread.start()
+
+    def remove(self, stream):
+        with self._lock:
+            self._streams.discard(stream)
+        stream.stop_pinging()              # no ping is being written after this
+
+    def _run(self):
+        while True:
+            time.sleep(min(1.0, PING_INTERVAL / 4, FIRST_EVENT_WAIT / 4))
+            with self._lock:
+                streams = list(self._streams)
+            for stream in streams:
+                stream.ping_if_idle(PING_INTERVAL)
+
+
+# ---- Upstream client -----------------------------------------------------------------
 
 class ConnectionPool:
     """Idle keep-alive connections per (scheme, host, tunnel), shared by all threads."""
@@ -4257,6 +4213,56 @@ class Upstreams:
                 client.pool.close()
 
 
+# ---- The running service: its state and its build ------------------------------------
+
+def read_git_build(repo_dir):
+    """(commit, date) of a checkout, read from .git without running git."""
+    git = os.path.join(repo_dir, ".git")
+    try:
+        head = _read_text(os.path.join(git, "HEAD"))
+        commit = head
+        if head.startswith("ref: "):
+            ref = head[5:]
+            commit = _read_text(os.path.join(git, ref)) if os.path.exists(
+                os.path.join(git, ref)) else _packed_ref(git, ref)
+    except OSError:
+        return "unknown", "unknown"
+    if not re.match(r"^[0-9a-f]{40}$", commit or ""):
+        return "unknown", "unknown"
+    return commit[:12], _commit_date(git, commit)
+
+
+def _read_text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def _packed_ref(git, ref):
+    for line in _read_text(os.path.join(git, "packed-refs")).splitlines():
+        if line.endswith(" " + ref):
+            return line.split()[0]
+    return ""
+
+
+def _commit_date(git, commit):
+    """The committer date of a loose commit object; "unknown" when packed."""
+    try:
+        with open(os.path.join(git, "objects", commit[:2], commit[2:]), "rb") as f:
+            raw = zlib.decompress(f.read())
+    except (OSError, zlib.error):
+        return "unknown"
+    match = re.search(rb"\ncommitter .* (\d+) [+-]\d{4}\n", raw)
+    return iso_time(int(match.group(1))) if match else "unknown"
+
+
+def build_info():
+    """{"version", "commit", "date"}: stamped, else from .git beside this file."""
+    commit, date = BUILD_COMMIT, BUILD_DATE
+    if not commit:
+        commit, date = read_git_build(os.path.dirname(os.path.abspath(__file__)))
+    return {"version": __version__, "commit": commit or "unknown", "date": date or "unknown"}
+
+
 class Service:
     """The running daemon's state: the current config, counters, readiness, upstreams.
 
@@ -4387,7 +4393,7 @@ class Service:
             metrics=self.metrics.snapshot())
 
 
-# ---- HTTP: endpoints, request heads, framing ------------------------------------
+# ---- HTTP: endpoints, request heads, framing -----------------------------------------
 
 #: path -> (endpoint name, methods, auth).  auth: "none", "local" (loopback peer or the
 #: client key), "client" (the client key when one is configured).
@@ -4550,12 +4556,12 @@ def _http_date():
     return _DATE_CACHE[1]
 
 
-#: The head of a translated stream (translation.md §3.1).
+#: The head of a translated stream (docs/translation.md §3.1).
 SSE_HEADERS = (("Content-Type", "text/event-stream; charset=utf-8"),
                ("Cache-Control", "no-cache"))
 
 
-# ---- One proxied call --------------------------------------------------------------
+# ---- One proxied call ----------------------------------------------------------------
 
 class AccessRecord:
     """One request's access-log line and metrics, filled in as it goes: by its handler
@@ -4957,7 +4963,7 @@ class Exchange:
             self._write(b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n")
 
 
-# ---- HTTP server and handler ---------------------------------------------------
+# ---- HTTP server and handler ---------------------------------------------------------
 
 class Server(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer with a real backlog, no DNS at bind, and a heartbeat."""
@@ -5212,7 +5218,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.command not in allowed:
             raise HTTPError(405, "invalid_request_error", "method %s not allowed on %s"
                             % (self.command, path), (("allow", ", ".join(allowed)),))
-        # Auth and size are decided from the head alone (reliability.md §6): a refused
+        # Auth and size are decided from the head alone (docs/security.md §3): a refused
         # request never makes us read, or wait for, a body of tens of MB.
         self._check_auth(auth)
         if self.command == "POST":
@@ -5480,7 +5486,7 @@ class StatusHandler(Handler):
     status_only = True
 
 
-# ---- Lifecycle -----------------------------------------------------------------
+# ---- Lifecycle -----------------------------------------------------------------------
 
 class AlreadyRunning(CcproxyError):
     """The PID file is locked by a live ccproxy."""
@@ -5491,7 +5497,7 @@ class AlreadyRunning(CcproxyError):
 
 
 class PidFile:
-    """A PID file locked with flock() for the daemon's whole life (reliability.md §1).
+    """A PID file locked with flock() for the daemon's whole life (docs/operating.md §2).
 
     flock, never lockf: a POSIX lock vanishes when the process closes *any* descriptor
     of the file, for instance after re-reading its own PID file.  No O_TRUNC at open:
@@ -6209,7 +6215,7 @@ def _state_dir(environ):
     return os.path.join(base, "ccproxy")
 
 
-# ---- Command line --------------------------------------------------------------
+# ---- Command line --------------------------------------------------------------------
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 STATUS_RUNNING, STATUS_DEAD, STATUS_STOPPED, STATUS_UNKNOWN = 0, 1, 3, 4
