@@ -78,7 +78,7 @@ request bodies with Transfer-Encoding: chunked (answered 411; every known client
 Content-Length).
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 #: Stamped by `make install`; otherwise read from the checkout's .git, else "unknown".
 BUILD_COMMIT = None
@@ -4011,7 +4011,7 @@ def read_head(fp, strict=False):
     values (leading blanks and the line end stripped, folded lines kept: compat32).
     A line that is not a field (no colon, or a blank before it: RFC 9112 §5.1) is
     dropped, where the email package drops it and every field after it; `strict`
-    (a request's head) raises ValueError for it, and for obs-fold (§5.2)."""
+    (a request's head) raises ValueError for it, and for obs-fold (RFC 9112 §5.2)."""
     fields = []
     while True:
         line = fp.readline(MAX_HEAD_LINE + 1)

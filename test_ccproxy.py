@@ -4820,6 +4820,75 @@ def stack_kb(pid):
     return sizes
 
 
+class TestDocs(unittest.TestCase):
+    """The repo explains itself (issue #19): what the code cites is in docs/, with the
+    sections it names; every setting is in the operating reference; links resolve."""
+
+    @staticmethod
+    def tracked():
+        out = subprocess.run(["git", "-C", HERE, "ls-files"], capture_output=True, text=True)
+        if out.returncode:
+            raise unittest.SkipTest("not a git checkout")
+        return set(out.stdout.split())
+
+    @staticmethod
+    def headings(path):
+        with open(os.path.join(HERE, path)) as f:
+            return [line for line in f if line.startswith("#")]
+
+    def has_section(self, path, number):
+        return any(re.match(r"^#+ %s[. ]" % re.escape(number), h) for h in self.headings(path))
+
+    def test_every_document_the_code_cites_exists_with_its_sections(self):
+        with open(SCRIPT) as f:
+            text = f.read()
+        tracked = self.tracked()
+        for name in set(re.findall(r"[\w./-]+\.md\b", text)):
+            with self.subTest(name):
+                self.assertTrue(name.startswith("docs/") or name in ("README.md",
+                                                                     "CHANGELOG.md"))
+                self.assertIn(name, tracked)
+        for path, number in set(re.findall(r"(docs/[\w-]+\.md) §(\d+(?:\.\d+)?)", text)):
+            with self.subTest(path=path, section=number):
+                self.assertTrue(self.has_section(path, number))
+        # A bare §N in the translation sections is docs/translation.md's; an RFC's is not.
+        for line in text.splitlines():
+            for m in re.finditer(r"(?<!md )§(\d+(?:\.\d+)?)", line):
+                if not re.search(r"RFC \d+[^§]*(§[\d.]+[, ]*)*$|8259 $", line[:m.start()]):
+                    with self.subTest(line=line.strip()[:60]):
+                        self.assertTrue(self.has_section("docs/translation.md", m.group(1)))
+
+    def test_every_setting_is_in_the_operating_reference(self):
+        with open(os.path.join(HERE, "docs", "operating.md")) as f:
+            reference = f.read()
+        for key, variables, _, option in ccproxy.SETTINGS:
+            for word in (key,) + variables + (("--" + option.replace("_", "-"),)
+                                              if option else ()):
+                with self.subTest(word):
+                    self.assertIn("`%s`" % word, reference)
+        for _, variable in ccproxy.PROVIDER_ENV:
+            self.assertIn("`%s`" % variable, reference)
+        for key in ccproxy.PROVIDER_KEYS:
+            self.assertIn("`%s`" % key, reference)
+
+    def test_local_links_resolve(self):
+        tracked = self.tracked()
+        for doc in ["README.md", "CHANGELOG.md"] + sorted(
+                p for p in tracked if p.startswith("docs/")):
+            with open(os.path.join(HERE, doc)) as f:
+                text = f.read()
+            for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+                if "://" in target:
+                    continue
+                path = os.path.normpath(os.path.join(os.path.dirname(doc), target))
+                with self.subTest(doc=doc, link=target):
+                    self.assertIn(path, tracked)
+
+    def test_the_readme_is_for_its_readers(self):
+        with open(os.path.join(HERE, "README.md")) as f:
+            self.assertLess(len(f.read().splitlines()), 350)
+
+
 class TestModule(unittest.TestCase):
 
     def test_all(self):
