@@ -4803,21 +4803,13 @@ class TestStreamThreadBudget(LifecycleCase):
 
 
 def stack_kb(pid):
-    """Resident KB of each of a process's thread stacks (mappings of the stack size),
-    as bench.py's thread_stacks reads them."""
-    import resource
-    limit = resource.getrlimit(resource.RLIMIT_STACK)[0]
-    size = 8192 if limit in (resource.RLIM_INFINITY, 0) else limit >> 10
-    sizes, current = [], None
-    with open("/proc/%d/smaps" % pid) as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and ":" not in head:
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                current = (hi - lo) >> 10
-            elif line.startswith("Rss:") and current is not None and abs(current - size) <= 8:
-                sizes.append(int(line.split()[1]))
-    return sizes
+    """Resident KB of each of a process's thread stacks, as the bench reads them."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(os.path.join(HERE, "bench"))
+    return bench.thread_stack_sizes(pid)
 
 
 class TestDocs(unittest.TestCase):

@@ -241,7 +241,15 @@ def proc_stat(pid):
 
 def thread_stacks(pid):
     """The mean resident KB of a process's thread stacks (its mappings of the stack
-    size): 8 means every stream's thread stays within two pages of C stack (README)."""
+    size): 8 means every stream's thread stays within two pages of C stack
+    (docs/performance.md)."""
+    sizes = thread_stack_sizes(pid)
+    return sum(sizes) / len(sizes) if sizes else 0.0
+
+
+def thread_stack_sizes(pid):
+    """The resident KB of each of a process's thread stacks, from /proc/PID/smaps
+    (test_ccproxy's stack budget test reads them the same way)."""
     limit = resource.getrlimit(resource.RLIMIT_STACK)[0]
     size = 8192 if limit in (resource.RLIM_INFINITY, 0) else limit >> 10
     sizes, current = [], None
@@ -253,7 +261,7 @@ def thread_stacks(pid):
                 current = (hi - lo) >> 10
             elif line.startswith("Rss:") and current is not None and abs(current - size) <= 8:
                 sizes.append(int(line.split()[1]))
-    return sum(sizes) / len(sizes) if sizes else 0.0
+    return sizes
 
 
 # ---- measurements ---------------------------------------------------------------
