@@ -4574,9 +4574,11 @@ class AccessRecord:
     __slots__ = FIELDS + ("stream_ttfb",)       # seconds to a stream's first byte
 
     def __init__(self, request_id, client):
-        for name in self.__slots__:
-            setattr(self, name, None)
         self.request_id, self.client = request_id, client
+        self.method = self.path = self.status = self.route = self.provider = None
+        self.model = self.upstream_model = self.upstream_status = self.attempts = None
+        self.latency_ms = self.ttfb_ms = self.input_tokens = self.output_tokens = None
+        self.error = self.stream_ttfb = None
 
     def update(self, **values):
         for name, value in values.items():
@@ -4598,7 +4600,8 @@ class Exchange:
                  "pending_head", "ping_frame", "upstream_started")
 
     def __init__(self, handler):
-        self.handler, self.service, self.access = handler, handler.server.service, handler.access
+        self.handler, self.service = handler, handler.server.service
+        self.access = handler.access
         self.write_lock, self.pinging, self.last_write = threading.Lock(), False, 0.0
         self.pending_head = self.ping_frame = self.upstream_started = None
 
@@ -4727,7 +4730,8 @@ class Exchange:
         if not misdirected:
             return client, resp
         client.discard(resp)
-        log.warning("%s attempt provider=%s: %s", self.handler.request_id, provider.name, misdirected)
+        log.warning("%s attempt provider=%s: %s", self.handler.request_id, provider.name,
+                    misdirected)
         if last:
             raise HTTPError(502, "api_error", "%s upstream %s" % (provider.name, misdirected))
         return client, None

@@ -874,6 +874,15 @@ class TestPureFunctions(unittest.TestCase):
             with self.subTest(statuses=statuses):
                 self.assertEqual(ccproxy.overall_health(statuses), health)
 
+    def test_an_access_record_starts_with_every_field_unset(self):
+        record = ccproxy.AccessRecord("req_1", "127.0.0.1")
+        self.assertEqual({n: getattr(record, n) for n in record.__slots__},
+                         dict({n: None for n in record.__slots__}, request_id="req_1",
+                              client="127.0.0.1"))
+        record.update(status=200, provider="p")
+        self.assertEqual(record.items(), [("request_id", "req_1"), ("client", "127.0.0.1"),
+                                          ("status", 200), ("provider", "p")])
+
     def test_access_record_escapes_control_characters(self):
         line = ccproxy.access_record({"request_id": "r", "client": "c", "method": "GET",
                                       "path": "/x\r\nFAKE 200", "status": 200,
