@@ -28,9 +28,9 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CACHE = os.path.join(ROOT, ".cache", "e2e")
-SHARED_FAKE = os.path.join(ROOT, "..", "shared", "claude-code-wire", "fake_anthropic.py")
 sys.path.insert(0, HERE)
 from fake_openai import FakeOpenAI  # noqa: E402
+from fake_anthropic import FakeAnthropic as InRepoFakeAnthropic  # noqa: E402
 
 CLAUDE_PKG = "@anthropic-ai/claude-code@latest"
 RESULTS = []
@@ -234,32 +234,22 @@ def png_file(directory):
 
 
 class FakeAnthropic:
-    """../shared/claude-code-wire/fake_anthropic.py as a subprocess."""
+    """e2e/fake_anthropic.py, in this process, as a context manager: a strict fake of
+    the Messages API (it refuses a call without a key or anthropic-version)."""
 
-    def __init__(self, *args):
-        self.dir = tempfile.mkdtemp(prefix="fake-anthropic-")
-        self.args = list(args)
+    def __init__(self, scenario="text", tool_name="Bash", thinking=False):
+        self.fake = InRepoFakeAnthropic(scenario, tool_name, thinking)
+        self.url = self.fake.url
 
     def __enter__(self):
-        port_file = os.path.join(self.dir, "port")
-        self.proc = subprocess.Popen([sys.executable, SHARED_FAKE, "--port", "0",
-                                      "--port-file", port_file, "--log",
-                                      os.path.join(self.dir, "req.jsonl")] + self.args,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not (os.path.exists(port_file) and open(port_file).read().strip()):
-            check(time.monotonic() < deadline, "fake_anthropic.py did not start")
-            time.sleep(0.02)
-        self.url = "http://127.0.0.1:%s" % open(port_file).read().strip()
+        self.fake.start()
         return self
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        self.proc.wait(10)
+        self.fake.stop()
 
     def requests(self):
-        with open(os.path.join(self.dir, "req.jsonl")) as f:
-            return [json.loads(line) for line in f]
+        return list(self.fake.requests)
 
 
 # ---- scenarios --------------------------------------------------------------------
@@ -367,9 +357,6 @@ def cli_failure_scenarios(claude, skip):
 
 
 def cli_anthropic_scenarios(claude, skip):
-    skip = skip or ("" if os.path.exists(SHARED_FAKE) else
-                    "../shared/claude-code-wire/fake_anthropic.py is absent")
-
     @scenario("claude-cli anthropic pass-through text", skip)
     def _():
         with FakeAnthropic() as fake, Ccproxy({"CCPROXY_BASE_URL": fake.url}) as proxy:
@@ -377,18 +364,18 @@ def cli_anthropic_scenarios(claude, skip):
             requests = fake.requests()
         check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
         check("Hello from the fake Anthropic server" in result["result"], result["result"])
-        check([r["body_json"].get("stream") for r in requests] == [True], "calls: %d"
+        check([r["body"].get("stream") for r in requests] == [True], "calls: %d"
               % len(requests))
 
     @scenario("claude-cli anthropic pass-through bash tool round trip", skip)
     def _():
-        with FakeAnthropic("--scenario", "tool", "--tool-name", "Bash", "--thinking") as fake, \
+        with FakeAnthropic("tool", "Bash", thinking=True) as fake, \
                 Ccproxy({"CCPROXY_BASE_URL": fake.url}) as proxy:
             rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
             requests = fake.requests()
         check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
-        check(len(requests) == 2 and all(r["body_json"].get("stream") for r in requests),
-              "calls: %s" % [r["body_json"].get("stream") for r in requests])
+        check(len(requests) == 2 and all(r["body"].get("stream") for r in requests),
+              "calls: %s" % [r["body"].get("stream") for r in requests])
 
 
 class Screen:
@@ -472,9 +459,6 @@ def interactive_scenarios(claude, skip):
                              "Hello from the fake OpenAI server")
         check(len(fake.requests) >= 1, "no call reached the upstream")
 
-    skip = skip or ("" if os.path.exists(SHARED_FAKE) else
-                    "../shared/claude-code-wire/fake_anthropic.py is absent")
-
     @scenario("interactive claude (tmux, fresh HOME, eval \"$(ccproxy env)\"), pass-through "
               "with CCPROXY_API_KEY", skip)
     def _():
@@ -535,13 +519,10 @@ def sdk_scenarios(python, skip):
                                            "description": "say hello"}, got["stream_tool"])
         check(got["count_tokens"] > 0, "count_tokens: %s" % got["count_tokens"])
 
-    skip = skip or ("" if os.path.exists(SHARED_FAKE) else
-                    "../shared/claude-code-wire/fake_anthropic.py is absent")
-
     @scenario("anthropic SDK on the Anthropic pass-through: create, stream, tool stream, "
               "count_tokens", skip)
     def _():
-        with FakeAnthropic("--scenario", "tool", "--tool-name", "Bash") as fake, \
+        with FakeAnthropic("tool", "Bash") as fake, \
                 Ccproxy({"CCPROXY_BASE_URL": fake.url}) as proxy:
             got = run_sdk(proxy)
         check(any(b[:2] == ["tool_use", "Bash"] for b in got["stream_tool"][:-1]) and

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""A fake Anthropic Messages upstream for end-to-end tests (stdlib, loopback).
+
+It is as strict as the real API where a proxy could go wrong: a call without a key
+(x-api-key or Authorization: Bearer) is a 401, one without anthropic-version, model,
+messages or max_tokens a 400, and every answer is Anthropic's wire format (SSE frames with
+their event: lines).  It answers from the conversation it is sent:
+  * after a tool result: text that quotes it ("Tool said: ...");
+  * scenario text:       "Hello from the fake Anthropic server!";
+  * scenario tool:       a thinking block (--thinking), then a Bash call (--tool-name).
+POST /v1/messages/count_tokens answers {"input_tokens": N}; HEAD / and GET /v1/models too.
+
+Every request is kept in .requests (path, headers as [name, value] pairs, parsed body).
+"""
+import argparse
+import http.server
+import json
+import socket
+import sys
+import threading
+
+TEXT = "Hello from the fake Anthropic server!"
+
+
+class FakeAnthropic:
+    """The server; start() binds 127.0.0.1 port 0 and serves on a daemon thread."""
+
+    def __init__(self, scenario="text", tool_name="Bash", thinking=False):
+        self.scenario, self.tool_name, self.thinking = scenario, tool_name, thinking
+        self.requests, self.lock = [], threading.Lock()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self):
+                fake.send_json(self, 200, {"data": [{"type": "model", "id": "claude-x"}]})
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                body = json.loads(raw or b"{}")
+                with fake.lock:
+                    fake.requests.append({"path": self.path, "headers": self.headers.items(),
+                                          "body": body})
+                fake.answer(self, body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+
+    def start(self):
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- answers ------------------------------------------------------------------
+
+    def answer(self, h, body):
+        problem = self.refusal(h, body)
+        if problem:
+            return self.send_json(h, *problem)
+        if h.path.partition("?")[0].endswith("/count_tokens"):
+            return self.send_json(h, 200, {"input_tokens": len(json.dumps(body)) // 4})
+        blocks = self.decide(body)
+        stop = "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
+        message = {"id": "msg_fake", "type": "message", "role": "assistant",
+                   "model": body["model"], "content": blocks, "stop_reason": stop,
+                   "stop_sequence": None, "usage": {"input_tokens": 900, "output_tokens": 12}}
+        if body.get("stream"):
+            return self.send_stream(h, message)
+        self.send_json(h, 200, message)
+
+    @staticmethod
+    def refusal(h, body):
+        """(status, error document) for what the real API refuses, or None."""
+        auth = h.headers.get("authorization") or ""
+        if not h.headers.get("x-api-key") and not auth.lower().startswith("bearer "):
+            return 401, error("authentication_error", "x-api-key header is required")
+        if not h.headers.get("anthropic-version"):
+            return 400, error("invalid_request_error", "anthropic-version header is required")
+        counting = h.path.partition("?")[0].endswith("/count_tokens")
+        for field in ("model", "messages") + (() if counting else ("max_tokens",)):
+            if field not in body:
+                return 400, error("invalid_request_error", "%s: Field required" % field)
+        return None
+
+    def decide(self, body):
+        """The content blocks of the answer to the conversation in `body`."""
+        last = (body.get("messages") or [{}])[-1]
+        content = last.get("content") if isinstance(last.get("content"), list) else []
+        results = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+        if results:
+            said = results[0].get("content")
+            said = said if isinstance(said, str) else " ".join(
+                p.get("text", "") for p in said or [] if isinstance(p, dict))
+            return [{"type": "text", "text": "Tool said: " + said.strip()[:80]}]
+        tools = {t.get("name") for t in body.get("tools") or []}
+        if self.scenario != "tool" or self.tool_name not in tools:
+            return [{"type": "text", "text": TEXT}]
+        blocks = [{"type": "thinking", "thinking": "I should run it.", "signature": "sig-1"}] if (
+            self.thinking) else []
+        return blocks + [{"type": "tool_use", "id": "toolu_fake_1", "name": self.tool_name,
+                          "input": {"command": "echo hello-from-tool",
+                                    "description": "say hello"}}]
+
+    # -- wire ---------------------------------------------------------------------
+
+    @staticmethod
+    def send_json(h, status, doc):
+        data = json.dumps(doc).encode()
+        h.wfile.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (status, len(data), data))
+
+    @staticmethod
+    def send_stream(h, message):
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")
+        for name, data in events(message):
+            frame = b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(data).encode())
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+        h.wfile.write(b"0\r\n\r\n")
+
+
+def error(etype, message):
+    return {"type": "error", "error": {"type": etype, "message": message}}
+
+
+def events(message):
+    """A message as Anthropic's stream of events."""
+    start = dict(message, content=[], stop_reason=None, usage=dict(message["usage"],
+                                                                   output_tokens=1))
+    yield "message_start", {"type": "message_start", "message": start}
+    yield "ping", {"type": "ping"}
+    for index, block in enumerate(message["content"]):
+        empty = {"text": {"type": "text", "text": ""},
+                 "thinking": {"type": "thinking", "thinking": "", "signature": ""},
+                 "tool_use": dict(block, input={})}[block["type"]]
+        yield "content_block_start", {"type": "content_block_start", "index": index,
+                                      "content_block": empty}
+        for delta in deltas(block):
+            yield "content_block_delta", {"type": "content_block_delta", "index": index,
+                                          "delta": delta}
+        yield "content_block_stop", {"type": "content_block_stop", "index": index}
+    yield "message_delta", {"type": "message_delta", "delta": {
+        "stop_reason": message["stop_reason"], "stop_sequence": None},
+        "usage": {"output_tokens": message["usage"]["output_tokens"]}}
+    yield "message_stop", {"type": "message_stop"}
+
+
+def deltas(block):
+    if block["type"] == "text":
+        return [{"type": "text_delta", "text": block["text"]}]
+    if block["type"] == "thinking":
+        return [{"type": "thinking_delta", "thinking": block["thinking"]},
+                {"type": "signature_delta", "signature": block["signature"]}]
+    text = json.dumps(block["input"])
+    return [{"type": "input_json_delta", "partial_json": text[:10]},
+            {"type": "input_json_delta", "partial_json": text[10:]}]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="text")
+    parser.add_argument("--tool-name", default="Bash")
+    parser.add_argument("--thinking", action="store_true")
+    args = parser.parse_args(argv)
+    fake = FakeAnthropic(args.scenario, args.tool_name, args.thinking).start()
+    print(fake.url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
