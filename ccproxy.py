@@ -3340,6 +3340,7 @@ def starter_config(ptype):
 
 
 def starter_next(ptype):
+    """What to do after `init` wrote a config for `ptype`."""
     fields = STARTER_FIELDS[ptype]
     return STARTER_NEXT.get(ptype) or "export %s=..." % fields["api_key_env"]
 
@@ -5630,6 +5631,7 @@ def lock_holders(inode):
 
 
 def foreign_lock(path, pid):
+    """The line that says a PID file is locked by a process other than the one it names."""
     return ("the PID file %s is locked by a process other than the pid %s it names: it is "
             "no ccproxy of this user's; remove the file, or choose another --pid-file"
             % (path, pid))
@@ -5705,6 +5707,7 @@ def read_own_json(path, owner=None):
 
 
 def remove_quietly(*paths):
+    """Unlink each path that exists; one that does not, or cannot go, is no error."""
     for path in paths:
         try:
             os.unlink(path)
