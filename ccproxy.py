@@ -2827,6 +2827,218 @@ def stream_error_type(error):
     return "api_error"
 
 
+_JSON_SPACE_RUN = re.compile(r"[ \t\n\r]*")
+_JSON_STRING_RUN = re.compile(r'[^"\\\x00-\x1f]*')
+_JSON_NUMBER_RUN = re.compile(r"[-+0-9.eE]*")
+_JSON_NUMBER_PREFIX = re.compile(
+    r"-?(?:(?:0|[1-9][0-9]*)(?:\.|\.[0-9]+(?:[eE][+-]?[0-9]*)?|[eE][+-]?[0-9]*)?)?\Z")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
+_JSON_ESCAPES = frozenset('"\\/bfnrtu')
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+class _NotJson(Exception):
+    """The arguments text stopped being the start of one JSON object."""
+
+
+class JsonObjectStream:
+    """Tool input as it streams (docs/translation.md §3.5, issue #20): feed() passes on
+    the arguments text that keeps what was sent the start of one JSON object, and
+    close() gives what completes it, so that what a client concatenates always parses.
+
+    Held back until what follows decides: a member whose value has not begun (from its
+    comma, or from the "{", to the value's first character) and half an escape.  A call
+    cut off by max_tokens loses only the member it was writing: {"a":1,"b -> {"a":1}.
+    A raw control character in a string, which JSON forbids and some models write, is
+    sent escaped.  Text after what can no longer be JSON is dropped and counted.
+    Arguments that do not begin with "{" are not streamed at all: `whole` is set, and
+    the caller sends the repaired value at the end (parse_tool_arguments)."""
+
+    __slots__ = ("state", "stack", "token", "in_key", "mark", "held", "broken", "whole",
+                 "notes", "dropped")
+
+    def __init__(self):
+        self.state, self.stack, self.token, self.in_key = "start", [], "", False
+        self.mark, self.held = None, ""    # mark: "member" or "escape" while holding back
+        self.broken = self.whole = False
+        self.notes, self.dropped = [], 0
+
+    @property
+    def complete(self):
+        """The object is whole: only whitespace may follow."""
+        return self.state == "done"
+
+    def feed(self, text):
+        """The part of `text` (after what was held back before) to send on now."""
+        if self.broken or self.whole:
+            self.dropped += len(text)
+            return ""
+        if self.state == "string" and not self.held and not self.token and (
+                _JSON_STRING_RUN.match(text).end() == len(text)):
+            return text                       # most pieces: the middle of a string
+        out, i = [self.held], 0
+        start = 0 if self.mark else None      # where in `out` holding back began
+        try:
+            while i < len(text):
+                i, start = self._step(text, i, out, start)
+        except _NotJson:
+            self.broken = not self.whole
+            self.dropped += len(text) - i
+        self.held = "" if start is None else "".join(out[start:])
+        return "".join(out if start is None else out[:start])
+
+    def close(self):
+        """What completes what was sent ("" when nothing is missing); None when whole."""
+        if self.whole:
+            return None
+        if self.state == "start":
+            return "{}"
+        tail = ""
+        if self.held:                      # a member or an escape that never finished
+            self.dropped += len(self.held)
+        if self.mark != "member" or not self.held:
+            if self.state == "string":
+                tail = '"'
+            elif self.state == "literal":
+                tail = self._literal()[len(self.token):]
+            elif self.state == "number" and not _JSON_NUMBER.match(self.token):
+                tail = "0"
+        if self.dropped:
+            self.notes.append("dropped %d characters" % self.dropped)
+        if self.state != "done":
+            self.notes.append("closed a cut-off object")
+        return tail + "".join(reversed(self.stack))
+
+    # -- one step: a run of a string or of whitespace, or one token -----------------
+
+    def _step(self, text, i, out, start):
+        """(index after the step, where holding back begins now)."""
+        state = self.state
+        if state == "string":
+            return self._string(text, i, out, start)
+        if state in ("number", "literal"):
+            return self._scalar(text, i, out), start
+        j = _JSON_SPACE_RUN.match(text, i).end()
+        if j > i:
+            if state != "start":
+                out.append(text[i:j])
+            return j, start
+        return i + 1, self._token(text[i], out, start)
+
+    def _token(self, ch, out, start):
+        """One structural character, or the first of a value."""
+        state = self.state
+        if state in ("start", "value", "value?") and ch != "]":
+            return self._value(ch, out)
+        if ch == '"' and state in ("key?", "key"):
+            self.state, self.in_key = "string", True
+        elif ch == ":" and state == "colon":
+            self.state = "value"
+        elif ch == "," and state == "after":
+            self.state, self.mark = ("key" if self.stack[-1] == "}" else "value"), "member"
+            start = len(out)
+        elif ch in "}]" and self.stack and ch == self.stack[-1] and state in (
+                "after", "key?" if ch == "}" else "value?"):
+            self.stack.pop()
+            self._end_value()
+            self.mark = start = None
+        else:
+            raise _NotJson()
+        out.append(ch)
+        return start
+
+    def _value(self, ch, out):
+        """The first character of a value: what was held back with its member goes."""
+        if self.state == "start" and ch != "{":
+            self.whole = True               # a string holding JSON, a code fence, …
+            raise _NotJson()
+        self.mark = None
+        out.append(ch)
+        if ch == "{":
+            self.stack.append("}")
+            self.state, self.mark = "key?", "member"
+            return len(out)
+        if ch == "[":
+            self.stack.append("]")
+            self.state = "value?"
+        elif ch == '"':
+            self.state, self.in_key = "string", False
+        elif ch in "-0123456789":
+            self.state, self.token = "number", ch
+        elif ch in "tfn":
+            self.state, self.token = "literal", ch
+        else:
+            raise _NotJson()
+        return None
+
+    def _end_value(self):
+        self.state, self.token = ("after" if self.stack else "done"), ""
+
+    # -- strings, numbers and literals -------------------------------------------
+
+    def _string(self, text, i, out, start):
+        if self.token:                      # inside an escape
+            return i + 1, self._escape(text[i], out, start)
+        j = _JSON_STRING_RUN.match(text, i).end()
+        if j > i:
+            out.append(text[i:j])
+        if j == len(text):
+            return j, start
+        ch = text[j]
+        if ch == '"':
+            if self.in_key:
+                self.state = "colon"
+            else:
+                self._end_value()
+        elif ch == "\\":
+            self.token = ch
+            if self.mark is None:
+                self.mark, start = "escape", len(out)
+        else:                               # a raw control character
+            ch = json.dumps(ch)[1:-1]
+            if "escaped control characters" not in self.notes:
+                self.notes.append("escaped control characters")
+        out.append(ch)
+        return j + 1, start
+
+    def _escape(self, ch, out, start):
+        """One more character of an escape sequence; where holding back begins now."""
+        token = self.token
+        if ch not in (_JSON_ESCAPES if token == "\\" else _HEX_DIGITS):
+            raise _NotJson()
+        out.append(ch)
+        token += ch
+        self.token = token if token == "\\u" or 2 < len(token) < 6 else ""
+        if not self.token and self.mark == "escape":
+            self.mark = start = None
+        return start
+
+    def _scalar(self, text, i, out):
+        """A number's or a literal's next characters; the index after them."""
+        if self.state == "literal":
+            word = self._literal()
+            if text[i] != word[len(self.token)]:
+                raise _NotJson()
+            self.token += text[i]
+            out.append(text[i])
+            if self.token == word:
+                self._end_value()
+            return i + 1
+        j = _JSON_NUMBER_RUN.match(text, i).end()
+        token = self.token + text[i:j]
+        if not _JSON_NUMBER_PREFIX.match(token) or (j < len(text) and
+                                                     not _JSON_NUMBER.match(token)):
+            raise _NotJson()
+        out.append(text[i:j])
+        self.token = token
+        if j < len(text):                   # the character after the number ends it
+            self._end_value()
+        return j
+
+    def _literal(self):
+        return next(w for w in ("true", "false", "null") if w.startswith(self.token))
+
+
 class StreamTranslator:
     """O stream chunks -> A SSE events, one upstream event at a time (§3.3–§3.4).
 
@@ -2841,9 +3053,12 @@ class StreamTranslator:
         self.tr, self.msg_id = tr, new_message_id()
         self.open, self.next_index, self.tools, self.deferred = None, 0, {}, []
         self.finish, self.usage, self.done, self.refusal = None, None, False, False
-        self.last_key, self.ids, self.out_bytes, self.had_tool = None, ToolIds(), 0, False
+        self.ids, self.out_bytes, self.had_tool = ToolIds(), 0, False
+        self.slots, self.last_slot = {}, None          # see _tool_key
         self.think_buffer, self.in_think = "", None
         self.thinking_text, self.held = "", None      # held: see _whole
+        self.waiting = []        # text that came while a call's input was unfinished
+        self.repairs = 0         # calls whose input had to be repaired
 
     def start(self):
         """message_start (with the estimated input tokens, which Claude Code shows) and
@@ -2922,8 +3137,10 @@ class StreamTranslator:
         out = []
         if self.held and self.held[0] == kind:       # a surrogate half that stays alone
             half, self.held = self.held[1], None
-            out.append(self._delta({"type": "text_delta", "text": half} if kind == "text"
-                                   else {"type": "thinking_delta", "thinking": half}))
+            out.append(self._delta({"text": {"type": "text_delta", "text": half},
+                                    "thinking": {"type": "thinking_delta", "thinking": half},
+                                    "tool": {"type": "input_json_delta", "partial_json": half}
+                                    }[kind]))
             self.thinking_text += half if kind == "thinking" else ""
         if kind == "thinking":
             # Claude Code stores and echoes thinking with its signature; ours lets the
@@ -2932,14 +3149,22 @@ class StreamTranslator:
                                     thinking_signature(self.tr.route, self.thinking_text)}))
             self.thinking_text = ""
         elif kind == "tool":
-            tool = self.tools[key]
-            if not tool["args"]:
-                out.append(self._delta({"type": "input_json_delta", "partial_json": "{}"}))
-            tool["closed"] = True
+            out += self._finish_tool(self.tools[key])
         out.append(sse_event("content_block_stop", {"type": "content_block_stop",
                                                     "index": index}))
         self.open = None
+        if self.waiting:                 # text that came while the call was written
+            waiting, self.waiting = self.waiting, []
+            for method, text in waiting:
+                out += method(text)
+            out += self._close_open()
         return out
+
+    def _writing_tool(self):
+        """Whether the open block is a call whose input is not a whole object yet: text
+        now waits for it, since closing the block would cut the call (issue #20)."""
+        return self.open is not None and self.open[0] == "tool" and not self.tools[
+            self.open[2]]["json"].complete
 
     def _whole(self, text, kind):
         """`text` with the high surrogate the last delta of `kind` ended in before it,
@@ -2957,6 +3182,9 @@ class StreamTranslator:
         return text
 
     def _thinking(self, text):
+        if self._writing_tool():
+            self.waiting.append((self._thinking, text))
+            return []
         out = []
         if not self.open or self.open[0] != "thinking":
             out += self._open_block("thinking", {"type": "thinking", "thinking": "",
@@ -2969,6 +3197,9 @@ class StreamTranslator:
         return out
 
     def _text(self, text):
+        if self._writing_tool():
+            self.waiting.append((self._text, text))
+            return []
         out = []
         if not self.open or self.open[0] != "text":
             out += self._open_block("text", {"type": "text", "text": ""})
@@ -3016,52 +3247,86 @@ class StreamTranslator:
 
     # -- tools -------------------------------------------------------------------
 
-    def _tool_key(self, call):
+    def _tool_key(self, call, name):
+        """The call a delta belongs to: by its index, else its id, else the call before.
+        A slot already used gets a new call when the delta starts one: a new id, or a
+        name after the call's input was whole.  Several servers number every call 0,
+        and some send neither index nor id (issue #20)."""
         index = call.get("index")
         if isinstance(index, int) and not isinstance(index, bool):
-            key = "i:%d" % index
+            slot = "i:%d" % index
         elif call.get("id"):
-            key = "id:%s" % call["id"]
+            slot = "id:%s" % call["id"]
         else:
-            key = self.last_key or "i:0"
-        self.last_key = key
+            slot = self.last_slot or "i:0"
+        self.last_slot = slot
+        key = self.slots.get(slot)
+        if key is None or self._starts_another(self.tools[key], call, name):
+            key = self.slots[slot] = "%s#%d" % (slot, len(self.tools))
+            self.tools[key] = {"id": "", "name": "", "args": "", "unsent": "",
+                               "started": False, "closed": False, "sig": None,
+                               "json": JsonObjectStream()}
         return key
 
+    @staticmethod
+    def _starts_another(tool, call, name):
+        new_id = call.get("id")
+        if new_id and tool["id"]:
+            return str(new_id) != tool["id"]
+        return bool(name) and bool(tool["name"]) and (tool["closed"] or
+                                                      tool["json"].complete)
+
     def _tool_delta(self, call):
-        key = self._tool_key(call)
-        tool = self.tools.setdefault(key, {"id": "", "name": "", "args": "", "started": False,
-                                           "closed": False, "sig": None})
-        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+        fn = _obj(call.get("function"))
+        key = self._tool_key(call, fn.get("name"))
+        tool = self.tools[key]
         tool["id"] = tool["id"] or str(call.get("id") or "")
         tool["name"] = tool["name"] or str(fn.get("name") or "")
-        sig = thought_signature_of(call)
-        tool["sig"] = tool["sig"] or sig
+        tool["sig"] = tool["sig"] or thought_signature_of(call)
         fragment = self._fragment(tool, fn.get("arguments"))
         if tool["closed"]:
-            log.warning("dropping arguments for a closed tool call (%d bytes)", len(fragment))
+            if fragment.strip():
+                log.warning("dropping arguments for a closed tool call (%d bytes)",
+                            len(fragment))
             return []
         tool["args"] += fragment
+        piece = tool["json"].feed(fragment) if fragment else ""
         if not tool["started"]:
-            if not tool["name"]:
-                return []                          # buffered until the name is known
-            if self.open and self.open[0] == "tool":
-                if key not in self.deferred:
-                    self.deferred.append(key)      # another tool is open: emit it later
-                return []
-            return self._start_tool(key)
+            tool["unsent"] += piece
+            return self._start_when_free(key)
         # Tool input travels only in input_json_delta: the SDK ignores the input of
         # content_block_start (inflaborg/ccrelay#119).
-        if fragment and self.open and self.open[2] == key:
-            return [self._delta({"type": "input_json_delta", "partial_json": fragment})]
-        return []
+        if not (self.open and self.open[2] == key):
+            return []
+        out = self._json_delta(piece)
+        if self.waiting and tool["json"].complete:
+            out += self._close_open()              # the text that waited goes out now
+        return out
+
+    def _start_when_free(self, key):
+        """Open the call's block now, or after the call being written: parallel calls
+        that interleave are sent one after another, whole."""
+        if not self.tools[key]["name"]:
+            return []                              # buffered until the name is known
+        if self._writing_tool() or self.deferred:
+            if key not in self.deferred:
+                self.deferred.append(key)
+            return []
+        return self._start_tool(key)
+
+    def _json_delta(self, piece):
+        if self.held or "\ud800" <= piece[-1:] <= "\udbff":   # rare: half an emoji
+            piece = self._whole(piece, "tool")
+        return [self._delta({"type": "input_json_delta", "partial_json": piece})] if (
+            piece) else []
 
     @staticmethod
     def _fragment(tool, args):
         if isinstance(args, dict):                 # Ollama sends whole objects
-            return _compact(args)
+            args = _compact(args)
         if not isinstance(args, str):
             return ""
-        if tool["args"] and len(args) > len(tool["args"]) and args.startswith(tool["args"]):
+        if tool["args"] and len(args) >= len(tool["args"]) and args.startswith(tool["args"]):
             return args[len(tool["args"]):]        # a snapshot, not a delta
         return args
 
@@ -3072,9 +3337,23 @@ class StreamTranslator:
         out = self._open_block("tool", {"type": "tool_use", "id": tool_id, "name":
                                         self.tr.names.get(tool["name"], tool["name"]),
                                         "input": {}}, key)
-        if tool["args"]:
-            out.append(self._delta({"type": "input_json_delta", "partial_json": tool["args"]}))
-        return out
+        unsent, tool["unsent"] = tool["unsent"], ""
+        return out + self._json_delta(unsent)
+
+    def _finish_tool(self, tool):
+        """The end of a call's input: what completes it, or, for arguments that were
+        no object, the repaired value whole; each repair logged (issue #20)."""
+        stream, tool["closed"] = tool["json"], True
+        tail = stream.close()
+        if tail is None:
+            tail = _compact(parse_tool_arguments(tool["args"]))
+            stream.notes.append("arguments did not begin with {")
+        if stream.notes:
+            self.repairs += 1
+            log.warning("%s tool call %s: input repaired (%s)", self.tr.route,
+                        escape_log(tool["name"])[:100], "; ".join(stream.notes))
+        return [self._delta({"type": "input_json_delta", "partial_json": tail})] if (
+            tail) else []
 
     # -- the end -----------------------------------------------------------------
 
