@@ -190,8 +190,10 @@ HOP_BY_HOP = frozenset((
     "upgrade", "proxy-authenticate", "proxy-authorization",
 ))
 #: Request headers never copied upstream: hop-by-hop, framing we recompute, credentials
-#: we set ourselves, and Accept-Encoding (we ask for identity to relay bytes untouched).
-REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
+#: we set ourselves, Accept-Encoding (we ask for identity to relay bytes untouched), and
+#: Content-Encoding (a compressed body is decoded on arrival: decode_body).
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect",
+                             "content-encoding"}
 #: Response headers never copied to the client: hop-by-hop, framing, and ids we replace.
 RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server", "request-id"}
 
@@ -242,6 +244,11 @@ QUIRK_DEFAULTS = {
     "reasoning": "",                   # reasoning_effort | openrouter | deepseek | "" (none)
     "reasoning_models": "",            # regex on the upstream model; "" = every model
     "reasoning_echo": "",              # history thinking -> reasoning_content | reasoning
+    "efforts": "low,medium,high",      # the effort levels the route takes (§1.6)
+    "xhigh_models": "",                # regex: models that take xhigh and max ("" = all)
+    "cache_control": False,            # Anthropic cache markers on the same blocks (§1.7)
+    "cache_models": "",                # regex: models that honour them ("" = every model)
+    "prompt_cache_key": False,         # a cache key from a hash of the session id (§1.7)
     "schema_dialect": "openai",        # or gemini
     "think_tags": False,               # a leading <think>…</think> in content is reasoning
     "stream_tools": True,              # False: call non-streaming when tools are present
@@ -258,18 +265,27 @@ QUIRK_DEFAULTS = {
                                        # restarts and reaches whichever worker answers next
 }
 _OPENAI_REASONING = r"^(o\d|gpt-5)"
+_OPENAI_XHIGH = r"^(gpt-5\.1-codex-max|gpt-5\.[2-9]|gpt-5\.\d\d|gpt-[6-9])"
 PROVIDER_QUIRKS = {
+    # xhigh: OpenAI's reasoning guide, "supported for all models after gpt-5.1-codex-max".
     "openai": {"token_param": "max_completion_tokens", "mid_system": "inplace",
                "supports_pdf": True, "reasoning": "reasoning_effort",
-               "reasoning_models": _OPENAI_REASONING},
+               "reasoning_models": _OPENAI_REASONING, "efforts": "low,medium,high,xhigh",
+               "xhigh_models": _OPENAI_XHIGH, "prompt_cache_key": True},
     "azure": {"token_param": "max_completion_tokens", "mid_system": "inplace",
               "auth": "api-key", "reasoning": "reasoning_effort",
-              "reasoning_models": _OPENAI_REASONING},
+              "reasoning_models": _OPENAI_REASONING, "efforts": "low,medium,high,xhigh",
+              "xhigh_models": _OPENAI_XHIGH},
     "groq": {"reasoning": "reasoning_effort", "reasoning_models": r"(gpt-oss|qwen3)",
              "reasoning_echo": ""},
+    # OpenRouter normalises reasoning.effort, xhigh included, for every reasoning model
+    # (enricoros/big-AGI#940); it passes cache_control on to Anthropic's and Gemini's
+    # models (its prompt-caching guide), where the cache is the provider's own.
     "openrouter": {"supports_pdf": True, "reasoning": "openrouter",
                    "reasoning_models": r"(o\d|gpt-5|claude|gemini-2\.5|gemini-3|deepseek-r|"
-                                       r"reasoner|thinking|qwen3|grok)"},
+                                       r"reasoner|thinking|qwen3|grok)",
+                   "efforts": "low,medium,high,xhigh", "cache_control": True,
+                   "cache_models": r"^(anthropic/|google/gemini)"},
     "deepseek": {"no_vision": True, "max_output": 8192, "reasoning": "deepseek",
                  "reasoning_models": r"reasoner", "reasoning_echo": "reasoning_content"},
     "gemini": {"schema_dialect": "gemini", "reasoning": "reasoning_effort",
@@ -1892,6 +1908,7 @@ class Translation:
     estimate: int = 1                                        # input tokens, §5, calibrated
     raw_estimate: int = 1                                    # before calibration
     signatures: object = None                                # ThoughtSignatures or None
+    session: str = ""                                        # Claude Code's session id
 
 
 def upstream_tool_name(name):
@@ -2037,6 +2054,56 @@ def system_text(system):
                        and not t.startswith(BILLING_PREFIX))
 
 
+#: Anthropic's limit on cache breakpoints in one request; OpenRouter passes the markers
+#: on to Anthropic, which answers 400 past it.
+MAX_CACHE_MARKERS = 4
+
+
+def caches_blocks(quirks, model):
+    """Whether the route caches by Anthropic's cache_control markers for this model."""
+    pattern = quirks["cache_models"]
+    return quirks["cache_control"] and (not pattern or re.search(pattern, model or "")
+                                        is not None)
+
+
+def _cache_marker(block):
+    marker = block.get("cache_control") if isinstance(block, dict) else None
+    return marker if isinstance(marker, dict) and marker.get("type") == "ephemeral" else None
+
+
+def _marked(parts, block, cache):
+    """`parts` (text parts made from `block`), the last one carrying the block's cache
+    marker; None where there is no marker to carry."""
+    marker = _cache_marker(block) if cache else None
+    if not marker or not parts:
+        return None
+    return parts[:-1] + [dict(parts[-1], cache_control=dict(marker))]
+
+
+def system_parts(system):
+    """The system prompt as text parts with Claude Code's cache markers, for a route
+    that caches by markers; None when no block is marked (then it is one string)."""
+    if not isinstance(system, list) or not any(_cache_marker(b) for b in system):
+        return None
+    parts = []
+    for block in system:
+        text = block.get("text") if isinstance(block, dict) else None
+        if isinstance(text, str) and text.strip() and not text.startswith(BILLING_PREFIX):
+            part = {"type": "text", "text": text}
+            parts.append((_marked([part], block, True) or [part])[0])
+    return parts or None
+
+
+def limit_cache_markers(msgs, limit=MAX_CACHE_MARKERS):
+    """At most `limit` markers: the first (the system prompt's long prefix) and the
+    last ones (the newest turns) are kept, as Anthropic counts them."""
+    marked = [part for msg in msgs if isinstance(msg.get("content"), list)
+              for part in msg["content"] if "cache_control" in part]
+    for part in marked[1:len(marked) - limit + 1] if len(marked) > limit else ():
+        del part["cache_control"]
+    return msgs
+
+
 def _text_of_blocks(blocks, joiner="\n"):
     return joiner.join(b.get("text", "") for b in blocks
                        if isinstance(b, dict) and b.get("type") == "text" and b.get("text"))
@@ -2093,8 +2160,8 @@ def _user_part(block, quirks):
 
 def _collapse(parts):
     """All-text parts become one string (some upstreams reject arrays); arrays only
-    when an image or file part is there."""
-    if all(p["type"] == "text" for p in parts):
+    when an image or file part, or a cache marker, is there."""
+    if all(p["type"] == "text" and "cache_control" not in p for p in parts):
         return "\n\n".join(p["text"] for p in parts)
     return parts
 
@@ -2126,7 +2193,7 @@ def tool_result_text(block, images, quirks):
     return "[ERROR] " + text if block.get("is_error") else text
 
 
-def _user_messages(content, quirks):
+def _user_messages(content, quirks, cache=False):
     """One A user message -> tool messages first, then the images they returned, then
     one user message with the rest (O needs tool messages right after the calls)."""
     if isinstance(content, str):
@@ -2136,13 +2203,14 @@ def _user_messages(content, quirks):
         if not isinstance(block, dict):
             continue
         if block.get("type") == "tool_result":
+            text = tool_result_text(block, images, quirks)
             out.append({"role": "tool", "tool_call_id": _tool_id(
                 str(block.get("tool_use_id", "")), quirks),
-                "content": tool_result_text(block, images, quirks)})
+                "content": _marked([{"type": "text", "text": text}], block, cache) or text})
         else:
             part = _user_part(block, quirks)
             if part:
-                parts.append(part)
+                parts.append((_marked([part], block, cache) or [part])[0])
     if images:
         out.append({"role": "user", "content": [
             {"type": "text", "text": "Images returned by tool calls:"}] + images})
@@ -2187,9 +2255,17 @@ def _tool_call(block, quirks, tr):
         raw_id = str(block.get("id", ""))
         sig = split_signature(raw_id)[1] or (
             tr.signatures.get(raw_id) if tr.signatures is not None else None)
+        if not sig and re.search(r"gemini-[3-9]", tr.upstream_model or ""):
+            # A call another provider made (a fallback switched family mid-session):
+            # Gemini 3 answers 400 "Function call is missing a thought_signature" and
+            # documents this sentinel for such calls (vercel/ai#15560, issue #20).
+            sig = GEMINI_NO_SIGNATURE
         if sig:
             call["extra_content"] = {"google": {"thought_signature": sig}}
     return call
+
+
+GEMINI_NO_SIGNATURE = "skip_thought_signature_validator"
 
 
 def _system_message(text, quirks, leading):
@@ -2198,9 +2274,11 @@ def _system_message(text, quirks, leading):
 
 
 def convert_messages(body, quirks, tr):
-    """system + messages -> O messages, then the repair pass (§1.2, §1.3)."""
-    out = []
-    system = system_text(body.get("system"))
+    """system + messages -> O messages, then the repair pass (§1.2, §1.3); on routes
+    that cache by markers, the cache_control of the blocks Claude Code marked (§1.7)."""
+    out, cache = [], caches_blocks(quirks, tr.upstream_model)
+    system = system_parts(body.get("system")) if cache else None
+    system = system or system_text(body.get("system"))
     if system:
         out.append(_system_message(system, quirks, True))
     messages = body.get("messages")
@@ -2211,21 +2289,29 @@ def convert_messages(body, quirks, tr):
         if role == "assistant":
             out.extend(m for m in [_assistant_message(content, quirks, tr)] if m)
         elif role == "system":
-            out.extend(_mid_system(content, quirks))
+            out.extend(_mid_system(content, quirks, cache))
         else:
-            out.extend(_user_messages(content, quirks))
-    return repair_messages(out)
+            out.extend(_user_messages(content, quirks, cache))
+    out = repair_messages(out)
+    return limit_cache_markers(out) if cache else out
 
 
-def _mid_system(content, quirks):
+def _mid_system(content, quirks, cache=False):
+    """A role:"system" message in `messages` (Claude Code 2.1.330 sends its environment
+    so, with the request's last cache marker on it)."""
     text = content if isinstance(content, str) else _text_of_blocks(content or [], "\n\n")
     if not text.strip():
         return []
-    if quirks["mid_system"] == "inplace":
-        return [_system_message(text, quirks, False)]
-    # Many chat templates reject a system message after the first: hand it to the
-    # model as the user turn it belongs to (merged in the repair pass).
-    return [{"role": "user", "content": "<system-reminder>%s</system-reminder>" % text}]
+    inplace = quirks["mid_system"] == "inplace"
+    if not inplace:
+        # Many chat templates reject a system message after the first: hand it to the
+        # model as the user turn it belongs to (merged in the repair pass).
+        text = "<system-reminder>%s</system-reminder>" % text
+    marked = next((b for b in content if _cache_marker(b)), None) if (
+        cache and isinstance(content, list)) else None
+    text = _marked([{"type": "text", "text": text}], marked, True) if marked else text
+    return [_system_message(text, quirks, False) if inplace else
+            {"role": "user", "content": text}]
 
 
 def repair_messages(msgs):
@@ -2250,7 +2336,7 @@ def repair_messages(msgs):
             continue
         if msg["role"] == "tool":          # answers no call we know of
             msg = {"role": "user", "content": "[orphan tool result %s]\n%s"
-                   % (msg["tool_call_id"], msg["content"])}
+                   % (msg["tool_call_id"], _content_text(msg["content"]))}
         if msg["role"] == "assistant":
             settle()
             out.append(msg)
@@ -2261,6 +2347,11 @@ def repair_messages(msgs):
             out.append(msg)
     settle()
     return _merge_users(out)
+
+
+def _content_text(content):
+    return content if isinstance(content, str) else "\n".join(
+        part.get("text", "") for part in content if part.get("type") == "text")
 
 
 def _merge_users(msgs):
@@ -2283,9 +2374,10 @@ def _join_content(a, b):
     return as_parts(a) + as_parts(b)
 
 
-def convert_tools(tools, quirks, names):
+def convert_tools(tools, quirks, names, deferred=None):
     """A tools -> O function tools; server tools (web_search_*, bash_*, …) dropped.
-    `names` learns upstream name -> original, to map tool calls back."""
+    `names` learns upstream name -> original, to map tool calls back; `deferred` gets
+    the tools marked defer_loading instead of the list (see callable_tools)."""
     out = []
     for tool in tools if isinstance(tools, list) else []:
         if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
@@ -2295,10 +2387,29 @@ def convert_tools(tools, quirks, names):
         name = str(tool.get("name", ""))
         mapped = upstream_tool_name(name)
         names[mapped] = name
-        out.append({"type": "function", "function": {
+        converted = {"type": "function", "function": {
             "name": mapped, "description": tool.get("description") or "",
-            "parameters": clean_schema(tool.get("input_schema"), quirks["schema_dialect"])}})
+            "parameters": clean_schema(tool.get("input_schema"), quirks["schema_dialect"])}}
+        if tool.get("defer_loading") is True and deferred is not None:
+            deferred[name] = converted
+        else:
+            out.append(converted)
     return out
+
+
+def referenced_tools(body):
+    """The names of the tools that tool_reference blocks in the history load (the
+    client-side ToolSearch answers with them, then sends the tool with defer_loading)."""
+    names, messages = set(), body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else ():
+            inner = block.get("content") if isinstance(block, dict) else None
+            if isinstance(inner, list) and block.get("type") == "tool_result":
+                names.update(part["tool_name"] for part in inner if isinstance(part, dict)
+                             and part.get("type") == "tool_reference"
+                             and isinstance(part.get("tool_name"), str))
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2312,15 +2423,27 @@ class PreparedTools:
     names: dict         # upstream name -> original
     json: str           # `tools`, serialised for the upstream body (ASCII, as the rest)
     size: int           # UTF-8 bytes of the client's tools, compact (the estimator's)
+    deferred: dict      # original name -> O tool, for the tools marked defer_loading
 
 
 def prepare_tools(tools, quirks):
     """The client's tools as PreparedTools (uncached; ToolsCache.get keeps them)."""
-    names = {}
-    converted = convert_tools(tools, quirks, names)
+    names, deferred = {}, {}
+    converted = convert_tools(tools, quirks, names, deferred)
     size = utf8_len(_compact(tools)) if isinstance(tools, list) and tools else 0
     return PreparedTools(source=tools, tools=converted, names=names,
-                         json=json.dumps(converted), size=size)
+                         json=json.dumps(converted), size=size, deferred=deferred)
+
+
+def callable_tools(prepared, body):
+    """The O tools a call offers.  A tool marked defer_loading is not callable until a
+    tool_reference in the history loads it, as on Anthropic's API; Claude Code's
+    DeferredToolPlaceholder ("never call this tool") never is (issue #20)."""
+    if not prepared.deferred:
+        return prepared.tools
+    loaded = [prepared.deferred[name] for name in sorted(
+        referenced_tools(body) & set(prepared.deferred))]
+    return prepared.tools + loaded if loaded else prepared.tools
 
 
 def convert_tool_choice(choice, quirks):
@@ -2366,8 +2489,25 @@ def reasoning_effort(body):
         effort = (body.get("output_config") or {}).get("effort") if isinstance(
             body.get("output_config"), dict) else None
         effort = effort if isinstance(effort, str) else None
-        return {"low": "low", "medium": "medium"}.get(effort, "high" if effort else "medium")
+        return effort if effort in EFFORT_LEVELS else "high" if effort else "medium"
     return None
+
+
+#: Claude Code's effort levels, lowest first (Anthropic's effort guide).
+EFFORT_LEVELS = ("low", "medium", "high", "xhigh", "max")
+
+
+def route_effort(effort, quirks, model):
+    """The level to send for the one asked: itself where the route takes it, else the
+    nearest below, as Anthropic's API falls back on a model without xhigh (issue #20:
+    xhigh and max were flattened to high everywhere)."""
+    levels = [level.strip() for level in quirks["efforts"].split(",") if level.strip()]
+    pattern = quirks["xhigh_models"]
+    if pattern and not re.search(pattern, model or ""):
+        levels = [level for level in levels if level not in ("xhigh", "max")]
+    wanted = EFFORT_LEVELS.index(effort) if effort in EFFORT_LEVELS else 2
+    return next((level for level in reversed(EFFORT_LEVELS[:wanted + 1]) if level in levels),
+                levels[0] if levels else effort)
 
 
 def _reasoning_fields(body, quirks, model):
@@ -2375,7 +2515,7 @@ def _reasoning_fields(body, quirks, model):
     effort = reasoning_effort(body)
     if not effort or not is_reasoning_model(quirks, model):
         return {}
-    placement = quirks["reasoning"]
+    effort, placement = route_effort(effort, quirks, model), quirks["reasoning"]
     if placement == "openrouter":
         # OpenRouter takes Claude Code's own budget for Anthropic and Gemini models
         # (reasoning.max_tokens); OpenAI's models think in efforts.
@@ -2386,6 +2526,25 @@ def _reasoning_fields(body, quirks, model):
     if placement == "deepseek":
         return {"thinking": {"type": "enabled"}}
     return {"reasoning_effort": effort}
+
+
+def prompt_cache_key(session):
+    """OpenAI's prompt_cache_key for a Claude Code session: stable across its calls,
+    different between sessions, and not the id itself (issue #20)."""
+    digest = hashlib.sha256(("ccproxy-cache\0" + session).encode("utf-8", "surrogatepass"))
+    return "ccp-" + digest.hexdigest()[:32]
+
+
+def session_id(headers, body):
+    """Claude Code's session id: its X-Claude-Code-Session-Id header, else the
+    session_id in metadata.user_id (a JSON text, as 2.1.x sends it); "" when neither."""
+    value = headers.get("x-claude-code-session-id") if headers is not None else None
+    if isinstance(value, str) and value.strip():
+        return value.strip()[:200]
+    user = _obj(body.get("metadata")).get("user_id")
+    doc = _loads(user) if isinstance(user, str) and user.startswith("{") else None
+    session = doc.get("session_id") if isinstance(doc, dict) else None
+    return session[:200] if isinstance(session, str) else ""
 
 
 def _user_field(body):
@@ -2421,6 +2580,8 @@ def anthropic_to_openai(body, tr, prepared=None):
     out.update(_reasoning_fields(body, quirks, model))
     if quirks["send_user"]:
         out.update(_user_field(body))
+    if quirks["prompt_cache_key"] and tr.session:
+        out["prompt_cache_key"] = prompt_cache_key(tr.session)
     _add_tools(out, body, tr, prepared or prepare_tools(body.get("tools"), quirks))
     fmt = (body.get("output_config") or {}).get("format") if isinstance(
         body.get("output_config"), dict) else None
@@ -2438,9 +2599,10 @@ def _add_tools(out, body, tr, prepared):
     quirks = tr.quirks
     tr.names.update(prepared.names)
     choice, parallel = convert_tool_choice(body.get("tool_choice"), quirks)
-    if not prepared.tools or (choice == "none" and quirks["no_choice_none"]):
+    tools = callable_tools(prepared, body)
+    if not tools or (choice == "none" and quirks["no_choice_none"]):
         return                           # OpenAI 400s on tool_choice without tools
-    out["tools"] = prepared.tools
+    out["tools"] = tools
     if choice is not None:
         out["tool_choice"] = choice
     if parallel is not None and not quirks["no_parallel_flag"]:
@@ -2479,7 +2641,8 @@ def translated_request(body, tr, prepared=None):
     tools = doc.pop("tools", None)
     text = json.dumps(doc)
     if tools is not None:
-        text = text[:-1] + ', "tools": ' + prepared.json + "}"
+        text = text[:-1] + ', "tools": ' + (prepared.json if tools is prepared.tools
+                                            else json.dumps(tools)) + "}"
     return text.encode(), bool(doc.get("stream"))
 
 
@@ -2557,7 +2720,10 @@ def anthropic_usage(usage, estimate, output_estimate):
     details = _obj(usage.get("prompt_tokens_details"))
     read = _first_positive(details.get("cached_tokens"), usage.get("prompt_cache_hit_tokens"),
                            usage.get("cache_read_input_tokens"))
+    # Writes: OpenRouter's cache_write_tokens; DashScope's explicit cache reports
+    # cache_creation_input_tokens inside prompt_tokens_details (Model Studio's guide).
     write = _first_positive(details.get("cache_write_tokens"),
+                            details.get("cache_creation_input_tokens"),
                             usage.get("cache_creation_input_tokens"))
     prompt = _first_positive(usage.get("prompt_tokens"), usage.get("input_tokens"))
     output = _first_positive(usage.get("completion_tokens"), usage.get("output_tokens"))
@@ -4778,6 +4944,43 @@ def body_length(headers, limit):
     return length
 
 
+#: Content codings a request body may come in (RFC 9110 §8.4.1): Claude Code gzips its
+#: bodies with CLAUDE_CODE_GZIP_REQUEST_BODIES (issue #20).  zlib's wbits for each.
+BODY_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
+                "deflate": zlib.MAX_WBITS}
+
+
+def decode_body(raw, coding, limit):
+    """A request body without its Content-Encoding, inflated to at most `limit` bytes:
+    a few KB can inflate to gigabytes, so the cap holds while inflating, not after."""
+    coding = (coding or "identity").strip().lower()
+    if coding == "identity":
+        return raw
+    if coding not in BODY_CODINGS:
+        raise HTTPError(415, "invalid_request_error", "Content-Encoding %s is not "
+                        "supported (gzip, deflate)" % escape_log(coding)[:40],
+                        (("accept-encoding", "gzip, deflate"),))
+    out, size, data = [], 0, raw
+    while data:                                  # gzip may hold several members
+        inflater = zlib.decompressobj(BODY_CODINGS[coding])
+        try:
+            piece = inflater.decompress(data, limit - size + 1)
+        except zlib.error as exc:
+            raise HTTPError(400, "invalid_request_error", "request body is not valid %s: "
+                            "%s" % (coding, exc))
+        size += len(piece)
+        if size > limit:
+            raise HTTPError(413, "request_too_large", "request body inflates past the "
+                            "limit of %d bytes (max_body_bytes)" % limit,
+                            (("x-should-retry", "false"),))
+        if not inflater.eof:
+            raise HTTPError(400, "invalid_request_error", "request body: %s data cut "
+                            "short" % coding)
+        out.append(piece)
+        data = inflater.unused_data if coding != "deflate" else b""
+    return b"".join(out)
+
+
 def parse_json_object(raw, members=None):
     """A request body as a JSON object; HTTPError 400 with a clear message otherwise.
     `members`: a MemberCache, to take repeated members from instead of parsing them."""
@@ -4995,7 +5198,8 @@ class Exchange:
         tr = Translation(route=provider.name, client_model=body.get("model", ""),
                          upstream_model=model, quirks=quirks,
                          estimate=service.calibration.scale(provider.name, raw_estimate),
-                         raw_estimate=raw_estimate, signatures=service.signatures)
+                         raw_estimate=raw_estimate, signatures=service.signatures,
+                         session=session_id(self.handler.headers, body))
         data, stream = translated_request(body, tr, tools)
         return openai_url(provider), data, openai_headers(provider, stream), tr
 
@@ -5755,7 +5959,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _proxy(self, endpoint, query):
         """Read and check the call's body, then hand it to the call's Exchange."""
-        raw = self._read_body()
+        raw = decode_body(self._read_body(), self.headers.get("content-encoding"),
+                          self.server.service.config.max_body_bytes)
         body = parse_json_object(raw, self.server.service.members)
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -7152,7 +7357,8 @@ def cmd_check(args, environ):
                       check_provider(config, provider, upstreams.client(provider)))
     upstreams.close()
     for level, text in report:
-        print("%-4s %s" % ({"ok": "ok", "warn": "WARN", "problem": "FAIL"}[level], text))
+        print("%-4s %s" % ({"ok": "ok", "warn": "WARN", "problem": "FAIL",
+                            "note": "note"}[level], text))
     problems = sum(level == "problem" for level, _ in report)
     print("everything works" if not problems else "%d problem(s)" % problems)
     return EXIT_OK if not problems else EXIT_FAIL
@@ -7202,7 +7408,16 @@ def check_provider(config, provider, client):
     out.extend(_check_models(config, provider, listed_models(body)))
     if provider.type == "ollama":
         out.extend(_check_ollama(config, provider, client))
+    if provider.type != "anthropic":
+        out.append(("note", AUTO_MODE_NOTE))
     return out
+
+
+#: What `check` says of every translated route (issue #20): auto mode's classifier
+#: answers only on Anthropic's API.
+AUTO_MODE_NOTE = ("Claude Code's auto mode has no safety classifier here: it holds the "
+                  "actions the classifier would judge for your approval; use "
+                  "`claude --permission-mode acceptEdits` (or default, plan) instead")
 
 
 #: What a provider type's base_url looks like, for `check` after a 404.

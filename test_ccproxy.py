@@ -2984,6 +2984,265 @@ class TestToolCallStreams(unittest.TestCase):
         return chunks, calls, text
 
 
+def claude_code_body(name="01-first-turn.request.json"):
+    """A captured Claude Code body from ../shared, or None where it is absent."""
+    path = os.path.join(SAMPLES, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["body"]
+
+
+CACHED_BODY = dict(BODY, stream=False, system=[
+    {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332;"},
+    {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+    {"type": "text", "text": "Long instructions. " * 50, "cache_control": {"type": "ephemeral"}}],
+    messages=[user("first"), assistant([{"type": "tool_use", "id": "t1", "name": "Read",
+                                         "input": {}}]),
+              user([{"type": "tool_result", "tool_use_id": "t1", "content": "file text",
+                     "cache_control": {"type": "ephemeral"}},
+                    {"type": "text", "text": "go on", "cache_control": {"type": "ephemeral"}}])])
+
+
+def count_markers(doc):
+    return json.dumps(doc).count('"cache_control"')
+
+
+class TestWhatClaudeCodeSends(unittest.TestCase):
+    """Issue #20: effort levels, deferred tools, prompt caching, gzip bodies, auto mode's
+    safeguards and thinking from another family, as Claude Code 2.1.332 sends them."""
+
+    def test_effort_levels_reach_routes_that_take_them(self):
+        cases = [  # (type, model, client effort, sent)
+            ("openai", "gpt-5.2", "xhigh", "xhigh"), ("openai", "gpt-5.2", "max", "xhigh"),
+            ("openai", "gpt-5.1-codex-max", "xhigh", "xhigh"),
+            ("openai", "gpt-5", "xhigh", "high"), ("openai", "o3", "max", "high"),
+            ("openai", "gpt-5", "low", "low"), ("gemini", "gemini-2.5-pro", "xhigh", "high"),
+            ("groq", "openai/gpt-oss-120b", "max", "high"),
+            ("azure", "gpt-5.2", "xhigh", "xhigh")]
+        for ptype, model, effort, sent in cases:
+            with self.subTest(ptype=ptype, model=model, effort=effort):
+                out, _ = to_openai({"messages": [user("hi")], "thinking": {"type": "adaptive"},
+                                    "output_config": {"effort": effort}}, ptype, model)
+                self.assertEqual(out["reasoning_effort"], sent)
+        out, _ = to_openai({"messages": [user("hi")], "thinking": {"type": "adaptive"},
+                            "output_config": {"effort": "max"}}, "openrouter", "openai/o3")
+        self.assertEqual(out["reasoning"], {"effort": "xhigh"})
+        # A route's own list, from the config's quirks.
+        out, _ = to_openai({"messages": [user("hi")], "thinking": {"type": "adaptive"},
+                            "output_config": {"effort": "max"}}, "openai-compatible", "m",
+                           reasoning="reasoning_effort", efforts="low,high,max")
+        self.assertEqual(out["reasoning_effort"], "max")
+        for effort, quirks, expected in (("medium", {"efforts": "low,high"}, "low"),
+                                         ("low", {"efforts": "medium,high"}, "medium"),
+                                         ("bogus", {}, "high")):
+            q = dict(ccproxy.QUIRK_DEFAULTS, **quirks)
+            self.assertEqual(ccproxy.route_effort(effort, q, "m"), expected)
+
+    def test_deferred_tools_are_callable_only_once_loaded(self):
+        tools = [{"name": "Read", "input_schema": {"type": "object"}},
+                 {"name": "WebFetch", "input_schema": {"type": "object"}, "defer_loading": True},
+                 {"name": "DeferredToolPlaceholder", "description": "never call this tool",
+                  "input_schema": {"type": "object"}, "defer_loading": True}]
+        names = lambda out: [t["function"]["name"] for t in out.get("tools", [])]  # noqa
+        out, _ = to_openai({"messages": [user("hi")], "tools": tools})
+        self.assertEqual(names(out), ["Read"])
+        loaded = [user("find"), assistant([{"type": "tool_use", "id": "s", "name": "ToolSearch",
+                                            "input": {"query": "select:WebFetch"}}]),
+                  user([{"type": "tool_result", "tool_use_id": "s", "content": [
+                      {"type": "tool_reference", "tool_name": "WebFetch"}]}])]
+        out, tr = to_openai({"messages": loaded, "tools": tools})
+        self.assertEqual(names(out), ["Read", "WebFetch"])
+        body, _ = ccproxy.translated_request(dict(BODY, messages=loaded, tools=tools), tr)
+        self.assertEqual([t["function"]["name"] for t in json.loads(body)["tools"]],
+                         ["Read", "WebFetch"])
+        sample = claude_code_body("08-toolsearch-tool-reference.request.json")
+        if sample is not None:         # the real capture: WebFetch loaded, the placeholder not
+            offered = names(ccproxy.anthropic_to_openai(sample, translation()))
+            self.assertIn("WebFetch", offered)
+            self.assertNotIn("DeferredToolPlaceholder", offered)
+
+    def test_cache_markers_go_on_the_blocks_claude_code_marked(self):
+        out, _ = to_openai(CACHED_BODY, "openrouter", "anthropic/claude-sonnet-4.5")
+        system, tool, last = out["messages"][0], out["messages"][3], out["messages"][4]
+        self.assertEqual([("cache_control" in p) for p in system["content"]], [True, True])
+        self.assertNotIn("billing", json.dumps(system))
+        self.assertEqual(tool["content"][0]["cache_control"], {"type": "ephemeral"})
+        self.assertEqual(last["content"][-1]["cache_control"], {"type": "ephemeral"})
+        self.assertEqual(count_markers(out), 4)
+        for ptype, model in (("openrouter", "openai/gpt-5"), ("openai", "gpt-5"),
+                             ("deepseek", "deepseek-chat")):
+            with self.subTest(ptype=ptype, model=model):
+                out, _ = to_openai(CACHED_BODY, ptype, model)
+                self.assertEqual(count_markers(out), 0)
+                self.assertIsInstance(out["messages"][0]["content"], str)
+        # More markers than Anthropic takes: the first and the newest three are kept.
+        many = dict(CACHED_BODY, messages=CACHED_BODY["messages"] + [
+            assistant("ok"), user([{"type": "text", "text": "again",
+                                    "cache_control": {"type": "ephemeral"}}])])
+        out, _ = to_openai(many, "openrouter", "anthropic/claude-sonnet-4.5")
+        self.assertEqual(count_markers(out), 4)
+        self.assertIn("cache_control", out["messages"][0]["content"][0])
+        self.assertIn("cache_control", out["messages"][-1]["content"][-1])
+        self.assertNotIn("cache_control", out["messages"][0]["content"][1])
+        # Any route can take them, from the config (DashScope's OpenAI mode does).
+        out, _ = to_openai(CACHED_BODY, "openai-compatible", "qwen3-coder-plus",
+                           cache_control=True)
+        self.assertEqual(count_markers(out), 4)
+
+    def test_cache_usage_of_every_preset_shape(self):
+        cases = [({"prompt_tokens": 1000, "prompt_tokens_details": {"cached_tokens": 600}},
+                  (400, 600, 0)),                                   # OpenAI, Groq, Gemini
+                 ({"prompt_tokens": 1000, "prompt_cache_hit_tokens": 700}, (300, 700, 0)),
+                 ({"prompt_tokens": 1000, "prompt_tokens_details": {
+                     "cached_tokens": 100, "cache_write_tokens": 800}}, (100, 100, 800)),
+                 ({"prompt_tokens": 1000, "prompt_tokens_details": {
+                     "cached_tokens": 0, "cache_creation_input_tokens": 900}}, (100, 0, 900)),
+                 ({"prompt_tokens": 10}, (10, 0, 0))]
+        for usage, (fresh, read, write) in cases:
+            with self.subTest(usage=usage):
+                got = ccproxy.anthropic_usage(usage, 5, 1)
+                self.assertEqual((got["input_tokens"], got["cache_read_input_tokens"],
+                                  got["cache_creation_input_tokens"]), (fresh, read, write))
+
+    def test_session_id_and_the_prompt_cache_key(self):
+        sid = "c9aa74cb-cbc4-4854-9fce-273652089b3f"
+        meta = {"metadata": {"user_id": json.dumps({"device_id": "d", "session_id": sid})}}
+        self.assertEqual(ccproxy.session_id(headers_of([("X-Claude-Code-Session-Id", sid)]),
+                                            {}), sid)
+        self.assertEqual(ccproxy.session_id(headers_of([]), meta), sid)
+        for body in ({}, {"metadata": {"user_id": "plain"}}, {"metadata": 5}):
+            self.assertEqual(ccproxy.session_id(headers_of([]), body), "")
+        key = ccproxy.prompt_cache_key(sid)
+        self.assertRegex(key, r"^ccp-[0-9a-f]{32}$")
+        self.assertNotIn(sid[:8], key)
+        self.assertNotEqual(key, ccproxy.prompt_cache_key(sid + "x"))
+
+    def test_gemini_gets_the_sentinel_for_calls_another_family_made(self):
+        history = {"messages": [user("go"), assistant([
+            {"type": "thinking", "thinking": "t", "signature": "EqQBCkYIBxgCKkB..."},
+            {"type": "tool_use", "id": "toolu_01", "name": "Read", "input": {}}]),
+            user([{"type": "tool_result", "tool_use_id": "toolu_01", "content": "x"}])]}
+        out, _ = to_openai(history, "gemini", "gemini-3-pro-preview")
+        call = out["messages"][1]["tool_calls"][0]
+        self.assertEqual(call["extra_content"]["google"]["thought_signature"],
+                         "skip_thought_signature_validator")
+        self.assertNotIn("EqQB", json.dumps(out))     # Anthropic's signature never goes
+        out, _ = to_openai(history, "gemini", "gemini-2.5-pro")
+        self.assertNotIn("extra_content", out["messages"][1]["tool_calls"][0])
+
+    def test_decode_body_table(self):
+        doc = json.dumps(BODY).encode()
+        deflated, gzipped = zlib.compress(doc), self.gzip(doc)
+        ok = [(doc, None), (doc, "identity"), (gzipped, "gzip"), (gzipped, " GZIP "),
+              (gzipped, "x-gzip"), (deflated, "deflate"),
+              (self.gzip(doc[:10]) + self.gzip(doc[10:]), "gzip")]     # two members
+        for raw, coding in ok:
+            with self.subTest(coding=coding):
+                self.assertEqual(ccproxy.decode_body(raw, coding, 1 << 20), doc)
+        bad = [(gzipped, "br", 415), (gzipped[:-9], "gzip", 400), (b"junk", "gzip", 400),
+               (self.gzip(b"\0" * 3_000_000), "gzip", 413)]
+        for raw, coding, status in bad:
+            with self.subTest(coding=coding, status=status):
+                with self.assertRaises(ccproxy.HTTPError) as caught:
+                    ccproxy.decode_body(raw, coding, 1 << 20)
+                self.assertEqual(caught.exception.status, status)
+
+    @staticmethod
+    def gzip(data):
+        packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+        return packer.compress(data) + packer.flush()
+
+    def test_gzipped_bodies_end_to_end(self):
+        body = claude_code_body() or dict(BODY, system=[{"type": "text", "text": "x" * 5000}])
+        raw = json.dumps(body).encode()
+        stream = chunk({"content": "hi"}) + chunk(finish="stop") + "data: [DONE]\n\n"
+        for make, behave in ((one_provider, None),
+                             (lambda url: openai_provider(url), sse_behave(stream))):
+            with FakeUpstream(behave) as up, Proxy(make(up.url)) as px:
+                resp, out = px.call("POST", "/v1/messages", self.gzip(raw), {
+                    "Content-Encoding": "gzip", "Content-Type": "application/json"})
+                self.assertEqual(resp.status, 200, out)
+                sent = up.requests[0]
+                self.assertIsNone(sent["headers"]["content-encoding"])
+                if make is one_provider:
+                    self.assertEqual(sent["body"], raw)       # byte for byte, inflated
+                else:
+                    self.assertEqual(json.loads(sent["body"])["model"], "gpt-4o")
+        # A 1 KB body that inflates past max_body_bytes: 413, and nothing goes upstream.
+        bomb = self.gzip(b" " * (2 << 20))
+        self.assertLess(len(bomb), 4096)
+        with FakeUpstream() as up, Proxy(dataclasses.replace(
+                one_provider(up.url), max_body_bytes=1 << 20)) as px:
+            resp, out = px.call("POST", "/v1/messages", bomb, {"Content-Encoding": "gzip"})
+            self.assertEqual(resp.status, 413)
+            self.assertEqual(json.loads(out)["error"]["type"], "request_too_large")
+            self.assertEqual(up.requests, [])
+
+    def test_auto_mode_safeguards_pass_through_untouched(self):
+        """On pass-through, `safeguards` in the request and `safeguard_results` in
+        message_delta are Anthropic's own: both go through byte for byte."""
+        body = dict(BODY, stream=True, safeguards={"type": "auto_mode", "version": "x"})
+        raw = json.dumps(body).encode()
+        delta = sse("message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": "end_turn"}, "usage": {"output_tokens": 1},
+            "safeguard_results": [{"type": "classifier", "decision": "allow"}]})
+        frames = STREAM[:4] + [delta, STREAM[-1]]
+
+        def behave(h, got):
+            h.start_stream()
+            for frame in frames:
+                h.chunk(frame)
+            h.chunk(b"")
+        with FakeUpstream(behave) as up, Proxy(one_provider(up.url)) as px:
+            resp, out = px.call("POST", "/v1/messages", raw, {"x-api-key": "k"})
+            self.assertEqual(resp.status, 200)
+            self.assertEqual(up.requests[0]["body"], raw)
+            self.assertEqual(out, b"".join(frames))
+
+    def test_prompt_caching_end_to_end(self):
+        """A fake OpenRouter that rejects more than four markers as Anthropic does and
+        counts what it receives; a fake OpenAI that records prompt_cache_key."""
+        seen = []
+
+        def openrouter(h, body):
+            doc = json.loads(body)
+            seen.append(count_markers(doc["messages"]))
+            if seen[-1] > 4:
+                return h.reply(400, {"error": {"message": "A maximum of 4 blocks with "
+                                               "cache_control may be provided."}})
+            h.reply(200, {"id": "gen-1", "choices": [{"index": 0, "finish_reason": "stop",
+                          "message": {"role": "assistant", "content": "ok"}}],
+                          "usage": {"prompt_tokens": 3000, "completion_tokens": 2,
+                                    "prompt_tokens_details": {"cached_tokens": 2000,
+                                                              "cache_write_tokens": 900}}})
+        body = claude_code_body() or CACHED_BODY
+        body = dict(body, stream=False)
+        client_markers = count_markers(body.get("system")) + count_markers(body["messages"])
+        with FakeUpstream(openrouter) as up, Proxy(openai_provider(
+                up.url, "openrouter", model="anthropic/claude-sonnet-4.5")) as px:
+            resp, out = px.call("POST", "/v1/messages", body)
+            self.assertEqual(resp.status, 200, out)
+            self.assertEqual(seen, [client_markers])
+            usage = json.loads(out)["usage"]
+            self.assertEqual((usage["cache_read_input_tokens"],
+                              usage["cache_creation_input_tokens"], usage["input_tokens"]),
+                             (2000, 900, 100))
+        keys = []
+
+        def openai(h, got):
+            keys.append(json.loads(got).get("prompt_cache_key"))
+            h.reply(200, reply({"content": "ok"}))
+        with FakeUpstream(openai) as up, Proxy(openai_provider(up.url)) as px:
+            for session in ("s-one", "s-one", "s-two"):
+                resp, _ = px.call("POST", "/v1/messages", BODY,
+                                  {"X-Claude-Code-Session-Id": session})
+                self.assertEqual(resp.status, 200)
+        self.assertEqual(keys[0], keys[1])
+        self.assertNotEqual(keys[0], keys[2])
+        self.assertFalse(any("s-one" in k or "s-two" in k for k in keys))
+
+
 class TestTranslationErrorsAndTokens(unittest.TestCase):
     """Cases 36-44."""
 
@@ -3057,8 +3316,9 @@ class TestTranslationErrorsAndTokens(unittest.TestCase):
 
 
 def openai_provider(url, ptype="openai", **kw):
+    kw.setdefault("model", "gpt-4o")
     return config(providers=(ccproxy.ProviderConfig(name="oa", type=ptype, base_url=url,
-                                                    api_key="sk-up", model="gpt-4o", **kw),))
+                                                    api_key="sk-up", **kw),))
 
 
 def sse_behave(text, status=200):
@@ -3554,6 +3814,9 @@ class TestCheckAndEnv(unittest.TestCase):
         self.assertEqual(code, 0, out)
         self.assertIn("model gpt-4o is available", out)
         self.assertTrue(out.strip().endswith("everything works"))
+        # Issue #20: a translated route says what auto mode does there.
+        self.assertIn("note p (openai, %s): Claude Code's auto mode has no safety "
+                      "classifier here" % up.url, out)
 
     def test_each_failure_is_explained(self):
         with self.models_upstream(status=401) as bad_key, self.models_upstream(
