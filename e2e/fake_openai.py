@@ -15,7 +15,15 @@ Provider quirks (translation.md §6) switch on with --quirk:
               with extra_content.google.thought_signature
   deepseek    reasoning_content before content; prompt_cache_hit_tokens in usage
   ollama      arguments as objects, no id or index, finish "stop"
-  openrouter  ": OPENROUTER PROCESSING" comment lines and CRLF line endings
+  openrouter  ": OPENROUTER PROCESSING" comment lines and CRLF line endings; like
+              Anthropic behind it, at most 4 cache_control markers (400 past that)
+  zero-index  every call on index 0, each with its own id (several OpenAI-compatible
+              servers number calls so)
+  no-index    calls with neither index nor id: the name in a call's first delta only
+  text-beside text in the same chunk as the rest of a call's arguments
+
+Like OpenAI, it answers 400 to cache_control on a route that does not take it (every
+quirk but openrouter), and to a prompt_cache_key on the other providers' quirks.
 
 Failure injection: --fail 429|401|midstream [--fail-count N] [--retry-after S].
 
@@ -62,6 +70,10 @@ class FakeOpenAI:
                                           "body": body})
                     failing = bool(fake.fail) and fake.fail_count > 0
                     fake.fail_count -= failing
+                refused = fake.refuse(body)
+                if refused:
+                    return fake.send_json(self, 400, {"error": {
+                        "message": refused, "type": "invalid_request_error"}})
                 fake.answer(self, body, failing)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -78,6 +90,19 @@ class FakeOpenAI:
         self.server.server_close()
 
     # -- answers ------------------------------------------------------------------
+
+    def refuse(self, body):
+        """What the real service would answer 400 to, or ""."""
+        markers = json.dumps(body.get("messages")).count('"cache_control"')
+        if self.quirk == "openrouter" and markers > 4:
+            return "A maximum of 4 blocks with cache_control may be provided. Found %d." % (
+                markers)
+        if self.quirk != "openrouter" and markers:
+            return "Unrecognized request argument supplied: cache_control"
+        if "prompt_cache_key" in body and self.quirk in (
+                "groq", "gemini", "deepseek", "ollama", "openrouter"):
+            return "Unrecognized request argument supplied: prompt_cache_key"
+        return ""
 
     def answer(self, h, body, failing):
         if failing and self.fail == "429":
@@ -101,8 +126,10 @@ class FakeOpenAI:
         tools = {t["function"]["name"] for t in body.get("tools") or []}
         results = []
         for msg in reversed(messages):
-            if msg.get("role") == "tool":
-                results.insert(0, msg.get("content") or "")
+            if msg.get("role") == "tool":         # a string, or text parts
+                content = msg.get("content") or ""
+                results.insert(0, content if isinstance(content, str) else "".join(
+                    part.get("text", "") for part in content))
             elif msg.get("role") == "assistant":
                 break
         if results:
@@ -141,6 +168,11 @@ class FakeOpenAI:
     def call(self, i, name, args, whole=False):
         call = {"id": "call_%d" % (i + 1), "type": "function",
                 "function": {"name": name, "arguments": json.dumps(args)}}
+        if self.quirk == "zero-index" and not whole:
+            call["index"] = 0
+            return call
+        if self.quirk == "no-index" and not whole:
+            return {"type": "function", "function": call["function"]}
         if self.quirk == "ollama":
             call = {"function": {"name": name, "arguments": args}}      # object, no id
         elif self.quirk == "gemini":
@@ -170,6 +202,8 @@ class FakeOpenAI:
         if self.quirk in ("gemini", "ollama"):       # whole calls, all in one delta
             return [{"choices": [{"index": 0, "delta": {"tool_calls": [
                 self.call(i, n, a, whole=True) for i, (n, a) in enumerate(calls)]}}]}]
+        if self.quirk in ("zero-index", "no-index", "text-beside"):
+            return self.sequential_call_chunks(calls)
         out = [{"choices": [{"index": 0, "delta": {"tool_calls": [dict(
             self.call(i, name, {}), function={"name": name, "arguments": ""})]}}]}
             for i, (name, _) in enumerate(calls)]
@@ -178,6 +212,25 @@ class FakeOpenAI:
             for i in range(len(calls)):
                 out.append({"choices": [{"index": 0, "delta": {"tool_calls": [
                     {"index": i, "function": {"arguments": halves[i][part]}}]}}]})
+        return out
+
+    def sequential_call_chunks(self, calls):
+        """Each call whole before the next, its arguments in two pieces: the first
+        delta with the name (and id), the second with neither index nor id where the
+        quirk says so, and text beside it with text-beside."""
+        out = []
+        for i, (name, args) in enumerate(calls):
+            first, second = _halves(json.dumps(args))
+            call = self.call(i, name, {})
+            call["function"] = {"name": name, "arguments": first}
+            rest = {"function": {"arguments": second}}
+            if self.quirk != "no-index":
+                rest["index"] = call.get("index", i)
+            delta = {"tool_calls": [rest]}
+            if self.quirk == "text-beside":
+                delta["content"] = "Running %s. " % name
+            out.append({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+            out.append({"choices": [{"index": 0, "delta": delta}]})
         return out
 
     # -- wire ---------------------------------------------------------------------

@@ -156,6 +156,7 @@ def run_claude(claude, proxy, prompt, tools="", extra_env=None, workdir=None):
            "ANTHROPIC_BASE_URL": proxy.url, "ANTHROPIC_API_KEY": "sk-test",
            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "ENABLE_TOOL_SEARCH": "false"}
     env.update(extra_env or {})
+    env = {k: v for k, v in env.items() if v is not None}     # None: unset it
     args = [claude, "-p", prompt, "--output-format", "json"]
     if tools:
         args += ["--allowedTools", tools]
@@ -304,6 +305,53 @@ def cli_openai_scenarios(claude, skip):
         assert_streamed(fake, 2)
         check("saw the image" in result["result"], "no image reached the model: %s"
               % result["result"])
+
+
+def cli_stream_shape_scenarios(claude, skip):
+    """Issue #20: tool-call streams in the shapes real OpenAI-compatible servers send."""
+    for quirk, shape in (("zero-index", "every call on index 0"),
+                         ("no-index", "calls with neither index nor id"),
+                         ("text-beside", "text in the chunk of a call's arguments")):
+        @scenario("claude-cli two tool calls, %s" % shape, skip)
+        def _(quirk=quirk):
+            fake = FakeOpenAI("parallel", quirk=quirk).start()
+            result, _ = claude_through(claude, fake, "run both", "Bash")
+            assert_streamed(fake, 2)
+            results = [m["content"] for m in tool_messages(fake.requests[1])]
+            check(len(results) == 2 and any("one" in r for r in results) and
+                  any("two" in r for r in results), "tool results: %s" % results)
+            check("one" in result["result"] and "two" in result["result"], result["result"])
+
+    @scenario("claude-cli prompt caching: markers to OpenRouter's Claude, a key per session "
+              "to OpenAI", skip)
+    def _():
+        fake = FakeOpenAI("tool", quirk="openrouter").start()
+        env = dict(openai_env(fake, "openrouter"), CCPROXY_MODEL="anthropic/claude-sonnet-4.5")
+        with Ccproxy(env) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
+        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        markers = [json.dumps(r["body"]["messages"]).count('"cache_control"')
+                   for r in fake.requests]
+        check(len(markers) == 2 and all(1 <= n <= 4 for n in markers),
+              "cache markers per call: %s" % markers)
+        fake = FakeOpenAI("tool").start()
+        with Ccproxy(openai_env(fake)) as proxy:
+            for _ in range(2):            # two sessions, two calls each
+                rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
+                check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        keys = [r["body"].get("prompt_cache_key") for r in fake.requests]
+        check(len(keys) == 4 and all(keys) and keys[0] == keys[1] and keys[2] == keys[3]
+              and keys[0] != keys[2], "prompt_cache_key per call: %s" % keys)
+
+    @scenario("claude-cli with tool search on: the placeholder tool is never offered", skip)
+    def _():
+        fake = FakeOpenAI("tool").start()
+        result, _ = claude_through(claude, fake, "run echo", "Bash",
+                                   extra_env={"ENABLE_TOOL_SEARCH": None})
+        check("hello-from-tool" in result["result"], result["result"])
+        offered = {t["function"]["name"] for r in fake.requests for t in r["body"]["tools"]}
+        check("Bash" in offered and "DeferredToolPlaceholder" not in offered,
+              "tools offered: %s" % sorted(offered))
 
 
 def cli_quirk_scenarios(claude, skip):
@@ -704,6 +752,7 @@ def main(argv):
     skip_sdk = "" if python else "anthropic SDK unavailable: " + os.environ.get("E2E_WHY_SDK")
     cli_openai_scenarios(claude, skip_cli)
     cli_quirk_scenarios(claude, skip_cli)
+    cli_stream_shape_scenarios(claude, skip_cli)
     cli_failure_scenarios(claude, skip_cli)
     cli_anthropic_scenarios(claude, skip_cli)
     interactive_scenarios(claude, skip_cli)
