@@ -7415,9 +7415,10 @@ def check_provider(config, provider, client):
 
 #: What `check` says of every translated route (issue #20): auto mode's classifier
 #: answers only on Anthropic's API.
-AUTO_MODE_NOTE = ("Claude Code's auto mode has no safety classifier here: it holds the "
-                  "actions the classifier would judge for your approval; use "
-                  "`claude --permission-mode acceptEdits` (or default, plan) instead")
+AUTO_MODE_NOTE = ("Claude Code's auto mode has no safety check here (it runs on "
+                  "Anthropic's API): Claude Code says \"Auto mode can't check actions\" and "
+                  "asks you to approve each risky action; Shift+Tab or `claude "
+                  "--permission-mode acceptEdits` works without the questions")
 
 
 #: What a provider type's base_url looks like, for `check` after a 404.

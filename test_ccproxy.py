@@ -3816,7 +3816,7 @@ class TestCheckAndEnv(unittest.TestCase):
         self.assertTrue(out.strip().endswith("everything works"))
         # Issue #20: a translated route says what auto mode does there.
         self.assertIn("note p (openai, %s): Claude Code's auto mode has no safety "
-                      "classifier here" % up.url, out)
+                      "check here" % up.url, out)
 
     def test_each_failure_is_explained(self):
         with self.models_upstream(status=401) as bad_key, self.models_upstream(

