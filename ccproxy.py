@@ -2994,7 +2994,9 @@ def stream_error_type(error):
 
 
 _JSON_SPACE_RUN = re.compile(r"[ \t\n\r]*")
-_JSON_STRING_RUN = re.compile(r'[^"\\\x00-\x1f]*')
+#: The inside of a string up to a quote, a raw control character or an escape cut off:
+#: whole escapes are taken in the same run (most fragments then pass in one match).
+_JSON_STRING_RUN = re.compile(r'(?:[^"\\\x00-\x1f]+|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
 _JSON_NUMBER_RUN = re.compile(r"[-+0-9.eE]*")
 _JSON_NUMBER_PREFIX = re.compile(
     r"-?(?:(?:0|[1-9][0-9]*)(?:\.|\.[0-9]+(?:[eE][+-]?[0-9]*)?|[eE][+-]?[0-9]*)?)?\Z")
