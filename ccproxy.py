@@ -198,35 +198,36 @@ REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expec
 RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server", "request-id"}
 
 class ProviderType(collections.namedtuple("ProviderType", "base_url key_vars key_hosts "
-                                                           "needs_key")):
+                                                           "needs_key dialect")):
     """What a provider type brings: its default base URL; the environment variables
     that may hold its key, and the hosts (fnmatch patterns) such a key may be sent to;
-    whether its calls need a key at all (local servers need none).  A custom base_url
-    never gets a key from those variables: a user's OPENAI_API_KEY must not reach a
-    self-hosted or third-party host (issue #18)."""
+    whether its calls need a key at all (local servers need none); the wire format it
+    speaks (a name in DIALECTS, issue #22).  A custom base_url never gets a key from
+    those variables: a user's OPENAI_API_KEY must not reach a self-hosted or
+    third-party host (issue #18)."""
 
 
 #: The anthropic type reads no usual variable on purpose: with no key configured the
 #: client's own key is forwarded (the zero-config pass-through), and ANTHROPIC_API_KEY
 #: in the proxy's environment is usually the client's.
 PROVIDER_TYPES = {
-    "anthropic": ProviderType("https://api.anthropic.com", (), (), False),
+    "anthropic": ProviderType("https://api.anthropic.com", (), (), False, "anthropic"),
     "openai": ProviderType("https://api.openai.com/v1", ("OPENAI_API_KEY",),
-                           ("api.openai.com",), True),
+                           ("api.openai.com",), True, "openai"),
     "azure": ProviderType("", ("AZURE_OPENAI_API_KEY",), (
         "*.openai.azure.com", "*.cognitiveservices.azure.com", "*.services.ai.azure.com"),
-        True),
+        True, "openai"),
     "groq": ProviderType("https://api.groq.com/openai/v1", ("GROQ_API_KEY",),
-                         ("api.groq.com",), True),
+                         ("api.groq.com",), True, "openai"),
     "openrouter": ProviderType("https://openrouter.ai/api/v1", ("OPENROUTER_API_KEY",),
-                               ("openrouter.ai",), True),
+                               ("openrouter.ai",), True, "openai"),
     "deepseek": ProviderType("https://api.deepseek.com", ("DEEPSEEK_API_KEY",),
-                             ("api.deepseek.com",), True),
+                             ("api.deepseek.com",), True, "openai"),
     "gemini": ProviderType("https://generativelanguage.googleapis.com/v1beta/openai",
                            ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
-                           ("generativelanguage.googleapis.com",), True),
-    "ollama": ProviderType("http://127.0.0.1:11434/v1", (), (), False),
-    "openai-compatible": ProviderType("", (), (), False),
+                           ("generativelanguage.googleapis.com",), True, "openai"),
+    "ollama": ProviderType("http://127.0.0.1:11434/v1", (), (), False, "openai"),
+    "openai-compatible": ProviderType("", (), (), False, "openai"),
 }
 
 #: Every quirk flag with its default (docs/translation.md §6).  A provider type is a row of
@@ -793,9 +794,14 @@ def unconfigured(config, provider):
     needs none while ccproxy has no client key: each client's own is forwarded then."""
     if provider.api_key:
         return False
-    if provider.type == "anthropic":
+    if dialect_of(provider).forwards_client_key:
         return bool(config.api_key)
     return PROVIDER_TYPES[provider.type].needs_key
+
+
+def dialect_of(provider):
+    """The provider's wire format (the Dialects section), from its type's row."""
+    return DIALECTS[PROVIDER_TYPES[provider.type].dialect]
 
 
 def key_hint(provider):
@@ -3709,15 +3715,10 @@ def estimate_input_tokens(body, tools_overhead=TOOLS_OVERHEAD, tools_size=None):
 # ---- Probes, check and env: the pure parts -------------------------------------------
 
 def probe_request(provider):
-    """(url, headers) of a light call that spends no tokens: the provider's model list.
-    None for an Anthropic route without its own key (clients bring theirs)."""
-    if provider.type == "anthropic":
-        if not provider.api_key:
-            return None
-        return anthropic_url(provider, "models", ""), with_provider_headers([
-            ("x-api-key", provider.api_key), ("anthropic-version", "2023-06-01"),
-            ("accept-encoding", "identity")], provider)
-    return provider.base_url + "/models", openai_headers(provider, False)
+    """(url, headers) of a light call that spends no tokens (the provider's model list),
+    as its dialect makes it; None where there is nothing to ask with (an Anthropic
+    route without its own key: clients bring theirs)."""
+    return dialect_of(provider).probe(provider)
 
 
 def listed_models(body):
@@ -3750,7 +3751,8 @@ MIN_CONTEXT = 16384
 def forwards_client_key(config):
     """True when the default route forwards each client's own Anthropic credentials."""
     provider = plan_route(config, "")[0][0]
-    return provider.type == "anthropic" and not provider.api_key and not config.api_key
+    return dialect_of(provider).forwards_client_key and not provider.api_key and not (
+        config.api_key)
 
 
 #: What `ccproxy init --provider TYPE` writes for each type beside its name and type:
@@ -3799,7 +3801,7 @@ def runtime_facts(config, port=None):
     return {"host": config.host, "port": port or config.port,
             "client_key": bool(config.api_key),
             "forwards_client_key": forwards_client_key(config),
-            "translated": any(p.type != "anthropic" for p in config.providers)}
+            "translated": any(dialect_of(p).translated for p in config.providers)}
 
 
 def env_lines(config, record=None):
@@ -5143,12 +5145,10 @@ class Exchange:
         if answer is None:
             return                       # an upstream error was relayed
         request.clear()                  # answered: the body is needed no more
-        client, resp, tr, model = answer
-        try:
-            if tr is not None:
-                return self._relay_translated(client, resp, tr, stream)
-            return self._relay(client, resp, client_model if model and
-                               model != client_model else "")
+        client, resp, tr, model, relay = answer
+        try:      # the dialect's relay, called from here: no frame more under a stream
+            return relay(self, client, resp, tr, stream,
+                         client_model if model and model != client_model else "")
         finally:
             self._note_speed()
 
@@ -5161,7 +5161,8 @@ class Exchange:
 
     def _answer(self, plan, endpoint, query, method, request):
         """Try each (provider, model) in order until one answers: (client, response,
-        Translation or None, upstream model), or None once an error was relayed.
+        Translation or None, upstream model, the dialect's relay), or None once an
+        error was relayed.
 
         A provider that fails before any byte reached the client (connection error, 5xx,
         429, timeout) passes the request on; once bytes are sent there is no retry.  A
@@ -5182,28 +5183,25 @@ class Exchange:
             if resp is None:
                 continue
             if resp.status < 400:
-                return client, resp, tr, model
+                return client, resp, tr, model, dialect_of(provider).relay
             if self._relay_error(client, provider, resp, last):
                 return None
         return None                      # not reached: the last attempt answers or raises
 
     def _prepare(self, provider, model, endpoint, query, raw, body):
         """(url, body bytes, headers, Translation or None) for one attempt."""
-        service = self.service
-        if provider.type == "anthropic":
-            data = passthrough_body(raw, body, model) if body else None
-            return (anthropic_url(provider, endpoint, query), data,
-                    passthrough_headers(self.handler.headers, provider, service.config), None)
-        quirks = quirks_for(provider)
+        return dialect_of(provider).prepare(self, provider, model, endpoint, query, raw, body)
+
+    def translation(self, provider, model, body):
+        """The Translation a translating dialect's call needs, and the body's tools."""
+        service, quirks = self.service, quirks_for(provider)
         tools = service.tools.get(body.get("tools"), quirks)
         raw_estimate = estimate_input_tokens(body, tools_size=tools.size)
-        tr = Translation(route=provider.name, client_model=body.get("model", ""),
-                         upstream_model=model, quirks=quirks,
-                         estimate=service.calibration.scale(provider.name, raw_estimate),
-                         raw_estimate=raw_estimate, signatures=service.signatures,
-                         session=session_id(self.handler.headers, body))
-        data, stream = translated_request(body, tr, tools)
-        return openai_url(provider), data, openai_headers(provider, stream), tr
+        return Translation(route=provider.name, client_model=body.get("model", ""),
+                           upstream_model=model, quirks=quirks,
+                           estimate=service.calibration.scale(provider.name, raw_estimate),
+                           raw_estimate=raw_estimate, signatures=service.signatures,
+                           session=session_id(self.handler.headers, body)), tools
 
     def _attempt(self, provider, method, url, data, headers, last):
         """Open one upstream call: (client, response), the response None when it failed
@@ -5250,11 +5248,12 @@ class Exchange:
                         self.handler.request_id, provider.name, resp.status)
             return False
         status, headers, out = map_upstream_error(resp.status, resp.headers, body,
-                                                  provider.name, provider.type == "anthropic")
+                                                  provider.name,
+                                                  dialect_of(provider).anthropic_errors)
         self.handler._send(status, headers + [("Content-Type", "application/json")], out)
         return True
 
-    def _relay(self, client, resp, rename):
+    def _relay(self, client, resp, tr, want_stream, rename):
         """Relay a successful answer: a stream chunk by chunk, anything else whole."""
         headers = filter_headers(resp.headers, RESPONSE_DROP | connection_tokens(resp.headers))
         if "text/event-stream" in (resp.headers.get("content-type") or ""):
@@ -5284,7 +5283,7 @@ class Exchange:
 
     # -- translated replies -------------------------------------------------------
 
-    def _relay_translated(self, client, resp, tr, want_stream):
+    def _relay_translated(self, client, resp, tr, want_stream, rename=""):
         """An OpenAI reply to the client in Anthropic form, streamed when it streams."""
         if "text/event-stream" in (resp.headers.get("content-type") or ""):
             return self._translate_stream(client, resp, tr)
@@ -5467,6 +5466,75 @@ class Exchange:
             event = {"type": "error", "error": {"type": "api_error", "message":
                      "upstream stream %s: %s" % (kind, _os_error_text(exc))}}
             self._write(b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n")
+
+
+# ---- Dialects: one upstream wire format each (docs/architecture.md) -------------------
+
+class Dialect:
+    """Everything about one upstream wire format (issue #22): the URL, body and
+    authentication of a call, how its answer reaches the client, its errors, the probe
+    `check` sends, and whether the upstream lists models and counts tokens.  A provider
+    gets its dialect once, from its type's row in PROVIDER_TYPES (dialect_of); the rest
+    of the file asks the dialect, never the type.  Stateless: one instance serves every
+    provider of the format."""
+
+    translated = False           # the upstream does not speak Anthropic's Messages API
+    forwards_client_key = False  # with no key of its own, each client's key goes upstream
+    lists_models = False         # GET /v1/models is asked of the upstream
+    counts_tokens = False        # count_tokens is asked of the upstream (else estimated)
+    anthropic_errors = True      # its error bodies are Anthropic's, relayed as they are
+    #: The Exchange method that relays a successful answer, called by Exchange.forward
+    #: itself so that a stream's thread has no frame more.
+    relay = None
+
+    def prepare(self, call, provider, model, endpoint, query, raw, body):
+        """(url, body bytes, headers, Translation or None) of one attempt of `call` (an
+        Exchange): the client's body as `raw` bytes and parsed as `body`."""
+        raise NotImplementedError
+
+    def probe(self, provider):
+        """(url, headers) of a light call that spends no tokens, or None."""
+        raise NotImplementedError
+
+
+class AnthropicDialect(Dialect):
+    """Anthropic's Messages API, passed through: the client's bytes go as they came
+    unless the model is mapped or something Anthropic rejects must go (§6 of
+    docs/translation.md), and the answer is relayed byte for byte."""
+
+    forwards_client_key = lists_models = counts_tokens = True
+    relay = staticmethod(Exchange._relay)
+
+    def prepare(self, call, provider, model, endpoint, query, raw, body):
+        data = passthrough_body(raw, body, model) if body else None
+        return (anthropic_url(provider, endpoint, query), data,
+                passthrough_headers(call.handler.headers, provider, call.service.config), None)
+
+    def probe(self, provider):
+        if not provider.api_key:
+            return None
+        return anthropic_url(provider, "models", ""), with_provider_headers([
+            ("x-api-key", provider.api_key), ("anthropic-version", "2023-06-01"),
+            ("accept-encoding", "identity")], provider)
+
+
+class OpenAIChatDialect(Dialect):
+    """OpenAI's Chat Completions, translated both ways (docs/translation.md)."""
+
+    translated, anthropic_errors = True, False
+    relay = staticmethod(Exchange._relay_translated)
+
+    def prepare(self, call, provider, model, endpoint, query, raw, body):
+        tr, tools = call.translation(provider, model, body)
+        data, stream = translated_request(body, tr, tools)
+        return openai_url(provider), data, openai_headers(provider, stream), tr
+
+    def probe(self, provider):
+        return provider.base_url + "/models", openai_headers(provider, False)
+
+
+#: The dialects by the name PROVIDER_TYPES gives them.
+DIALECTS = {"anthropic": AnthropicDialect(), "openai": OpenAIChatDialect()}
 
 
 # ---- HTTP server and handler ---------------------------------------------------------
@@ -5953,7 +6021,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _ep_models(self, query):
         config = self.server.service.config
         provider = config.providers[0]
-        if provider.type != "anthropic":
+        if not dialect_of(provider).lists_models:
             return self._send_json(200, models_document(config))
         Exchange(self).forward([(provider, "")], "models", query, "GET", {})
 
@@ -5971,7 +6039,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(400, "invalid_request_error", "messages: a list is required")
         self.access.model = model
         plan = plan_route(self.server.service.config, model)
-        if endpoint == "count_tokens" and plan[0][0].type != "anthropic":
+        if endpoint == "count_tokens" and not dialect_of(plan[0][0]).counts_tokens:
             return self._count_tokens(plan[0][0], body)
         # Handed over in a holder that forward() empties as it goes, so a long stream
         # does not keep a 50 KB body (100 KB parsed) alive (see _take_body).
@@ -7393,7 +7461,8 @@ def check_provider(config, provider, client):
     if isinstance(status, str):
         return [("problem", "unreachable: %s (%s); is the server running? check base_url, "
                  "DNS and HTTPS_PROXY" % (redact_url(request[0]), body.decode()))]
-    if status in (401, 403) and provider.type == "anthropic" and not provider.api_key:
+    if status in (401, 403) and dialect_of(provider).forwards_client_key and not (
+            provider.api_key):
         return [("ok", "reachable; no key configured, so each client's own key is forwarded")]
     if status in (401, 403) and not provider.api_key:
         return [("problem", "the server wants a key (HTTP %d: %s): %s" % (
@@ -7408,9 +7477,10 @@ def check_provider(config, provider, client):
         return [("problem", "answered HTTP %d: %s" % (status, upstream_message(body)[:200]))]
     out = [("ok", "reachable in %d ms, key accepted" % (seconds * 1000))]
     out.extend(_check_models(config, provider, listed_models(body)))
-    if provider.type == "ollama":
-        out.extend(_check_ollama(config, provider, client))
-    if provider.type != "anthropic":
+    extra = TYPE_CHECKS.get(provider.type)
+    if extra:
+        out.extend(extra(config, provider, client))
+    if dialect_of(provider).translated:
         out.append(("note", AUTO_MODE_NOTE))
     return out
 
@@ -7462,6 +7532,10 @@ def _check_ollama(config, provider, client):
                         "server runs with OLLAMA_CONTEXT_LENGTH=32768 or more, Claude Code's "
                         "prompts will be cut" % model))
     return out
+
+
+#: Checks one provider type has beside the probe: Ollama's context size (/api/show).
+TYPE_CHECKS = {"ollama": _check_ollama}
 
 
 def cmd_init(args, environ):
