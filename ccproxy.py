@@ -228,6 +228,23 @@ PROVIDER_TYPES = {
                            ("generativelanguage.googleapis.com",), True, "openai"),
     "ollama": ProviderType("http://127.0.0.1:11434/v1", (), (), False, "openai"),
     "openai-compatible": ProviderType("", (), (), False, "openai"),
+    # Vendors' Anthropic-compatible endpoints (issue #22), each from its own docs.
+    "kimi": ProviderType("https://api.moonshot.ai/anthropic", ("MOONSHOT_API_KEY",),
+                         ("api.moonshot.ai", "api.moonshot.cn", "api.kimi.com"), True,
+                         "anthropic-compatible"),
+    "glm": ProviderType("https://api.z.ai/api/anthropic", ("ZAI_API_KEY",),
+                        ("api.z.ai", "open.bigmodel.cn"), True, "anthropic-compatible"),
+    "minimax": ProviderType("https://api.minimax.io/anthropic", ("MINIMAX_API_KEY",),
+                            ("api.minimax.io", "api.minimaxi.com"), True,
+                            "anthropic-compatible"),
+    "dashscope": ProviderType("https://dashscope-intl.aliyuncs.com/apps/anthropic",
+                              ("DASHSCOPE_API_KEY",), ("dashscope-intl.aliyuncs.com",
+                                                       "dashscope.aliyuncs.com"), True,
+                              "anthropic-compatible"),
+    "deepseek-anthropic": ProviderType("https://api.deepseek.com/anthropic",
+                                       ("DEEPSEEK_API_KEY",), ("api.deepseek.com",), True,
+                                       "anthropic-compatible"),
+    "anthropic-compatible": ProviderType("", (), (), False, "anthropic-compatible"),
 }
 
 #: Every quirk flag with its default (docs/translation.md §6).  A provider type is a row of
@@ -264,8 +281,17 @@ QUIRK_DEFAULTS = {
     "send_user": False,                # metadata.user_id -> user, as sha256 hex[:32] (§1.1)
     "sig_in_id": False,                # ...carried in the tool id itself (§3.4): survives
                                        # restarts and reaches whichever worker answers next
+    # Anthropic-compatible endpoints (docs/providers.md): rewrites of the request only.
+    "betas": "*",                      # anthropic-beta values passed on: * all, "" none,
+                                       # or a comma list
+    "drop_fields": "",                 # top-level body fields removed (comma list)
+    "thinking_mode": "",               # "" as sent | enabled (adaptive -> a budget) | off
+    "thinking_history": False,         # thinking off when a tool-call turn has none
+    "default_max_tokens": 0,           # max_tokens filled in when the client sent none
+    "strip_cache_ttl": False,          # cache_control without its ttl
 }
 _OPENAI_REASONING = r"^(o\d|gpt-5)"
+_VENDOR_DROPS = "context_management,safeguards"
 _OPENAI_XHIGH = r"^(gpt-5\.1-codex-max|gpt-5\.[2-9]|gpt-5\.\d\d|gpt-[6-9])"
 PROVIDER_QUIRKS = {
     # xhigh: OpenAI's reasoning guide, "supported for all models after gpt-5.1-codex-max".
@@ -295,6 +321,27 @@ PROVIDER_QUIRKS = {
     "ollama": {"stream_tools": False, "think_tags": True, "no_parallel_flag": True,
                "no_choice_none": True},
     "openai-compatible": {"think_tags": True},
+    # Anthropic-compatible endpoints.  None implements Anthropic's betas, and Claude Code's
+    # own fields (context_management, safeguards) are Anthropic's: both go.
+    # Kimi rejects unknown betas (MoonshotAI/Kimi-K2.5#5); its adaptive thinking reasons
+    # far less than a budget (MoonshotAI/Kimi-K2#141, clacky-ai/openclacky#389); "thinking
+    # is enabled but reasoning_content is missing in assistant tool call message" when a
+    # tool-call turn lacks its thinking (farion1231/cc-switch#3377, #3219).
+    "kimi": {"auth": "x-api-key", "betas": "", "thinking_mode": "enabled",
+             "thinking_history": True, "drop_fields": _VENDOR_DROPS},
+    # GLM answers 500 without max_tokens (zai-org/zai-coding-plugins#15); 131072 is its
+    # output cap (Z.AI's parameter guide, mnfst/modelparams.dev#327).
+    "glm": {"auth": "x-api-key", "betas": "", "default_max_tokens": 32000,
+            "max_output": 131072, "drop_fields": _VENDOR_DROPS},
+    # MiniMax takes thinking with budget_tokens (its Anthropic API guide), not adaptive.
+    "minimax": {"auth": "x-api-key", "betas": "", "thinking_mode": "enabled",
+                "drop_fields": _VENDOR_DROPS},
+    # Model Studio documents thinking as enabled + budget_tokens, for some models only.
+    "dashscope": {"auth": "x-api-key", "betas": "", "thinking_mode": "enabled",
+                  "drop_fields": _VENDOR_DROPS},
+    # DeepSeek ignores anthropic-beta, container and mcp_servers (its compatibility table).
+    "deepseek-anthropic": {"auth": "x-api-key", "betas": "", "drop_fields": _VENDOR_DROPS},
+    "anthropic-compatible": {"auth": "x-api-key"},
 }
 
 #: Provider status words that still take calls: a provider nobody has called yet counts.
@@ -3712,6 +3759,143 @@ def estimate_input_tokens(body, tools_overhead=TOOLS_OVERHEAD, tools_size=None):
     return -(-total // 4) + 4 * len(messages) + fixed + (tools_overhead if tools else 0)
 
 
+# ---- Anthropic-compatible endpoints: request rewrites (docs/providers.md) -------------
+
+#: Thinking budgets for an effort, where a vendor takes thinking only as enabled + budget.
+EFFORT_BUDGETS = {"low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768, "max": 65536}
+MIN_THINKING_BUDGET = 1024              # Anthropic's floor, which the vendors copy
+
+
+def vendor_body(body, quirks, model):
+    """The client's body as a vendor's Anthropic-compatible endpoint takes it, with
+    what its quirk flags say (issue #22): (body, changed).  The request only: replies
+    are relayed byte for byte."""
+    out, changed = sanitize_for_anthropic(body)
+    out = dict(out)
+    if model and model != out.get("model"):
+        out["model"], changed = model, True
+    for field in _flag_list(quirks["drop_fields"]):
+        changed = out.pop(field, None) is not None or changed
+    changed = _vendor_max_tokens(out, quirks) or changed
+    changed = _vendor_thinking(out, quirks) or changed
+    if quirks["strip_cache_ttl"]:
+        changed = _strip_cache_ttl(out) or changed
+    return out, changed
+
+
+def _flag_list(value):
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _vendor_max_tokens(out, quirks):
+    """max_tokens filled in (GLM answers 500 without it) and clamped to max_output."""
+    value = out.get("max_tokens")
+    if not isinstance(value, int) or isinstance(value, bool):
+        if not quirks["default_max_tokens"]:
+            return False
+        value = quirks["default_max_tokens"]
+    wanted = min(value, quirks["max_output"]) if quirks["max_output"] else value
+    if wanted == out.get("max_tokens"):
+        return False
+    out["max_tokens"] = wanted
+    return True
+
+
+def _vendor_thinking(out, quirks):
+    """thinking as the vendor takes it: removed (off), turned off for a history whose
+    tool-call turns lack thinking (thinking_history), or adaptive made enabled with a
+    budget from Claude Code's effort (thinking_mode enabled)."""
+    thinking = out.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
+        return False
+    mode = quirks["thinking_mode"]
+    if mode == "off":
+        del out["thinking"]
+        return True
+    if quirks["thinking_history"] and tool_turn_without_thinking(out.get("messages")):
+        out["thinking"] = {"type": "disabled"}
+        return True
+    if mode != "enabled" or thinking.get("type") != "adaptive":
+        return False
+    effort = reasoning_effort(out) or "high"
+    budget = min(EFFORT_BUDGETS.get(effort, EFFORT_BUDGETS["high"]),
+                 out.get("max_tokens", 0) - 1 if isinstance(out.get("max_tokens"), int) else 0)
+    out["thinking"] = ({"type": "enabled", "budget_tokens": budget}
+                       if budget >= MIN_THINKING_BUDGET else {"type": "disabled"})
+    return True
+
+
+def tool_turn_without_thinking(messages):
+    """Whether an assistant turn with a tool call has no thinking block (after a
+    fallback from another provider, or a history Claude Code trimmed)."""
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if message.get("role") != "assistant" or not isinstance(content, list):
+            continue
+        kinds = {b.get("type") for b in content if isinstance(b, dict)}
+        if "tool_use" in kinds and not kinds & {"thinking", "redacted_thinking"}:
+            return True
+    return False
+
+
+def _strip_cache_ttl(out):
+    """Every cache_control as {"type": "ephemeral"}: a vendor that rejects or mis-bills
+    Anthropic's ttl gets its own default."""
+    changed = False
+    for block in _cache_marked(out):
+        if set(block["cache_control"]) - {"type"}:
+            block["cache_control"], changed = {"type": "ephemeral"}, True
+    return changed
+
+
+def _cache_marked(out):
+    """The blocks of the body's system, messages and tools that carry cache_control
+    (copied where changed: the client's parsed body is shared with MemberCache)."""
+    found = []
+    for key in ("system", "tools", "messages"):
+        value = out.get(key)
+        if isinstance(value, list):
+            out[key] = value = [dict(v) if isinstance(v, dict) else v for v in value]
+            found.extend(v for v in value if isinstance(v, dict) and isinstance(
+                v.get("cache_control"), dict))
+            for message in value if key == "messages" else ():
+                if isinstance(message, dict) and isinstance(message.get("content"), list):
+                    message["content"] = [dict(b) if isinstance(b, dict) else b
+                                          for b in message["content"]]
+                    found.extend(b for b in message["content"] if isinstance(b, dict)
+                                 and isinstance(b.get("cache_control"), dict))
+    return found
+
+
+def vendor_headers(client_headers, provider, quirks):
+    """Headers for a vendor's endpoint: the client's, minus hop-by-hop and credentials
+    (a client's Anthropic key never goes to a vendor), the anthropic-beta values the
+    vendor takes, and the provider's own key as its docs say (x-api-key or Bearer)."""
+    if client_headers is None:                   # a call of ccproxy's own (check)
+        headers, betas = [("anthropic-version", "2023-06-01")], ""
+    else:
+        headers = filter_headers(client_headers, REQUEST_DROP | set(CLIENT_KEY_HEADERS) |
+                                 {"anthropic-beta"})
+        betas = kept_betas(client_headers.get("anthropic-beta"), quirks["betas"])
+    if betas:
+        headers.append(("anthropic-beta", betas))
+    if provider.api_key:
+        headers.append(("authorization", "Bearer " + provider.api_key) if quirks["auth"] ==
+                       "bearer" else ("x-api-key", provider.api_key))
+    headers.append(("accept-encoding", "identity"))
+    return with_provider_headers(headers, provider)
+
+
+def kept_betas(value, allowed):
+    """The anthropic-beta values a vendor takes: all ("*"), none (""), or those listed.
+    Unknown values make some vendors answer 400 (MoonshotAI/Kimi-K2.5#5,
+    router-for-me/CLIProxyAPI#2866)."""
+    if not value or allowed == "*":
+        return value or ""
+    keep = set(_flag_list(allowed))
+    return ",".join(v.strip() for v in value.split(",") if v.strip() in keep)
+
+
 # ---- Probes, check and env: the pure parts -------------------------------------------
 
 def probe_request(provider):
@@ -3769,6 +3953,13 @@ STARTER_FIELDS = {
     "gemini": {"api_key_env": "GEMINI_API_KEY", "model": "gemini-2.5-pro"},
     "ollama": {"model": "qwen3-coder:30b"},
     "openai-compatible": {"base_url": "http://127.0.0.1:8000/v1", "model": "my-model"},
+    "kimi": {"api_key_env": "MOONSHOT_API_KEY", "model": "kimi-k2.6"},
+    "glm": {"api_key_env": "ZAI_API_KEY", "model": "glm-5.1"},
+    "minimax": {"api_key_env": "MINIMAX_API_KEY", "model": "MiniMax-M2.7"},
+    "dashscope": {"api_key_env": "DASHSCOPE_API_KEY", "model": "qwen3-coder-plus"},
+    "deepseek-anthropic": {"api_key_env": "DEEPSEEK_API_KEY", "model": "deepseek-v4-pro"},
+    "anthropic-compatible": {"base_url": "http://127.0.0.1:11434", "model": "qwen3-coder:30b",
+                             "quirks": {"betas": "", "drop_fields": _VENDOR_DROPS}},
 }
 #: What to do after `init`, per type.
 STARTER_NEXT = {
@@ -3779,6 +3970,8 @@ STARTER_NEXT = {
     "ollama": "start Ollama with OLLAMA_CONTEXT_LENGTH=32768 or more",
     "openai-compatible": "put your server's URL in base_url and its model name in model "
                          "(vLLM, LM Studio, llama.cpp)",
+    "anthropic-compatible": "put the server's Anthropic base URL (the part before "
+                            "/v1/messages) in base_url; this one is Ollama's (0.14 or newer)",
 }
 
 
@@ -5493,8 +5686,15 @@ class Dialect:
         raise NotImplementedError
 
     def probe(self, provider):
-        """(url, headers) of a light call that spends no tokens, or None."""
+        """(url, headers) of a light GET that spends no tokens (the health probes and
+        `check` send it), or None where there is none."""
         raise NotImplementedError
+
+    def check_call(self, provider):
+        """(method, url, headers, body) of the call `check` makes: the free probe, or a
+        one-token call where the format has no free one; None for none at all."""
+        probe = self.probe(provider)
+        return ("GET",) + probe + (None,) if probe else None
 
 
 class AnthropicDialect(Dialect):
@@ -5533,8 +5733,35 @@ class OpenAIChatDialect(Dialect):
         return provider.base_url + "/models", openai_headers(provider, False)
 
 
+class AnthropicCompatibleDialect(AnthropicDialect):
+    """A vendor's Anthropic-compatible endpoint (Kimi, GLM, MiniMax, DashScope,
+    DeepSeek, local servers): Anthropic's format with the rewrites its quirk flags say,
+    on the request only.  With no flag that applies, the client's bytes go as they came.
+    It needs a key of its own: a client's Anthropic key is never sent to a vendor."""
+
+    forwards_client_key = lists_models = counts_tokens = False
+
+    def prepare(self, call, provider, model, endpoint, query, raw, body):
+        quirks = quirks_for(provider)
+        clean, changed = vendor_body(body, quirks, model) if body else (body, False)
+        data = (json_bytes(clean) if changed else raw) if body else None
+        return (anthropic_url(provider, endpoint, query), data,
+                vendor_headers(call.handler.headers, provider, quirks), None)
+
+    def probe(self, provider):
+        return None                 # no free call: vendors' model lists differ or 404
+
+    def check_call(self, provider):
+        body = {"model": provider.model or "claude-sonnet-4-5", "max_tokens": 1,
+                "messages": [{"role": "user", "content": "ping"}]}
+        return ("POST", anthropic_url(provider, "messages", ""), vendor_headers(
+            None, provider, quirks_for(provider)) + [("content-type", "application/json")],
+                json_bytes(body))
+
+
 #: The dialects by the name PROVIDER_TYPES gives them.
-DIALECTS = {"anthropic": AnthropicDialect(), "openai": OpenAIChatDialect()}
+DIALECTS = {"anthropic": AnthropicDialect(), "openai": OpenAIChatDialect(),
+            "anthropic-compatible": AnthropicCompatibleDialect()}
 
 
 # ---- HTTP server and handler ---------------------------------------------------------
@@ -7454,13 +7681,14 @@ def check_provider(config, provider, client):
     """[(level, text), …] for one provider: key, reachability, key accepted, models."""
     if unconfigured(config, provider):
         return [("problem", "no key: %s" % key_hint(provider))]
-    request = probe_request(provider) or (anthropic_url(provider, "models", ""), [])
-    status, seconds, _, body = fetch(client, "GET", request[0], None, request[1])
+    request = dialect_of(provider).check_call(provider) or (
+        "GET", anthropic_url(provider, "models", ""), [], None)
+    status, seconds, _, body = fetch(client, request[0], request[1], request[3], request[2])
     if status == "local":
         return [("problem", "cannot call it from here: %s" % body.decode())]
     if isinstance(status, str):
         return [("problem", "unreachable: %s (%s); is the server running? check base_url, "
-                 "DNS and HTTPS_PROXY" % (redact_url(request[0]), body.decode()))]
+                 "DNS and HTTPS_PROXY" % (redact_url(request[1]), body.decode()))]
     if status in (401, 403) and dialect_of(provider).forwards_client_key and not (
             provider.api_key):
         return [("ok", "reachable; no key configured, so each client's own key is forwarded")]
@@ -7472,7 +7700,7 @@ def check_provider(config, provider, client):
                  % (status, upstream_message(body)[:200], provider.key_source or "api_key"))]
     if status == 404:
         return [("problem", "%s answered 404: is base_url right? (%s)" % (
-            redact_url(request[0]), BASE_URL_HINTS.get(provider.type, BASE_URL_HINTS[None])))]
+            redact_url(request[1]), BASE_URL_HINTS.get(provider.type, BASE_URL_HINTS[None])))]
     if status >= 400:
         return [("problem", "answered HTTP %d: %s" % (status, upstream_message(body)[:200]))]
     out = [("ok", "reachable in %d ms, key accepted" % (seconds * 1000))]

@@ -3243,6 +3243,118 @@ class TestWhatClaudeCodeSends(unittest.TestCase):
         self.assertFalse(any("s-one" in k or "s-two" in k for k in keys))
 
 
+def vendor_fake(vendor, **kw):
+    """e2e/fake_anthropic.py as a vendor's endpoint: strict the way that vendor is."""
+    sys.path.insert(0, os.path.join(HERE, "e2e"))
+    try:
+        import fake_anthropic
+    finally:
+        sys.path.remove(os.path.join(HERE, "e2e"))
+    return fake_anthropic.FakeAnthropic(vendor=vendor, key="sk-vendor", **kw)
+
+
+def vendor_config(ptype, url, **quirks):
+    return config(providers=(ccproxy.ProviderConfig(
+        name="v", type=ptype, base_url=url, api_key="sk-vendor", model="vendor-model",
+        quirks=tuple(quirks.items())),))
+
+
+#: What Claude Code 2.1.332 sends that vendors trip on: adaptive thinking with an effort,
+#: its own fields, betas, a cache ttl.
+VENDOR_BODY = dict(BODY, stream=True, thinking={"type": "adaptive", "display": "omitted"},
+                   output_config={"effort": "high"}, safeguards={"type": "auto_mode"},
+                   context_management={"edits": [{"type": "clear_thinking_20251015"}]},
+                   max_tokens=32000, system=[{"type": "text", "text": "sys", "cache_control": {
+                       "type": "ephemeral", "ttl": "1h"}}])
+VENDOR_HEADERS = {"x-api-key": "client-key", "anthropic-version": "2023-06-01",
+                  "anthropic-beta": "claude-code-20250219,context-management-2025-06-27"}
+
+
+class TestAnthropicCompatibleVendors(unittest.TestCase):
+    """Issue #22: vendors' Anthropic-compatible endpoints, each with the rewrites its
+    quirk flags say; the request only, and only where a flag applies."""
+
+    def test_vendor_body_per_preset(self):
+        def body_for(ptype, body=VENDOR_BODY):
+            quirks = ccproxy.quirks_for(ccproxy.ProviderConfig(name="v", type=ptype))
+            return ccproxy.vendor_body(body, quirks, "m")
+        out, changed = body_for("kimi")
+        self.assertTrue(changed)
+        self.assertEqual(out["thinking"], {"type": "enabled", "budget_tokens": 16384})
+        self.assertNotIn("context_management", out)
+        self.assertNotIn("safeguards", out)
+        self.assertEqual(out["model"], "m")
+        self.assertEqual(VENDOR_BODY["thinking"]["type"], "adaptive")   # not changed in place
+        out, _ = body_for("glm", dict(VENDOR_BODY, max_tokens=None))
+        self.assertEqual(out["max_tokens"], 32000)
+        out, _ = body_for("glm", dict(VENDOR_BODY, max_tokens=200000))
+        self.assertEqual(out["max_tokens"], 131072)
+        self.assertEqual(out["thinking"], VENDOR_BODY["thinking"])           # GLM takes it
+        for effort, budget in (("low", 2048), ("max", 31999)):
+            out, _ = body_for("minimax", dict(VENDOR_BODY, output_config={"effort": effort}))
+            self.assertEqual(out["thinking"], {"type": "enabled", "budget_tokens": budget})
+        out, _ = body_for("dashscope", dict(VENDOR_BODY, max_tokens=800))
+        self.assertEqual(out["thinking"], {"type": "disabled"})    # no room for a budget
+        history = [user("go"), assistant([{"type": "tool_use", "id": "t", "name": "B",
+                                           "input": {}}]),
+                   user([{"type": "tool_result", "tool_use_id": "t", "content": "x"}])]
+        out, _ = body_for("kimi", dict(VENDOR_BODY, messages=history))
+        self.assertEqual(out["thinking"], {"type": "disabled"})
+        quirks = dict(ccproxy.QUIRK_DEFAULTS, strip_cache_ttl=True)
+        out, changed = ccproxy.vendor_body(VENDOR_BODY, quirks, "")
+        self.assertEqual(out["system"][0]["cache_control"], {"type": "ephemeral"})
+        self.assertEqual(VENDOR_BODY["system"][0]["cache_control"]["ttl"], "1h")
+        out, changed = ccproxy.vendor_body(BODY, dict(ccproxy.QUIRK_DEFAULTS), "")
+        self.assertFalse(changed)
+
+    def test_kept_betas(self):
+        value = "claude-code-20250219,interleaved-thinking-2025-05-14, effort-2025-11-24"
+        for allowed, expected in (("*", value), ("", ""),
+                                  ("interleaved-thinking-2025-05-14,x",
+                                   "interleaved-thinking-2025-05-14"),
+                                  ("effort-2025-11-24", "effort-2025-11-24")):
+            self.assertEqual(ccproxy.kept_betas(value, allowed), expected)
+        self.assertEqual(ccproxy.kept_betas(None, ""), "")
+
+    def test_each_vendor_end_to_end_with_claude_codes_body(self):
+        body = claude_code_body() or VENDOR_BODY
+        body = dict(body, stream=False)
+        for ptype, vendor in (("kimi", "kimi"), ("glm", "glm"), ("minimax", "minimax"),
+                              ("dashscope", "dashscope"), ("deepseek-anthropic", "deepseek")):
+            with self.subTest(ptype=ptype), vendor_fake(vendor) as fake, Proxy(vendor_config(
+                    ptype, fake.url)) as px:
+                sent = dict(body, max_tokens=None) if ptype == "glm" else body
+                resp, out = px.call("POST", "/v1/messages?beta=true", json.dumps(
+                    {k: v for k, v in sent.items() if v is not None}).encode(),
+                    dict(VENDOR_HEADERS, **{"Content-Type": "application/json"}))
+                self.assertEqual(resp.status, 200, out)
+                got = dict((k.lower(), v) for k, v in fake.requests[0]["headers"])
+                self.assertEqual(got["x-api-key"], "sk-vendor")
+                self.assertNotIn("anthropic-beta", got)
+                self.assertEqual(json.loads(out)["model"], body["model"])
+        # The same body to the same strict fake through plain pass-through: refused.
+        with vendor_fake("kimi") as fake, Proxy(vendor_config("anthropic", fake.url)) as px:
+            resp, out = px.call("POST", "/v1/messages", dict(VENDOR_BODY, stream=False),
+                                VENDOR_HEADERS)
+            self.assertEqual(resp.status, 400, out)
+
+    def test_a_vendor_never_gets_the_clients_key_and_bytes_pass_untouched(self):
+        raw = json.dumps(dict(BODY, messages=[user("é \ud83d\ude00")]), indent=1).encode()
+        with vendor_fake("deepseek") as fake, Proxy(config(providers=(ccproxy.ProviderConfig(
+                name="v", type="anthropic-compatible", base_url=fake.url, api_key="sk-vendor",
+                quirks=(("betas", ""),)),))) as px:
+            resp, out = px.call("POST", "/v1/messages", raw, {"x-api-key": "client-key",
+                                                              "anthropic-version": "2023-06-01"})
+            self.assertEqual(resp.status, 200, out)
+        self.assertEqual(fake.requests[0]["raw"], raw)          # not re-serialised
+        # Keyless (a local server): nothing of the client's goes either.
+        with vendor_fake("deepseek") as fake, Proxy(config(providers=(ccproxy.ProviderConfig(
+                name="v", type="anthropic-compatible", base_url=fake.url),))) as px:
+            resp, out = px.call("POST", "/v1/messages", BODY, {"x-api-key": "client-key",
+                                                               "anthropic-version": "1"})
+            self.assertEqual(resp.status, 401, out)
+
+
 class TestTranslationErrorsAndTokens(unittest.TestCase):
     """Cases 36-44."""
 
@@ -3817,6 +3929,20 @@ class TestCheckAndEnv(unittest.TestCase):
         # Issue #20: a translated route says what auto mode does there.
         self.assertIn("note p (openai, %s): Claude Code's auto mode has no safety "
                       "check here" % up.url, out)
+
+    def test_a_vendor_is_checked_with_the_call_it_serves(self):
+        """Issue #22: an Anthropic-compatible vendor has no free model list to probe;
+        check makes the one-token call it really serves, with the vendor's rewrites."""
+        with vendor_fake("kimi") as fake:
+            code, out = self.check(dataclasses.replace(
+                vendor_config("kimi", fake.url), port=free_port()))
+            self.assertEqual(code, 0, out)
+            self.assertEqual(fake.requests[0]["body"]["max_tokens"], 1)
+            self.assertTrue(fake.requests[0]["path"].startswith("/v1/messages"))
+            code, out = self.check(dataclasses.replace(vendor_config(
+                "kimi", fake.url), port=free_port(), providers=(dataclasses.replace(
+                    vendor_config("kimi", fake.url).providers[0], api_key="wrong"),)))
+            self.assertIn("key rejected (HTTP 401", out)
 
     def test_each_failure_is_explained(self):
         with self.models_upstream(status=401) as bad_key, self.models_upstream(

@@ -10,7 +10,14 @@ their event: lines).  It answers from the conversation it is sent:
   * scenario tool:       a thinking block (--thinking), then a Bash call (--tool-name).
 POST /v1/messages/count_tokens answers {"input_tokens": N}; HEAD / and GET /v1/models too.
 
-Every request is kept in .requests (path, headers as [name, value] pairs, parsed body).
+With --vendor it is a vendor's Anthropic-compatible endpoint instead, refusing what that
+vendor is known to refuse (docs/providers.md): any anthropic-beta value and Anthropic's
+own fields (context_management, safeguards) with a 400; kimi, minimax and dashscope
+also `thinking: adaptive`, and kimi a tool-call turn without its thinking; glm answers a
+call without max_tokens with its 500.  A vendor takes only its own key (--key).
+
+Every request is kept in .requests (path, headers as [name, value] pairs, parsed body,
+the body's bytes as raw).
 """
 import argparse
 import http.server
@@ -25,8 +32,10 @@ TEXT = "Hello from the fake Anthropic server!"
 class FakeAnthropic:
     """The server; start() binds 127.0.0.1 port 0 and serves on a daemon thread."""
 
-    def __init__(self, scenario="text", tool_name="Bash", thinking=False):
+    def __init__(self, scenario="text", tool_name="Bash", thinking=False, vendor="",
+                 key=""):
         self.scenario, self.tool_name, self.thinking = scenario, tool_name, thinking
+        self.vendor, self.key = vendor, key
         self.requests, self.lock = [], threading.Lock()
         fake = self
 
@@ -53,7 +62,7 @@ class FakeAnthropic:
                 body = json.loads(raw or b"{}")
                 with fake.lock:
                     fake.requests.append({"path": self.path, "headers": self.headers.items(),
-                                          "body": body})
+                                          "body": body, "raw": raw})
                 fake.answer(self, body)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -68,6 +77,12 @@ class FakeAnthropic:
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
 
     # -- answers ------------------------------------------------------------------
 
@@ -86,18 +101,48 @@ class FakeAnthropic:
             return self.send_stream(h, message)
         self.send_json(h, 200, message)
 
-    @staticmethod
-    def refusal(h, body):
+    def refusal(self, h, body):
         """(status, error document) for what the real API refuses, or None."""
         auth = h.headers.get("authorization") or ""
         if not h.headers.get("x-api-key") and not auth.lower().startswith("bearer "):
             return 401, error("authentication_error", "x-api-key header is required")
+        if self.vendor:
+            return self.vendor_refusal(h, body)
         if not h.headers.get("anthropic-version"):
             return 400, error("invalid_request_error", "anthropic-version header is required")
         counting = h.path.partition("?")[0].endswith("/count_tokens")
         for field in ("model", "messages") + (() if counting else ("max_tokens",)):
             if field not in body:
                 return 400, error("invalid_request_error", "%s: Field required" % field)
+        return None
+
+    def vendor_refusal(self, h, body):
+        key = h.headers.get("x-api-key") or (h.headers.get("authorization") or "")[7:]
+        if self.key and key != self.key:
+            return 401, error("authentication_error", "invalid api key")
+        if h.headers.get("anthropic-beta"):
+            return 400, error("invalid_request_error", "unsupported anthropic-beta: %s"
+                              % h.headers["anthropic-beta"])
+        extra = sorted({"context_management", "safeguards"} & set(body))
+        if extra:
+            return 400, error("invalid_request_error", "%s: Extra inputs are not permitted"
+                              % extra[0])
+        if self.vendor == "glm" and "max_tokens" not in body:
+            return 500, error("api_error", "[500]['>' not supported between instances of "
+                              "'int' and 'NoneType']")
+        thinking = (body.get("thinking") or {}).get("type")
+        if self.vendor in ("kimi", "minimax", "dashscope") and thinking == "adaptive":
+            return 400, error("invalid_request_error", "thinking.type: adaptive is not "
+                              "supported, use enabled with budget_tokens")
+        if self.vendor == "kimi" and thinking == "enabled":
+            for index, msg in enumerate(body.get("messages") or []):
+                kinds = {b.get("type") for b in msg.get("content") or []
+                         if isinstance(b, dict)} if isinstance(msg.get("content"), list) else set()
+                if msg.get("role") == "assistant" and "tool_use" in kinds and \
+                        "thinking" not in kinds:
+                    return 400, error("invalid_request_error", "thinking is enabled but "
+                                      "reasoning_content is missing in assistant tool call "
+                                      "message at index %d" % index)
         return None
 
     def decide(self, body):
@@ -179,8 +224,12 @@ def main(argv=None):
     parser.add_argument("--scenario", default="text")
     parser.add_argument("--tool-name", default="Bash")
     parser.add_argument("--thinking", action="store_true")
+    parser.add_argument("--vendor", default="", choices=("", "kimi", "glm", "minimax",
+                                                         "dashscope", "deepseek"))
+    parser.add_argument("--key", default="")
     args = parser.parse_args(argv)
-    fake = FakeAnthropic(args.scenario, args.tool_name, args.thinking).start()
+    fake = FakeAnthropic(args.scenario, args.tool_name, args.thinking, args.vendor,
+                         args.key).start()
     print(fake.url, flush=True)
     threading.Event().wait()
 

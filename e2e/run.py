@@ -238,8 +238,8 @@ class FakeAnthropic:
     """e2e/fake_anthropic.py, in this process, as a context manager: a strict fake of
     the Messages API (it refuses a call without a key or anthropic-version)."""
 
-    def __init__(self, scenario="text", tool_name="Bash", thinking=False):
-        self.fake = InRepoFakeAnthropic(scenario, tool_name, thinking)
+    def __init__(self, scenario="text", tool_name="Bash", thinking=False, vendor="", key=""):
+        self.fake = InRepoFakeAnthropic(scenario, tool_name, thinking, vendor, key)
         self.url = self.fake.url
 
     def __enter__(self):
@@ -352,6 +352,27 @@ def cli_stream_shape_scenarios(claude, skip):
         offered = {t["function"]["name"] for r in fake.requests for t in r["body"]["tools"]}
         check("Bash" in offered and "DeferredToolPlaceholder" not in offered,
               "tools offered: %s" % sorted(offered))
+
+
+def cli_vendor_scenarios(claude, skip):
+    """Issue #22: vendors' Anthropic-compatible endpoints, each fake refusing what that
+    vendor refuses of Claude Code's own requests."""
+    for ptype, vendor in (("kimi", "kimi"), ("glm", "glm"), ("minimax", "minimax"),
+                          ("dashscope", "dashscope"), ("deepseek-anthropic", "deepseek")):
+        @scenario("claude-cli %s: text, then a tool round trip with thinking" % ptype, skip)
+        def _(ptype=ptype, vendor=vendor):
+            env = {"CCPROXY_PROVIDER": ptype, "CCPROXY_UPSTREAM_API_KEY": "sk-vendor",
+                   "CCPROXY_MODEL": "vendor-model"}
+            with FakeAnthropic("tool", thinking=True, vendor=vendor, key="sk-vendor") as fake, \
+                    Ccproxy(dict(env, CCPROXY_BASE_URL=fake.url)) as proxy:
+                rc, result, out, _ = run_claude(claude, proxy, "say hi")
+                check(rc == 0 and result, "text turn: exit %d: %s" % (rc, out[-300:]))
+                rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
+                check(rc == 0 and result, "tool turn: exit %d: %s" % (rc, out[-300:]))
+                check("hello-from-tool" in result["result"], result["result"])
+                keys = {dict((k.lower(), v) for k, v in r["headers"]).get("x-api-key")
+                        for r in fake.requests()}
+            check(keys == {"sk-vendor"}, "keys the vendor got: %s" % keys)
 
 
 def cli_quirk_scenarios(claude, skip):
@@ -776,6 +797,7 @@ def main(argv):
     cli_openai_scenarios(claude, skip_cli)
     cli_quirk_scenarios(claude, skip_cli)
     cli_stream_shape_scenarios(claude, skip_cli)
+    cli_vendor_scenarios(claude, skip_cli)
     cli_failure_scenarios(claude, skip_cli)
     cli_anthropic_scenarios(claude, skip_cli)
     interactive_scenarios(claude, skip_cli)
