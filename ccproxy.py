@@ -116,6 +116,7 @@ import signal
 import socket
 import ssl
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -245,6 +246,9 @@ PROVIDER_TYPES = {
                                        ("DEEPSEEK_API_KEY",), ("api.deepseek.com",), True,
                                        "anthropic-compatible"),
     "anthropic-compatible": ProviderType("", (), (), False, "anthropic-compatible"),
+    # Claude on the clouds: Vertex authenticates with OAuth tokens, not keys.
+    "vertex": ProviderType("https://{region}-aiplatform.googleapis.com", (), (), False,
+                           "vertex"),
 }
 
 #: Every quirk flag with its default (docs/translation.md §6).  A provider type is a row of
@@ -417,6 +421,10 @@ class ProviderConfig:
     api_version: str = ""          # Azure: sent as ?api-version=
     quirks: tuple = ()             # (flag, value) overrides of the type's preset
     headers: tuple = dataclasses.field(default=(), repr=False)   # (name, value), every call
+    project: str = ""              # Vertex: the Google Cloud project
+    region: str = ""               # Vertex, Bedrock: where the model runs
+    token_command: tuple = ()      # Vertex: argv printing an OAuth access token
+    aws_profile: str = ""          # Bedrock: a profile of ~/.aws/credentials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,7 +512,14 @@ FILE_ONLY_KEYS = ("providers", "routes", "fallback")
 KEY_FIELDS = ("api_key", "api_key_env", "api_key_file")
 PROVIDER_KEYS = ("name", "type", "base_url") + KEY_FIELDS + (
     "model", "big_model", "small_model", "connect_timeout", "read_timeout", "ca_bundle",
-    "api_version", "quirks", "headers")
+    "api_version", "quirks", "headers", "project", "region", "token_command", "aws_profile")
+#: Where a cloud's fields come from when the entry leaves them out: the variables Claude
+#: Code's own Vertex and Bedrock modes read (docs/providers.md).
+CLOUD_FIELDS = {
+    "vertex": (("project", ("ANTHROPIC_VERTEX_PROJECT_ID", "GOOGLE_CLOUD_PROJECT")),
+               ("region", ("CLOUD_ML_REGION",))),
+    "bedrock": (("region", ("AWS_REGION", "AWS_DEFAULT_REGION")),),
+}
 ROUTE_KEYS = ("match", "provider", "model")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
@@ -626,13 +641,15 @@ def _provider(index, raw, environ, read_key):
 
 def _provider_fields(where, name, ptype, raw, environ, read_key):
     """The typed fields of one provider, defaults from PROVIDER_TYPES."""
-    url = raw.get("base_url") or PROVIDER_TYPES[ptype].base_url
+    cloud = _cloud_fields(where, ptype, raw, environ)
+    url = raw.get("base_url") or cloud_base_url(PROVIDER_TYPES[ptype].base_url,
+                                                cloud.get("region", ""))
     if not url:
         raise ConfigError("%s.base_url is required for type %s" % (where, _shown(ptype)))
     url = _check_url(where + ".base_url", str(url))
     key, source = _provider_key(where, ptype, url, raw, environ, read_key)
-    fields = {"name": name, "type": ptype, "base_url": url, "key_source": source,
-              "api_key": _convert(where + ".api_key", "secret", key)}
+    fields = dict(cloud, name=name, type=ptype, base_url=url, key_source=source,
+                  api_key=_convert(where + ".api_key", "secret", key))
     for field in ("model", "big_model", "small_model", "ca_bundle", "api_version"):
         fields[field] = _convert(where + "." + field, "str", raw.get(field, ""))
     fields["quirks"] = _quirks(where + ".quirks", raw.get("quirks", {}))
@@ -641,6 +658,39 @@ def _provider_fields(where, name, ptype, raw, environ, read_key):
         if field in raw:
             fields[field] = _convert(where + "." + field, "seconds", raw[field])
     return ProviderConfig(**fields)
+
+
+def _cloud_fields(where, ptype, raw, environ):
+    """project, region, token_command and aws_profile: required ones named when missing,
+    else from the variables Claude Code's own cloud modes read (CLOUD_FIELDS)."""
+    fields = {f: _convert(where + "." + f, "str", raw[f]) for f in ("project", "region",
+                                                                    "aws_profile") if f in raw}
+    for field, variables in CLOUD_FIELDS.get(ptype, ()):
+        fields.setdefault(field, next((environ[v] for v in variables if environ.get(v)), ""))
+        if not fields[field]:
+            raise ConfigError("%s.%s is required for type %s (or set %s)" % (
+                where, field, ptype, " or ".join(variables)))
+    if fields.get("region") and not re.match(r"^[a-z0-9-]{1,40}$", fields["region"]):
+        raise ConfigError("%s.region must be a region name such as us-east5, got %s"
+                          % (where, _shown(fields["region"])))
+    if "token_command" in raw:
+        command = raw["token_command"]
+        if not isinstance(command, list) or not command or not all(
+                isinstance(a, str) and a for a in command):
+            raise ConfigError("%s.token_command must be a list of arguments, e.g. "
+                              "[\"gcloud\", \"auth\", \"print-access-token\"]" % where)
+        fields["token_command"] = tuple(command)
+    return fields
+
+
+def cloud_base_url(template, region):
+    """A type's default base URL with its region in it; Vertex's "global" region has
+    no regional host."""
+    if "{region}" not in template:
+        return template
+    if region == "global":
+        return template.replace("{region}-", "")
+    return template.replace("{region}", region)
 
 
 def _provider_key(where, ptype, url, raw, environ, read_key):
@@ -3960,6 +4010,9 @@ STARTER_FIELDS = {
     "deepseek-anthropic": {"api_key_env": "DEEPSEEK_API_KEY", "model": "deepseek-v4-pro"},
     "anthropic-compatible": {"base_url": "http://127.0.0.1:11434", "model": "qwen3-coder:30b",
                              "quirks": {"betas": "", "drop_fields": _VENDOR_DROPS}},
+    "vertex": {"project": "my-project", "region": "us-east5",
+               "token_command": ["gcloud", "auth", "print-access-token"],
+               "model": "claude-sonnet-4-5@20250929"},
 }
 #: What to do after `init`, per type.
 STARTER_NEXT = {
@@ -3972,6 +4025,8 @@ STARTER_NEXT = {
                          "(vLLM, LM Studio, llama.cpp)",
     "anthropic-compatible": "put the server's Anthropic base URL (the part before "
                             "/v1/messages) in base_url; this one is Ollama's (0.14 or newer)",
+    "vertex": "put your project and region in the file; on Google Cloud, drop "
+              "token_command to use the metadata server",
 }
 
 
@@ -5369,10 +5424,8 @@ class Exchange:
             # Which model served the call: the one the client asked for is `model`.
             self.access.update(provider=provider.name, attempts=attempt,
                                upstream_model=model or self.access.model)
-            url, data, headers, tr = self._prepare(
-                provider, model, endpoint, query, request.get("raw"),
-                _take_body(request, self.service.members))
-            client, resp = self._attempt(provider, method, url, data, headers, last)
+            client, resp, tr = self._call(provider, model, endpoint, query, method, request,
+                                          last)
             if resp is None:
                 continue
             if resp.status < 400:
@@ -5381,9 +5434,22 @@ class Exchange:
                 return None
         return None                      # not reached: the last attempt answers or raises
 
-    def _prepare(self, provider, model, endpoint, query, raw, body):
-        """(url, body bytes, headers, Translation or None) for one attempt."""
-        return dialect_of(provider).prepare(self, provider, model, endpoint, query, raw, body)
+    def _call(self, provider, model, endpoint, query, method, request, last):
+        """One provider's attempt: (client, response or None, Translation or None).  Once
+        more with fresh credentials after a 401 where the dialect can renew them (a
+        Vertex token that expired before its time)."""
+        dialect = dialect_of(provider)
+        for renewed in (False, True):
+            url, data, headers, tr = dialect.prepare(
+                self, provider, model, endpoint, query, request.get("raw"),
+                _take_body(request, self.service.members))
+            client, resp = self._attempt(provider, method, url, data, headers, last)
+            if resp is None or resp.status != 401 or renewed or not dialect.renew(provider):
+                return client, resp, tr
+            client.discard(resp)
+            log.info("%s provider=%s answered 401: renewing its credentials and trying "
+                     "again", self.handler.request_id, provider.name)
+        return client, resp, tr                      # not reached
 
     def translation(self, provider, model, body):
         """The Translation a translating dialect's call needs, and the body's tools."""
@@ -5696,6 +5762,11 @@ class Dialect:
         probe = self.probe(provider)
         return ("GET",) + probe + (None,) if probe else None
 
+    def renew(self, provider):
+        """Drop the provider's cached credentials after a 401; True when the next call
+        will have fresh ones (then it is tried once more)."""
+        return False
+
 
 class AnthropicDialect(Dialect):
     """Anthropic's Messages API, passed through: the client's bytes go as they came
@@ -5759,9 +5830,130 @@ class AnthropicCompatibleDialect(AnthropicDialect):
                 json_bytes(body))
 
 
+VERTEX_VERSION = "vertex-2023-10-16"     # Anthropic's Vertex API version, in the body
+TOKEN_SECONDS = 600.0                    # a command's token is used this long at most
+TOKEN_MARGIN = 60.0                      # a token is renewed this long before it expires
+METADATA_TOKEN = ("/computeMetadata/v1/instance/service-accounts/default/token")
+
+
+class Tokens:
+    """OAuth access tokens for Vertex, per provider: printed by its token_command (run
+    without a shell, e.g. gcloud auth print-access-token), else from the GCE/GKE
+    metadata server.  One at a time is fetched; each is kept until shortly before it
+    expires (a command's for TOKEN_SECONDS, since gcloud prints no lifetime) and
+    dropped at once after a 401.  A token goes only to the provider's own host."""
+
+    def __init__(self, environ=None):
+        self.environ = os.environ if environ is None else environ
+        self._lock, self._cache = threading.Lock(), {}
+
+    def get(self, provider):
+        key = (provider.name, provider.token_command)
+        with self._lock:
+            token, until = self._cache.get(key, ("", 0.0))
+            if not token or time.monotonic() >= until:
+                token, lifetime = self._fetch(provider)
+                until = time.monotonic() + max(lifetime - TOKEN_MARGIN, 30.0)
+                self._cache[key] = (token, until)
+            return token
+
+    def forget(self, provider):
+        with self._lock:
+            self._cache.pop((provider.name, provider.token_command), None)
+
+    def _fetch(self, provider):
+        """(token, its lifetime in seconds); HTTPError when none can be had."""
+        try:
+            return (self._run(provider.token_command) if provider.token_command
+                    else self._metadata())
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            how = ("token_command %s" % provider.token_command[0] if provider.token_command
+                   else "the metadata server (set token_command off Google Cloud)")
+            raise HTTPError(500, "api_error", "ccproxy: no access token for provider %s "
+                            "from %s: %s" % (provider.name, how, str(exc)[:200]),
+                            (("x-should-retry", "false"),)) from exc
+
+    @staticmethod
+    def _run(command):
+        out = subprocess.run(list(command), capture_output=True, timeout=30, text=True,
+                             stdin=subprocess.DEVNULL)
+        token = out.stdout.strip()
+        if out.returncode or not token or any(c.isspace() for c in token):
+            raise ValueError("exit %d, %s" % (out.returncode, (out.stderr.strip() or
+                                                               "no token printed")[-200:]))
+        return token, TOKEN_SECONDS
+
+    def _metadata(self):
+        host = self.environ.get("GCE_METADATA_HOST") or "metadata.google.internal"
+        request = urllib.request.Request("http://%s%s" % (host, METADATA_TOKEN),
+                                         headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            doc = json.loads(resp.read(65536))
+        if not isinstance(doc, dict) or not isinstance(doc.get("access_token"), str):
+            raise ValueError("no access_token in its answer")
+        return doc["access_token"], float(doc.get("expires_in") or TOKEN_SECONDS)
+
+
+def vertex_url(provider, model, stream):
+    """Claude on Vertex: the model in the path, streamRawPredict for a stream (Google's
+    Claude guide).  base_url replaces only the scheme and host (a private or VPC
+    endpoint, or a test's loopback fake)."""
+    return "%s/v1/projects/%s/locations/%s/publishers/anthropic/models/%s:%s" % (
+        provider.base_url, urllib.parse.quote(provider.project, safe=""),
+        urllib.parse.quote(provider.region, safe=""), urllib.parse.quote(model, safe="@"),
+        "streamRawPredict" if stream else "rawPredict")
+
+
+def cloud_body(body, model, version):
+    """The client's body for Claude on a cloud: the model goes (it is in the URL, or
+    the model id), anthropic_version comes in, the rest as Anthropic takes it."""
+    out = dict(sanitize_for_anthropic(body)[0])
+    out.pop("model", None)
+    out["anthropic_version"] = version
+    return out
+
+
+class VertexDialect(AnthropicDialect):
+    """Claude on Google Cloud's Vertex AI: Anthropic's format with the model in the
+    URL and an OAuth token; the stream is Anthropic's SSE, relayed as it comes."""
+
+    forwards_client_key = lists_models = counts_tokens = False
+
+    def __init__(self):
+        self.tokens = Tokens()
+
+    def prepare(self, call, provider, model, endpoint, query, raw, body):
+        model = model or body.get("model", "")
+        data = json_bytes(cloud_body(body, model, VERTEX_VERSION))
+        return (vertex_url(provider, model, body.get("stream") is True), data,
+                self._headers(call.handler.headers, provider), None)
+
+    def _headers(self, client_headers, provider):
+        quirks = quirks_for(provider)
+        headers = [("content-type", "application/json"), ("accept-encoding", "identity"),
+                   ("authorization", "Bearer " + self.tokens.get(provider))]
+        betas = kept_betas(client_headers.get("anthropic-beta"), quirks["betas"]) if (
+            client_headers is not None) else ""
+        return with_provider_headers(headers + ([("anthropic-beta", betas)] if betas else []),
+                                     provider)
+
+    def renew(self, provider):
+        self.tokens.forget(provider)
+        return True
+
+    def probe(self, provider):
+        return None                       # no free call; check makes a one-token one
+
+    def check_call(self, provider):
+        body = {"max_tokens": 1, "anthropic_version": VERTEX_VERSION,
+                "messages": [{"role": "user", "content": "ping"}]}
+        return ("POST", vertex_url(provider, provider.model or "claude-sonnet-4-5", False),
+                self._headers(None, provider), json_bytes(body))
+
+
 #: The dialects by the name PROVIDER_TYPES gives them.
 DIALECTS = {"anthropic": AnthropicDialect(), "openai": OpenAIChatDialect(),
-            "anthropic-compatible": AnthropicCompatibleDialect()}
+            "anthropic-compatible": AnthropicCompatibleDialect(), "vertex": VertexDialect()}
 
 
 # ---- HTTP server and handler ---------------------------------------------------------
@@ -7681,8 +7873,11 @@ def check_provider(config, provider, client):
     """[(level, text), …] for one provider: key, reachability, key accepted, models."""
     if unconfigured(config, provider):
         return [("problem", "no key: %s" % key_hint(provider))]
-    request = dialect_of(provider).check_call(provider) or (
-        "GET", anthropic_url(provider, "models", ""), [], None)
+    try:
+        request = dialect_of(provider).check_call(provider) or (
+            "GET", anthropic_url(provider, "models", ""), [], None)
+    except HTTPError as exc:                       # a token that cannot be had
+        return [("problem", exc.message)]
     status, seconds, _, body = fetch(client, request[0], request[1], request[3], request[2])
     if status == "local":
         return [("problem", "cannot call it from here: %s" % body.decode())]

@@ -3250,7 +3250,8 @@ def vendor_fake(vendor, **kw):
         import fake_anthropic
     finally:
         sys.path.remove(os.path.join(HERE, "e2e"))
-    return fake_anthropic.FakeAnthropic(vendor=vendor, key="sk-vendor", **kw)
+    kw.setdefault("key", "sk-vendor")
+    return fake_anthropic.FakeAnthropic(vendor=vendor, **kw)
 
 
 def vendor_config(ptype, url, **quirks):
@@ -3353,6 +3354,117 @@ class TestAnthropicCompatibleVendors(unittest.TestCase):
             resp, out = px.call("POST", "/v1/messages", BODY, {"x-api-key": "client-key",
                                                                "anthropic-version": "1"})
             self.assertEqual(resp.status, 401, out)
+
+
+def token_command(directory, tokens=("tok-1",)):
+    """A token_command (run without a shell) that prints the next of `tokens` each time
+    and counts its runs in DIR/runs."""
+    script = os.path.join(directory, "token.py")
+    with open(script, "w") as f:
+        f.write("import os, sys\np = os.path.join(%r, 'runs')\n"
+                "n = int(open(p).read()) if os.path.exists(p) else 0\n"
+                "open(p, 'w').write(str(n + 1))\nprint(%r[min(n, %d)])\n"
+                % (directory, list(tokens), len(tokens) - 1))
+    return (sys.executable, script)
+
+
+def runs(directory):
+    path = os.path.join(directory, "runs")
+    return int(open(path).read()) if os.path.exists(path) else 0
+
+
+def vertex_config(url, command, **kw):
+    return config(providers=(ccproxy.ProviderConfig(
+        name="vx", type="vertex", base_url=url, project="proj", region="us-east5",
+        token_command=command, model="claude-sonnet-4-5@20250929", **kw),))
+
+
+class TestVertex(unittest.TestCase):
+    """Issue #22: Claude on Vertex AI, the model in the URL, an OAuth token."""
+
+    def test_config(self):
+        ok = ccproxy.build_config({"providers": [{"type": "vertex", "project": "p",
+                                                  "region": "europe-west1"}]}, {}, {})
+        self.assertEqual(ok.providers[0].base_url, "https://europe-west1-aiplatform.googleapis.com")
+        ok = ccproxy.build_config({"providers": [{"type": "vertex"}]}, {
+            "ANTHROPIC_VERTEX_PROJECT_ID": "p", "CLOUD_ML_REGION": "global"}, {})
+        self.assertEqual((ok.providers[0].project, ok.providers[0].base_url),
+                         ("p", "https://aiplatform.googleapis.com"))
+        for entry, words in (({"type": "vertex", "region": "us-east5"}, "project is required"),
+                             ({"type": "vertex", "project": "p"}, "CLOUD_ML_REGION"),
+                             ({"type": "vertex", "project": "p", "region": "us east"},
+                              "region must be"),
+                             ({"type": "vertex", "project": "p", "region": "r",
+                               "token_command": "gcloud auth"}, "list of arguments")):
+            with self.subTest(entry=entry), self.assertRaises(ccproxy.ConfigError) as caught:
+                ccproxy.build_config({"providers": [entry]}, {}, {})
+            self.assertIn(words, str(caught.exception))
+
+    def test_url_and_body(self):
+        p = ccproxy.ProviderConfig(name="v", type="vertex", project="my proj", region="us-east5",
+                                   base_url="https://us-east5-aiplatform.googleapis.com")
+        self.assertEqual(ccproxy.vertex_url(p, "claude-sonnet-4-5@20250929", True),
+                         "https://us-east5-aiplatform.googleapis.com/v1/projects/my%20proj/"
+                         "locations/us-east5/publishers/anthropic/models/"
+                         "claude-sonnet-4-5@20250929:streamRawPredict")
+        self.assertTrue(ccproxy.vertex_url(p, "m", False).endswith("/models/m:rawPredict"))
+        out = ccproxy.cloud_body(BODY, "m", "vertex-2023-10-16")
+        self.assertEqual(out, dict({k: v for k, v in BODY.items() if k != "model"},
+                                   anthropic_version="vertex-2023-10-16"))
+        self.assertIn("model", BODY)
+
+    def test_tokens_from_a_command_cached_and_renewed(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            p = ccproxy.ProviderConfig(name="v", type="vertex",
+                                       token_command=token_command(tmp, ("a", "b")))
+            tokens = ccproxy.Tokens(environ={})
+            self.assertEqual([tokens.get(p), tokens.get(p)], ["a", "a"])
+            self.assertEqual(runs(tmp), 1)
+            tokens.forget(p)
+            self.assertEqual(tokens.get(p), "b")
+            bad = dataclasses.replace(p, token_command=(sys.executable, "-c", "exit(3)"))
+            with self.assertRaises(ccproxy.HTTPError) as caught:
+                tokens.get(bad)
+            self.assertEqual(caught.exception.status, 500)
+            self.assertIn("no access token for provider v from token_command", str(caught.exception))
+
+    def test_tokens_from_the_metadata_server(self):
+        def behave(h, body):
+            if h.headers.get("Metadata-Flavor") != "Google":
+                return h.reply(403, {"error": "Missing Metadata-Flavor:Google header"})
+            h.reply(200, {"access_token": "meta-tok", "expires_in": 3599,
+                          "token_type": "Bearer"})
+        with FakeUpstream(behave) as meta:
+            tokens = ccproxy.Tokens(environ={"GCE_METADATA_HOST": "127.0.0.1:%d" % meta.port})
+            p = ccproxy.ProviderConfig(name="v", type="vertex")
+            self.assertEqual(tokens.get(p), "meta-tok")
+            self.assertEqual(tokens.get(p), "meta-tok")
+            self.assertEqual(len(meta.requests), 1)
+            self.assertEqual(meta.requests[0]["path"], ccproxy.METADATA_TOKEN)
+
+    def test_end_to_end_streamed_and_not_with_a_token_renewed_after_a_401(self):
+        with tempfile.TemporaryDirectory() as tmp, vendor_fake(
+                "", key="tok-2", vertex="proj/us-east5") as fake:
+            command = token_command(tmp, ("tok-1", "tok-2"))
+            with Proxy(vertex_config(fake.url, command)) as px:
+                ccproxy.DIALECTS["vertex"].tokens.forget(px.service.config.providers[0])
+                resp, out = px.call("POST", "/v1/messages?beta=true", BODY,
+                                    {"x-api-key": "client-key", "anthropic-beta": "x"})
+                self.assertEqual(resp.status, 200, out)
+                self.assertEqual(json.loads(out)["model"], BODY["model"])
+                self.assertEqual(len(fake.requests), 2)       # a 401, then the renewed token
+                self.assertEqual(runs(tmp), 2)
+                resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True))
+                self.assertEqual(resp.status, 200, out)
+                events = parse_events(out)
+                self.assertEqual(events[0]["message"]["model"], BODY["model"])
+                self.assertEqual(runs(tmp), 2)                  # the token was kept
+            sent = fake.requests[-1]
+            self.assertTrue(sent["path"].endswith(
+                "/models/claude-sonnet-4-5@20250929:streamRawPredict"))
+            headers = dict((k.lower(), v) for k, v in sent["headers"])
+            self.assertNotIn("x-api-key", headers)
+            self.assertEqual(fake.requests[0]["body"]["anthropic_version"], "vertex-2023-10-16")
 
 
 class TestTranslationErrorsAndTokens(unittest.TestCase):

@@ -16,26 +16,35 @@ own fields (context_management, safeguards) with a 400; kimi, minimax and dashsc
 also `thinking: adaptive`, and kimi a tool-call turn without its thinking; glm answers a
 call without max_tokens with its 500.  A vendor takes only its own key (--key).
 
+With --vertex PROJECT/REGION it is Claude on Vertex AI: only POST
+/v1/projects/P/locations/R/publishers/anthropic/models/MODEL:rawPredict (or
+:streamRawPredict, which streams) is served, with `Authorization: Bearer` the --key token
+(a 401 otherwise, as Google's front end answers), and a body that has
+`anthropic_version: vertex-2023-10-16` and no `model` (400 otherwise).
+
 Every request is kept in .requests (path, headers as [name, value] pairs, parsed body,
 the body's bytes as raw).
 """
 import argparse
 import http.server
 import json
+import re
 import socket
 import sys
 import threading
 
 TEXT = "Hello from the fake Anthropic server!"
+VERTEX_PATH = re.compile(r"^/v1/projects/([^/]+)/locations/([^/]+)/publishers/anthropic/"
+                         r"models/([^/:]+):(rawPredict|streamRawPredict)$")
 
 
 class FakeAnthropic:
     """The server; start() binds 127.0.0.1 port 0 and serves on a daemon thread."""
 
     def __init__(self, scenario="text", tool_name="Bash", thinking=False, vendor="",
-                 key=""):
+                 key="", vertex=""):
         self.scenario, self.tool_name, self.thinking = scenario, tool_name, thinking
-        self.vendor, self.key = vendor, key
+        self.vendor, self.key, self.vertex = vendor, key, vertex
         self.requests, self.lock = [], threading.Lock()
         fake = self
 
@@ -87,6 +96,13 @@ class FakeAnthropic:
     # -- answers ------------------------------------------------------------------
 
     def answer(self, h, body):
+        if self.vertex:
+            problem = self.vertex_refusal(h, body)
+            if problem:
+                return self.send_json(h, *problem)
+            body = dict(body, model=VERTEX_PATH.match(h.path).group(3),
+                        stream=h.path.endswith(":streamRawPredict"))
+            h.headers["anthropic-version"] = "vertex"
         problem = self.refusal(h, body)
         if problem:
             return self.send_json(h, *problem)
@@ -114,6 +130,19 @@ class FakeAnthropic:
         for field in ("model", "messages") + (() if counting else ("max_tokens",)):
             if field not in body:
                 return 400, error("invalid_request_error", "%s: Field required" % field)
+        return None
+
+    def vertex_refusal(self, h, body):
+        match = VERTEX_PATH.match(h.path)
+        if not match or "%s/%s" % match.group(1, 2) != self.vertex:
+            return 404, {"error": {"code": 404, "message": "The requested URL %s was not "
+                                   "found on this server." % h.path, "status": "NOT_FOUND"}}
+        if (h.headers.get("authorization") or "") != "Bearer " + self.key:
+            return 401, {"error": {"code": 401, "message": "Request had invalid "
+                                   "authentication credentials.", "status": "UNAUTHENTICATED"}}
+        if body.get("anthropic_version") != "vertex-2023-10-16" or "model" in body:
+            return 400, error("invalid_request_error", "anthropic_version: must be "
+                              "vertex-2023-10-16, and model goes in the URL")
         return None
 
     def vendor_refusal(self, h, body):
@@ -227,9 +256,10 @@ def main(argv=None):
     parser.add_argument("--vendor", default="", choices=("", "kimi", "glm", "minimax",
                                                          "dashscope", "deepseek"))
     parser.add_argument("--key", default="")
+    parser.add_argument("--vertex", default="", metavar="PROJECT/REGION")
     args = parser.parse_args(argv)
     fake = FakeAnthropic(args.scenario, args.tool_name, args.thinking, args.vendor,
-                         args.key).start()
+                         args.key, args.vertex).start()
     print(fake.url, flush=True)
     threading.Event().wait()
 

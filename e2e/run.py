@@ -238,8 +238,9 @@ class FakeAnthropic:
     """e2e/fake_anthropic.py, in this process, as a context manager: a strict fake of
     the Messages API (it refuses a call without a key or anthropic-version)."""
 
-    def __init__(self, scenario="text", tool_name="Bash", thinking=False, vendor="", key=""):
-        self.fake = InRepoFakeAnthropic(scenario, tool_name, thinking, vendor, key)
+    def __init__(self, scenario="text", tool_name="Bash", thinking=False, vendor="", key="",
+                 vertex=""):
+        self.fake = InRepoFakeAnthropic(scenario, tool_name, thinking, vendor, key, vertex)
         self.url = self.fake.url
 
     def __enter__(self):
@@ -373,6 +374,33 @@ def cli_vendor_scenarios(claude, skip):
                 keys = {dict((k.lower(), v) for k, v in r["headers"]).get("x-api-key")
                         for r in fake.requests()}
             check(keys == {"sk-vendor"}, "keys the vendor got: %s" % keys)
+
+
+def cloud_config(directory, provider):
+    """A config file with one provider entry (clouds take fields no variable sets)."""
+    path = os.path.join(directory, "config.json")
+    with open(path, "w") as f:
+        json.dump({"providers": [provider]}, f)
+    return path
+
+
+def cli_cloud_scenarios(claude, skip):
+    """Issue #22: Claude on Vertex AI, a token from token_command."""
+    @scenario("claude-cli vertex: a tool round trip with thinking, token from a command",
+              skip)
+    def _():
+        tmp = tempfile.mkdtemp(prefix="cc-vertex-")
+        token = [sys.executable, "-c", "print('ya29.fake-token')"]
+        with FakeAnthropic("tool", thinking=True, key="ya29.fake-token",
+                           vertex="proj/us-east5") as fake, Ccproxy({"CCPROXY_CONFIG": cloud_config(
+                               tmp, {"type": "vertex", "project": "proj", "region": "us-east5",
+                                     "base_url": fake.url, "token_command": token,
+                                     "model": "claude-sonnet-4-5@20250929"})}) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
+            check(rc == 0 and result and "hello-from-tool" in result["result"],
+                  "tool turn: exit %d: %s" % (rc, out[-300:]))
+            paths = {r["path"].rsplit(":", 1)[-1] for r in fake.requests()}
+        check(paths == {"streamRawPredict"}, "Vertex methods called: %s" % paths)
 
 
 def cli_quirk_scenarios(claude, skip):
@@ -798,6 +826,7 @@ def main(argv):
     cli_quirk_scenarios(claude, skip_cli)
     cli_stream_shape_scenarios(claude, skip_cli)
     cli_vendor_scenarios(claude, skip_cli)
+    cli_cloud_scenarios(claude, skip_cli)
     cli_failure_scenarios(claude, skip_cli)
     cli_anthropic_scenarios(claude, skip_cli)
     interactive_scenarios(claude, skip_cli)
