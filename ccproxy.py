@@ -116,6 +116,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -249,6 +250,12 @@ PROVIDER_TYPES = {
     # Claude on the clouds: Vertex authenticates with OAuth tokens, not keys.
     "vertex": ProviderType("https://{region}-aiplatform.googleapis.com", (), (), False,
                            "vertex"),
+    # Bedrock signs with AWS credentials; a Bedrock API key (Claude Code's variable) is
+    # a bearer token instead, for Bedrock's own hosts only.
+    "bedrock": ProviderType("https://bedrock-runtime.{region}.amazonaws.com",
+                            ("AWS_BEARER_TOKEN_BEDROCK",), ("bedrock-runtime.*.amazonaws.com",
+                                                            "bedrock-runtime-fips.*"), False,
+                            "bedrock"),
 }
 
 #: Every quirk flag with its default (docs/translation.md §6).  A provider type is a row of
@@ -296,6 +303,9 @@ QUIRK_DEFAULTS = {
 }
 _OPENAI_REASONING = r"^(o\d|gpt-5)"
 _VENDOR_DROPS = "context_management,safeguards"
+_BEDROCK_BETAS = ("interleaved-thinking-2025-05-14,context-1m-2025-08-07,"
+                  "context-management-2025-06-27,fine-grained-tool-streaming-2025-05-14,"
+                  "token-efficient-tools-2025-02-19,output-128k-2025-02-19")
 _OPENAI_XHIGH = r"^(gpt-5\.1-codex-max|gpt-5\.[2-9]|gpt-5\.\d\d|gpt-[6-9])"
 PROVIDER_QUIRKS = {
     # xhigh: OpenAI's reasoning guide, "supported for all models after gpt-5.1-codex-max".
@@ -346,6 +356,10 @@ PROVIDER_QUIRKS = {
     # DeepSeek ignores anthropic-beta, container and mcp_servers (its compatibility table).
     "deepseek-anthropic": {"auth": "x-api-key", "betas": "", "drop_fields": _VENDOR_DROPS},
     "anthropic-compatible": {"auth": "x-api-key"},
+    # Claude on the clouds: auto mode's classifier is Anthropic's own (safeguards).
+    "vertex": {"drop_fields": "safeguards"},
+    # Bedrock takes the betas its Claude guide lists, in the body (anthropic_beta).
+    "bedrock": {"drop_fields": "safeguards", "betas": _BEDROCK_BETAS},
 }
 
 #: Provider status words that still take calls: a provider nobody has called yet counts.
@@ -3946,6 +3960,135 @@ def kept_betas(value, allowed):
     return ",".join(v.strip() for v in value.split(",") if v.strip() in keep)
 
 
+# ---- AWS: Signature Version 4 and event streams (docs/providers.md) ------------------
+
+AWS_UNRESERVED = "-_.~"                       # RFC 3986 §2.3, as SigV4 encodes
+
+
+def sigv4_headers(method, url, headers, body, credentials, region, service, now):
+    """The headers that sign one request with AWS Signature Version 4: x-amz-date, the
+    session token if any, and Authorization.  `headers`: (name, value) pairs to sign
+    beside host and x-amz-date; `credentials`: (access key, secret, session token);
+    `now`: seconds since the epoch.  The path, already percent-encoded once as sent, is
+    encoded once more for the canonical request, as AWS does for every service but S3:
+    a Bedrock model id's ":" is %3A on the wire and %253A in what is signed."""
+    access, secret, token = credentials
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    parts = urllib.parse.urlsplit(url)
+    signed = [("host", parts.netloc), ("x-amz-date", stamp)] + [
+        (n.lower(), " ".join(str(v).split())) for n, v in headers]
+    if token:
+        signed.append(("x-amz-security-token", token))
+    signed.sort()
+    names = ";".join(n for n, _ in signed)
+    canonical = sigv4_canonical(method, parts, signed, body)
+    scope = "%s/%s/%s/aws4_request" % (stamp[:8], region, service)
+    to_sign = "AWS4-HMAC-SHA256\n%s\n%s\n%s" % (
+        stamp, scope, hashlib.sha256(canonical.encode()).hexdigest())
+    key = ("AWS4" + secret).encode()
+    for part in (stamp[:8], region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    out = [("x-amz-date", stamp)] + ([("x-amz-security-token", token)] if token else [])
+    return out + [("authorization", "AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, "
+                   "Signature=%s" % (access, scope, names, signature))]
+
+
+def sigv4_canonical(method, parts, signed, body):
+    """SigV4's canonical request: `parts` a urlsplit() URL, `signed` the sorted
+    (lower-case name, trimmed value) pairs."""
+    return "\n".join([method, urllib.parse.quote(parts.path or "/", safe="/~"),
+                      _canonical_query(parts.query), "".join("%s:%s\n" % kv for kv in signed),
+                      ";".join(n for n, _ in signed), hashlib.sha256(body or b"").hexdigest()])
+
+
+def _canonical_query(query):
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    return "&".join("%s=%s" % (urllib.parse.quote(k, safe=AWS_UNRESERVED),
+                               urllib.parse.quote(v, safe=AWS_UNRESERVED))
+                    for k, v in sorted(pairs))
+
+
+class EventStreamError(UpstreamReplyError):
+    """A frame of AWS's event stream that does not check out, or an exception frame."""
+
+
+class EventStreamParser:
+    """AWS's binary event stream (application/vnd.amazon.eventstream) -> frames, as
+    bytes arrive, cut anywhere: each frame is a 12-byte prelude (total length, headers
+    length, the prelude's CRC-32), headers, the payload and the message's CRC-32.
+    feed() returns [(headers dict, payload bytes), …]; a CRC that does not match is an
+    EventStreamError, never a frame passed on."""
+
+    def __init__(self, limit=DEFAULT_MAX_EVENT_BYTES):
+        self.buffer, self.limit = b"", limit
+
+    def feed(self, data):
+        self.buffer += data
+        frames = []
+        while len(self.buffer) >= 12:
+            total, head_len, crc = struct.unpack(">III", self.buffer[:12])
+            if zlib.crc32(self.buffer[:8]) != crc:
+                raise EventStreamError("api_error", "upstream event stream: the prelude's "
+                                       "CRC does not match")
+            if total > self.limit or total < 16 or head_len > total - 16:
+                raise EventStreamError("api_error", "upstream event stream: a frame of "
+                                       "%d bytes (max_event_bytes)" % total)
+            if len(self.buffer) < total:
+                break
+            frame, self.buffer = self.buffer[:total], self.buffer[total:]
+            if zlib.crc32(frame[:-4]) != struct.unpack(">I", frame[-4:])[0]:
+                raise EventStreamError("api_error", "upstream event stream: a frame's CRC "
+                                       "does not match")
+            frames.append((_eventstream_headers(frame[12:12 + head_len]),
+                           frame[12 + head_len:-4]))
+        return frames
+
+
+#: Header value types of AWS's event stream: type -> (size, or None for 2-byte length).
+_EVENTSTREAM_TYPES = {0: 0, 1: 0, 2: 1, 3: 2, 4: 4, 5: 8, 6: None, 7: None, 8: 8, 9: 16}
+
+
+def _eventstream_headers(data):
+    """The headers of one frame: strings (type 7) decoded, the rest as raw bytes."""
+    out, i = {}, 0
+    while i < len(data):
+        name_len = data[i]
+        name = data[i + 1:i + 1 + name_len].decode("utf-8", "replace")
+        kind = data[i + 1 + name_len]
+        i += 2 + name_len
+        size = _EVENTSTREAM_TYPES.get(kind, -1)
+        if size == -1:
+            raise EventStreamError("api_error", "upstream event stream: header type %d" % kind)
+        if size is None:
+            size, i = struct.unpack(">H", data[i:i + 2])[0], i + 2
+        value = data[i:i + size]
+        out[name] = value.decode("utf-8", "replace") if kind == 7 else value
+        i += size
+    return out
+
+
+def bedrock_event(headers, payload, rename=""):
+    """One event-stream frame of Bedrock's invoke-with-response-stream -> the
+    Anthropic SSE frame it carries (a base64 JSON chunk), with message_start's model
+    renamed.  An exception frame is an EventStreamError that says what Bedrock said
+    (throttling becomes overloaded_error, which Claude Code retries)."""
+    if headers.get(":message-type") == "exception" or headers.get(":message-type") == "error":
+        kind = headers.get(":exception-type") or headers.get(":error-code") or "error"
+        message = upstream_message(payload) or kind
+        etype = "overloaded_error" if re.search(r"(?i)throttl|unavailable|overload",
+                                                kind) else "api_error"
+        raise EventStreamError(etype, "bedrock %s: %s" % (kind, message))
+    doc = _loads(payload)
+    chunk = base64.b64decode(doc.get("bytes", "")) if isinstance(doc, dict) else b""
+    event = _loads(chunk) if chunk else None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return b""
+    if rename and event["type"] == "message_start" and isinstance(event.get("message"), dict):
+        event["message"]["model"] = rename
+    return sse_event(event["type"], event)
+
+
 # ---- Probes, check and env: the pure parts -------------------------------------------
 
 def probe_request(provider):
@@ -4013,6 +4156,7 @@ STARTER_FIELDS = {
     "vertex": {"project": "my-project", "region": "us-east5",
                "token_command": ["gcloud", "auth", "print-access-token"],
                "model": "claude-sonnet-4-5@20250929"},
+    "bedrock": {"region": "us-east-1", "model": "us.anthropic.claude-sonnet-4-5-20250929-v1:0"},
 }
 #: What to do after `init`, per type.
 STARTER_NEXT = {
@@ -4027,6 +4171,8 @@ STARTER_NEXT = {
                             "/v1/messages) in base_url; this one is Ollama's (0.14 or newer)",
     "vertex": "put your project and region in the file; on Google Cloud, drop "
               "token_command to use the metadata server",
+    "bedrock": "AWS credentials as the AWS CLI finds them (AWS_PROFILE, ~/.aws, the "
+               "instance's role), or export AWS_BEARER_TOKEN_BEDROCK=... for an API key",
 }
 
 
@@ -5436,19 +5582,21 @@ class Exchange:
 
     def _call(self, provider, model, endpoint, query, method, request, last):
         """One provider's attempt: (client, response or None, Translation or None).  Once
-        more with fresh credentials after a 401 where the dialect can renew them (a
-        Vertex token that expired before its time)."""
+        more with fresh credentials after a 401 (or what else the dialect's renew_on
+        says) where the dialect can renew them: a Vertex token or AWS session
+        credentials that expired before their time."""
         dialect = dialect_of(provider)
         for renewed in (False, True):
             url, data, headers, tr = dialect.prepare(
                 self, provider, model, endpoint, query, request.get("raw"),
                 _take_body(request, self.service.members))
             client, resp = self._attempt(provider, method, url, data, headers, last)
-            if resp is None or resp.status != 401 or renewed or not dialect.renew(provider):
+            if resp is None or resp.status not in dialect.renew_on or renewed or not (
+                    dialect.renew(provider)):
                 return client, resp, tr
             client.discard(resp)
-            log.info("%s provider=%s answered 401: renewing its credentials and trying "
-                     "again", self.handler.request_id, provider.name)
+            log.info("%s provider=%s answered %d: renewing its credentials and trying "
+                     "again", self.handler.request_id, provider.name, resp.status)
         return client, resp, tr                      # not reached
 
     def translation(self, provider, model, body):
@@ -5524,6 +5672,50 @@ class Exchange:
         if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
             self._note_tokens(doc["usage"])
         self.handler._send(resp.status, headers, data)
+
+    def _relay_eventstream(self, client, resp, tr, want_stream, rename):
+        """Bedrock's answer: an event stream relayed as Anthropic SSE, frame by frame
+        as it arrives; anything else (a whole message) as _relay does."""
+        if "eventstream" not in (resp.headers.get("content-type") or ""):
+            return self._relay(client, resp, tr, want_stream, rename)
+        chunked = self.handler.request_version == "HTTP/1.1"
+        self.handler.close_connection = self.handler.close_connection or not chunked
+        framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
+        resp.headers = None
+        self._write(self.handler._head(200, SSE_HEADERS, (framing,)))
+        self.access.stream_ttfb = time.monotonic() - self.handler.t0
+        done, scanner = False, UsageScanner()
+        try:
+            done = self._pump_eventstream(resp, rename, _chunk if chunked else bytes, scanner)
+        finally:
+            client.release(resp) if done else client.discard(resp)
+            self.access.update(input_tokens=scanner.input_tokens,
+                               output_tokens=scanner.output_tokens)
+        if chunked:
+            self._write(b"0\r\n\r\n")
+
+    def _pump_eventstream(self, resp, rename, frame, scanner):
+        """Read, decode and write each frame the moment it is read; True when the
+        upstream ended cleanly.  A broken frame or an exception frame ends the stream
+        with an SSE error event (the head is out by then)."""
+        parser = EventStreamParser(self.service.config.max_event_bytes)
+        while True:
+            try:
+                data = resp.read1(RELAY_CHUNK)
+                out = b"".join(bedrock_event(h, p, rename) for h, p in parser.feed(data))
+            except (OSError, http.client.HTTPException, ValueError, UpstreamReplyError) as exc:
+                etype = exc.etype if isinstance(exc, UpstreamReplyError) else "api_error"
+                self.access.upstream_status = "stream_error"
+                self._write(frame(StreamTranslator.error(etype, "upstream stream failed: %s"
+                                                         % _os_error_text(exc))))
+                return False
+            if not data and parser.buffer:        # the upstream ended inside a frame
+                out += StreamTranslator.error("api_error", "upstream stream ended early")
+            if out:
+                scanner.feed(out)
+                self._write(frame(out))
+            if not data:
+                return not parser.buffer
 
     def _read_all(self, client, resp):
         limit = self.service.config.max_reply_bytes
@@ -5742,6 +5934,7 @@ class Dialect:
     lists_models = False         # GET /v1/models is asked of the upstream
     counts_tokens = False        # count_tokens is asked of the upstream (else estimated)
     anthropic_errors = True      # its error bodies are Anthropic's, relayed as they are
+    renew_on = (401,)            # statuses after which renew() may help (see Exchange._call)
     #: The Exchange method that relays a successful answer, called by Exchange.forward
     #: itself so that a stream's thread has no frame more.
     relay = None
@@ -5904,11 +6097,14 @@ def vertex_url(provider, model, stream):
         "streamRawPredict" if stream else "rawPredict")
 
 
-def cloud_body(body, model, version):
-    """The client's body for Claude on a cloud: the model goes (it is in the URL, or
-    the model id), anthropic_version comes in, the rest as Anthropic takes it."""
-    out = dict(sanitize_for_anthropic(body)[0])
+def cloud_body(body, model, version, quirks):
+    """The client's body for Claude on a cloud: the rewrites its quirk flags say, the
+    model out (it is in the URL), anthropic_version in; `stream` too goes on Bedrock,
+    where the URL says it."""
+    out = vendor_body(body, quirks, "")[0]
     out.pop("model", None)
+    if version.startswith("bedrock"):
+        out.pop("stream", None)
     out["anthropic_version"] = version
     return out
 
@@ -5924,7 +6120,7 @@ class VertexDialect(AnthropicDialect):
 
     def prepare(self, call, provider, model, endpoint, query, raw, body):
         model = model or body.get("model", "")
-        data = json_bytes(cloud_body(body, model, VERTEX_VERSION))
+        data = json_bytes(cloud_body(body, model, VERTEX_VERSION, quirks_for(provider)))
         return (vertex_url(provider, model, body.get("stream") is True), data,
                 self._headers(call.handler.headers, provider), None)
 
@@ -5951,9 +6147,187 @@ class VertexDialect(AnthropicDialect):
                 self._headers(None, provider), json_bytes(body))
 
 
+BEDROCK_VERSION = "bedrock-2023-05-31"
+IMDS = "http://169.254.169.254"          # EC2's instance metadata (IMDSv2)
+CONTAINER_CREDENTIALS = "http://169.254.170.2"    # ECS's, for a relative URI
+
+
+class AwsCredentials:
+    """AWS credentials for Bedrock, found as the AWS SDKs find them: the environment
+    (unless the provider names a profile), a profile of the shared credentials file,
+    the container endpoint (ECS, EKS Pod Identity), then the instance metadata (IMDSv2,
+    unless AWS_EC2_METADATA_DISABLED).  Kept until five minutes before they expire."""
+
+    def __init__(self, environ=None):
+        self.environ = os.environ if environ is None else environ
+        self._lock, self._cache = threading.Lock(), {}
+
+    def get(self, provider):
+        """(access key, secret, session token); HTTPError when there are none."""
+        with self._lock:
+            creds, until = self._cache.get(provider.aws_profile, (None, 0.0))
+            if creds is None or time.time() >= until:
+                creds, until = self._find(provider)
+                self._cache[provider.aws_profile] = (creds, until - 300.0)
+            return creds
+
+    def forget(self, provider):
+        with self._lock:
+            self._cache.pop(provider.aws_profile, None)
+
+    def _find(self, provider):
+        env = self.environ
+        if not provider.aws_profile and env.get("AWS_ACCESS_KEY_ID") and env.get(
+                "AWS_SECRET_ACCESS_KEY"):
+            return (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
+                    env.get("AWS_SESSION_TOKEN", "")), time.time() + 3600.0
+        found = self._profile(provider.aws_profile or env.get("AWS_PROFILE") or "default")
+        try:
+            found = found or self._container() or self._instance()
+        except (OSError, ValueError) as exc:
+            found = None
+            why = str(exc)[:200]
+        else:
+            why = "none in the environment, the shared credentials file or the metadata"
+        if not found:
+            raise HTTPError(500, "api_error", "ccproxy: no AWS credentials for provider %s "
+                            "(%s); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a "
+                            "profile, or api_key for a Bedrock API key"
+                            % (provider.name, why), (("x-should-retry", "false"),))
+        return found
+
+    def _profile(self, name):
+        import configparser              # here: only where the environment has none
+        path = self.environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(
+            os.path.expanduser("~"), ".aws", "credentials")
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read(path, encoding="utf-8")
+        except (configparser.Error, UnicodeDecodeError):
+            return None
+        if not parser.has_option(name, "aws_access_key_id"):
+            return None
+        get = lambda key: parser.get(name, key, fallback="")  # noqa: E731
+        return (get("aws_access_key_id"), get("aws_secret_access_key"),
+                get("aws_session_token")), time.time() + 3600.0
+
+    def _container(self):
+        env = self.environ
+        url = env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI") or (
+            CONTAINER_CREDENTIALS + env["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"] if env.get(
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") else "")
+        if not url:
+            return None
+        token = env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN")
+        return self._credentials_document(_get_json(url, {"Authorization": token} if token
+                                                    else {}))
+
+    def _instance(self):
+        env = self.environ
+        if env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+            return None
+        base = (env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS).rstrip("/")
+        request = urllib.request.Request(base + "/latest/api/token", method="PUT", headers={
+            "X-aws-ec2-metadata-token-ttl-seconds": "21600"})
+        with urllib.request.urlopen(request, timeout=2) as resp:
+            token = resp.read(4096).decode()
+        headers = {"X-aws-ec2-metadata-token": token}
+        path = base + "/latest/meta-data/iam/security-credentials/"
+        role = _get_text(path, headers).split()[0]
+        return self._credentials_document(_get_json(path + role, headers))
+
+    @staticmethod
+    def _credentials_document(doc):
+        if not isinstance(doc, dict) or not doc.get("AccessKeyId"):
+            raise ValueError("no AccessKeyId in the metadata's answer")
+        expiry = doc.get("Expiration") or ""
+        try:
+            until = calendar_seconds(expiry)
+        except ValueError:
+            until = time.time() + 900.0
+        return (doc["AccessKeyId"], doc.get("SecretAccessKey", ""), doc.get("Token", "")), until
+
+
+def calendar_seconds(stamp):
+    """Seconds since the epoch of an ISO 8601 UTC time (2026-12-07T10:00:00Z)."""
+    parsed = datetime.datetime.strptime(stamp.replace("Z", "+0000")[:24],
+                                        "%Y-%m-%dT%H:%M:%S%z")
+    return parsed.timestamp()
+
+
+def _get_text(url, headers):
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                timeout=2) as resp:
+        return resp.read(65536).decode()
+
+
+def _get_json(url, headers):
+    return json.loads(_get_text(url, headers))
+
+
+def bedrock_url(provider, model, stream):
+    """Claude on Bedrock (its Claude guide): the model id in the path, percent-encoded
+    (its ":" is %3A), invoke-with-response-stream for a stream."""
+    return "%s/model/%s/%s" % (provider.base_url, urllib.parse.quote(model, safe=""),
+                               "invoke-with-response-stream" if stream else "invoke")
+
+
+class BedrockDialect(AnthropicDialect):
+    """Claude on Amazon Bedrock: Anthropic's body with anthropic_version and the betas
+    in it, the model id in the URL, signed with SigV4 (or a Bedrock API key as a bearer
+    token); a stream comes back in AWS's binary event stream and is relayed to the
+    client as Anthropic SSE, event by event as it arrives."""
+
+    forwards_client_key = lists_models = counts_tokens = False
+    anthropic_errors = False
+    renew_on = (401, 403)        # AWS answers an expired session token with a 403
+
+    def __init__(self):
+        self.credentials = AwsCredentials()
+
+    def prepare(self, call, provider, model, endpoint, query, raw, body):
+        model = model or body.get("model", "")
+        return self._request(provider, model, body, call.handler.headers,
+                             body.get("stream") is True)
+
+    def _request(self, provider, model, body, client_headers, stream):
+        quirks = quirks_for(provider)
+        out = cloud_body(body, model, BEDROCK_VERSION, quirks)
+        betas = kept_betas(client_headers.get("anthropic-beta") if client_headers is not None
+                           else "", quirks["betas"])
+        if betas:
+            out["anthropic_beta"] = betas.split(",")
+        data, url = json_bytes(out), bedrock_url(provider, model, stream)
+        headers = [("content-type", "application/json"), ("accept", "application/json")]
+        if provider.api_key:
+            auth = [("authorization", "Bearer " + provider.api_key)]
+        else:
+            auth = sigv4_headers("POST", url, headers, data, self.credentials.get(provider),
+                                 provider.region, "bedrock", time.time())
+        return (url, data, with_provider_headers(headers + auth + [
+            ("accept-encoding", "identity")], provider), None)
+
+    relay = staticmethod(Exchange._relay_eventstream)
+
+    def renew(self, provider):
+        self.credentials.forget(provider)
+        return not provider.api_key
+
+    def probe(self, provider):
+        return None
+
+    def check_call(self, provider):
+        body = {"max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+        url, data, headers, _ = self._request(provider, provider.model or
+                                              "anthropic.claude-sonnet-4-5-20250929-v1:0",
+                                              body, None, False)
+        return "POST", url, headers, data
+
+
 #: The dialects by the name PROVIDER_TYPES gives them.
 DIALECTS = {"anthropic": AnthropicDialect(), "openai": OpenAIChatDialect(),
-            "anthropic-compatible": AnthropicCompatibleDialect(), "vertex": VertexDialect()}
+            "anthropic-compatible": AnthropicCompatibleDialect(), "vertex": VertexDialect(),
+            "bedrock": BedrockDialect()}
 
 
 # ---- HTTP server and handler ---------------------------------------------------------

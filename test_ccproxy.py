@@ -33,6 +33,7 @@ import threading
 import time
 import unittest
 import unittest.mock
+import urllib.parse
 import zlib
 
 import ccproxy
@@ -3408,10 +3409,13 @@ class TestVertex(unittest.TestCase):
                          "locations/us-east5/publishers/anthropic/models/"
                          "claude-sonnet-4-5@20250929:streamRawPredict")
         self.assertTrue(ccproxy.vertex_url(p, "m", False).endswith("/models/m:rawPredict"))
-        out = ccproxy.cloud_body(BODY, "m", "vertex-2023-10-16")
+        quirks = ccproxy.quirks_for(p)
+        out = ccproxy.cloud_body(BODY, "m", "vertex-2023-10-16", quirks)
         self.assertEqual(out, dict({k: v for k, v in BODY.items() if k != "model"},
                                    anthropic_version="vertex-2023-10-16"))
         self.assertIn("model", BODY)
+        out = ccproxy.cloud_body(dict(BODY, safeguards={}), "m", "vertex-2023-10-16", quirks)
+        self.assertNotIn("safeguards", out)          # auto mode's classifier is Anthropic's
 
     def test_tokens_from_a_command_cached_and_renewed(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -3465,6 +3469,185 @@ class TestVertex(unittest.TestCase):
             headers = dict((k.lower(), v) for k, v in sent["headers"])
             self.assertNotIn("x-api-key", headers)
             self.assertEqual(fake.requests[0]["body"]["anthropic_version"], "vertex-2023-10-16")
+
+
+def bedrock_fake(**kw):
+    sys.path.insert(0, os.path.join(HERE, "e2e"))
+    try:
+        import fake_bedrock
+    finally:
+        sys.path.remove(os.path.join(HERE, "e2e"))
+    return fake_bedrock, fake_bedrock.FakeBedrock(**kw)
+
+
+AWS_SUITE = ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "")
+AWS_SUITE_TIME = 1440938160          # 2015-08-30T12:36:00Z, the suite's date
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "AKIDFAKE", "AWS_SECRET_ACCESS_KEY": "secret",
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+class TestBedrock(unittest.TestCase):
+    """Issue #22: Claude on Amazon Bedrock: SigV4, the event stream, credentials."""
+
+    def test_sigv4_against_awss_published_suite(self):
+        for method, url, signature in (
+                ("GET", "https://example.amazonaws.com/",
+                 "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"),
+                ("GET", "https://example.amazonaws.com/?Param2=value2&Param1=value1",
+                 "b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500"),
+                ("POST", "https://example.amazonaws.com/",
+                 "5da7c1a2acd57cee7505fc6676e4e544621c30862966e37dddb68e92efbe5d6b")):
+            with self.subTest(method=method, url=url):
+                headers = ccproxy.sigv4_headers(method, url, [], b"", AWS_SUITE, "us-east-1",
+                                                "service", AWS_SUITE_TIME)
+                self.assertEqual(headers[0], ("x-amz-date", "20150830T123600Z"))
+                self.assertEqual(headers[-1][1], "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/"
+                                 "20150830/us-east-1/service/aws4_request, SignedHeaders=host;"
+                                 "x-amz-date, Signature=" + signature)
+        with_token = ccproxy.sigv4_headers("GET", "https://example.amazonaws.com/", [], b"",
+                                           AWS_SUITE[:2] + ("session",), "us-east-1",
+                                           "service", AWS_SUITE_TIME)
+        self.assertEqual(with_token[1], ("x-amz-security-token", "session"))
+        self.assertIn("SignedHeaders=host;x-amz-date;x-amz-security-token", with_token[2][1])
+
+    def test_a_model_ids_colon_is_signed_as_aws_does(self):
+        p = ccproxy.ProviderConfig(name="b", type="bedrock", region="us-east-1",
+                                   base_url="https://bedrock-runtime.us-east-1.amazonaws.com")
+        url = ccproxy.bedrock_url(p, "us.anthropic.claude-sonnet-4-5-20250929-v1:0", True)
+        self.assertTrue(url.endswith("/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/"
+                                     "invoke-with-response-stream"))
+        canonical = ccproxy.sigv4_canonical("POST", urllib.parse.urlsplit(url), [], b"")
+        self.assertEqual(canonical.split("\n")[1], "/model/us.anthropic.claude-sonnet-4-5-"
+                         "20250929-v1%253A0/invoke-with-response-stream")
+
+    def test_event_stream_frames_cut_at_every_byte(self):
+        fb, _ = bedrock_fake()
+        events = [{"type": "message_start", "message": {"model": "anthropic.x", "usage": {}}},
+                  {"type": "content_block_delta", "index": 0, "delta": {
+                      "type": "text_delta", "text": "h\u00e9\U0001F600"}},
+                  {"type": "message_stop"}]
+        data = b"".join(fb.chunk_frame(e) for e in events)
+        expected = b"".join(ccproxy.sse_event(e["type"], e) for e in [
+            dict(events[0], message=dict(events[0]["message"], model="claude-x"))] + events[1:])
+        for cut in range(1, len(data)):
+            parser, out = ccproxy.EventStreamParser(), b""
+            for piece in (data[:cut], data[cut:]):
+                out += b"".join(ccproxy.bedrock_event(h, p, "claude-x")
+                                for h, p in parser.feed(piece))
+            self.assertEqual(out, expected, cut)
+            self.assertEqual(parser.buffer, b"")
+
+    def test_event_stream_refuses_what_does_not_check_out(self):
+        fb, _ = bedrock_fake()
+        good = fb.chunk_frame({"type": "ping"})
+        for bad, words in ((good[:8] + b"\0\0\0\0" + good[12:], "prelude's CRC"),
+                           (good[:-1] + bytes([good[-1] ^ 1]), "frame's CRC"),
+                           (good[:20] + bytes([good[20] ^ 1]) + good[21:], "frame's CRC")):
+            with self.subTest(words=words), self.assertRaises(ccproxy.EventStreamError) as e:
+                ccproxy.EventStreamParser().feed(bad)
+            self.assertIn(words, str(e.exception))
+        throttled = fb.frame({":message-type": "exception", ":exception-type":
+                              "throttlingException"}, b'{"message":"slow down"}')
+        (headers, payload), = ccproxy.EventStreamParser().feed(throttled)
+        with self.assertRaises(ccproxy.EventStreamError) as e:
+            ccproxy.bedrock_event(headers, payload)
+        self.assertEqual(e.exception.etype, "overloaded_error")
+        self.assertIn("slow down", str(e.exception))
+
+    def test_credentials_where_the_sdks_find_them(self):
+        p = ccproxy.ProviderConfig(name="b", type="bedrock", region="us-east-1")
+        creds = ccproxy.AwsCredentials(dict(FAKE_AWS, AWS_SESSION_TOKEN="t"))
+        self.assertEqual(creds.get(p), ("AKIDFAKE", "secret", "t"))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "credentials")
+            with open(path, "w") as f:
+                f.write("[default]\naws_access_key_id = AKIDDEF\naws_secret_access_key = s1\n"
+                        "[work]\naws_access_key_id = AKIDWORK\naws_secret_access_key = s2\n")
+            env = {"AWS_SHARED_CREDENTIALS_FILE": path, "AWS_EC2_METADATA_DISABLED": "true"}
+            self.assertEqual(ccproxy.AwsCredentials(env).get(p), ("AKIDDEF", "s1", ""))
+            named = dataclasses.replace(p, aws_profile="work")
+            self.assertEqual(ccproxy.AwsCredentials(dict(env, **FAKE_AWS)).get(named),
+                             ("AKIDWORK", "s2", ""))        # a named profile wins
+            with self.assertRaises(ccproxy.HTTPError) as e:
+                ccproxy.AwsCredentials(dict(env, AWS_SHARED_CREDENTIALS_FILE=tmp + "/none")
+                                       ).get(p)
+            self.assertIn("no AWS credentials for provider b", str(e.exception))
+
+    def test_credentials_from_the_container_and_instance_endpoints(self):
+        doc = {"AccessKeyId": "ASIACONT", "SecretAccessKey": "s", "Token": "tok",
+               "Expiration": "2099-01-01T00:00:00Z"}
+
+        def behave(h, body):
+            if h.command == "PUT":
+                return h.reply(200, b"imds-token")
+            if h.path.endswith("/security-credentials/"):
+                return h.reply(200, b"my-role")
+            ok = h.headers.get("Authorization") == "ctoken" or h.headers.get(
+                "X-aws-ec2-metadata-token") == "imds-token"
+            h.reply(200 if ok else 401, doc)
+        p = ccproxy.ProviderConfig(name="b", type="bedrock", region="us-east-1")
+        with FakeUpstream(behave) as meta, tempfile.TemporaryDirectory() as tmp:
+            base = {"AWS_SHARED_CREDENTIALS_FILE": tmp + "/none"}
+            container = ccproxy.AwsCredentials(dict(base, AWS_CONTAINER_CREDENTIALS_FULL_URI=(
+                meta.url + "/creds"), AWS_CONTAINER_AUTHORIZATION_TOKEN="ctoken"))
+            self.assertEqual(container.get(p), ("ASIACONT", "s", "tok"))
+            meta.server.RequestHandlerClass.do_PUT = meta.server.RequestHandlerClass.do_POST
+            instance = ccproxy.AwsCredentials(dict(
+                base, AWS_EC2_METADATA_SERVICE_ENDPOINT=meta.url))
+            self.assertEqual(instance.get(p), ("ASIACONT", "s", "tok"))
+            self.assertEqual([r["path"] for r in meta.requests][-3:], [
+                "/latest/api/token", "/latest/meta-data/iam/security-credentials/",
+                "/latest/meta-data/iam/security-credentials/my-role"])
+
+    def bedrock(self, fake, **kw):
+        return config(providers=(ccproxy.ProviderConfig(
+            name="bd", type="bedrock", region="us-east-1", base_url=fake.url,
+            model="anthropic.claude-sonnet-4-5-20250929-v1:0", **kw),))
+
+    def test_end_to_end_signed_streamed_and_not(self):
+        _, fake = bedrock_fake()
+        with fake, unittest.mock.patch.object(ccproxy.DIALECTS["bedrock"], "credentials",
+                                              ccproxy.AwsCredentials(FAKE_AWS)), \
+                Proxy(self.bedrock(fake)) as px:
+            resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True), {
+                "anthropic-beta": "interleaved-thinking-2025-05-14,claude-code-20250219"})
+            self.assertEqual(resp.status, 200, out)
+            self.assertEqual(resp.getheader("Content-Type"), "text/event-stream; charset=utf-8")
+            events = parse_events(out)         # Anthropic's own events, relayed
+            self.assertEqual([e["type"] for e in events], [
+                "message_start", "ping", "content_block_start", "content_block_delta",
+                "content_block_stop", "message_delta", "message_stop"])
+            self.assertEqual(events[3]["delta"]["text"], "Hello from the fake Anthropic server!")
+            self.assertEqual(events[0]["message"]["model"], BODY["model"])
+            self.assertEqual(fake.requests[0]["body"]["anthropic_beta"],
+                             ["interleaved-thinking-2025-05-14"])
+            resp, out = px.call("POST", "/v1/messages", BODY)
+            self.assertEqual((resp.status, json.loads(out)["model"]), (200, BODY["model"]))
+            self.assertEqual([r["path"].rsplit("/", 1)[1] for r in fake.requests],
+                             ["invoke-with-response-stream", "invoke"])
+
+    def test_a_bedrock_api_key_and_bedrocks_errors(self):
+        _, fake = bedrock_fake(api_key="ABSKkey")
+        with fake, Proxy(self.bedrock(fake, api_key="ABSKkey")) as px:
+            resp, out = px.call("POST", "/v1/messages", BODY)
+            self.assertEqual(resp.status, 200, out)
+        _, fake = bedrock_fake(api_key="ABSKkey")
+        with fake, Proxy(self.bedrock(fake, api_key="wrong")) as px:
+            resp, out = px.call("POST", "/v1/messages", BODY)
+            self.assertEqual((resp.status, json.loads(out)["error"]["type"]),
+                             (403, "permission_error"))
+            self.assertIn("signature we calculated", json.loads(out)["error"]["message"])
+        for fail, status, etype in (("throttle", 429, "rate_limit_error"),):
+            _, fake = bedrock_fake(api_key="k", fail=fail)
+            with fake, Proxy(self.bedrock(fake, api_key="k")) as px:
+                resp, out = px.call("POST", "/v1/messages", BODY)
+                self.assertEqual((resp.status, json.loads(out)["error"]["type"]), (status, etype))
+        _, fake = bedrock_fake(api_key="k", fail="midstream")
+        with fake, Proxy(self.bedrock(fake, api_key="k")) as px:
+            resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True))
+            events = parse_events(out)
+            self.assertEqual((events[-1]["type"], events[-1]["error"]["type"]),
+                             ("error", "overloaded_error"))
 
 
 class TestTranslationErrorsAndTokens(unittest.TestCase):

@@ -67,7 +67,7 @@ class FakeAnthropic:
                 fake.send_json(self, 200, {"data": [{"type": "model", "id": "claude-x"}]})
 
             def do_POST(self):
-                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                raw = self.body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 body = json.loads(raw or b"{}")
                 with fake.lock:
                     fake.requests.append({"path": self.path, "headers": self.headers.items(),

@@ -31,6 +31,7 @@ CACHE = os.path.join(ROOT, ".cache", "e2e")
 sys.path.insert(0, HERE)
 from fake_openai import FakeOpenAI  # noqa: E402
 from fake_anthropic import FakeAnthropic as InRepoFakeAnthropic  # noqa: E402
+from fake_bedrock import FakeBedrock  # noqa: E402
 
 CLAUDE_PKG = "@anthropic-ai/claude-code@latest"
 RESULTS = []
@@ -385,7 +386,7 @@ def cloud_config(directory, provider):
 
 
 def cli_cloud_scenarios(claude, skip):
-    """Issue #22: Claude on Vertex AI, a token from token_command."""
+    """Issue #22: Claude on Vertex AI (a token from token_command) and on Bedrock."""
     @scenario("claude-cli vertex: a tool round trip with thinking, token from a command",
               skip)
     def _():
@@ -401,6 +402,27 @@ def cli_cloud_scenarios(claude, skip):
                   "tool turn: exit %d: %s" % (rc, out[-300:]))
             paths = {r["path"].rsplit(":", 1)[-1] for r in fake.requests()}
         check(paths == {"streamRawPredict"}, "Vertex methods called: %s" % paths)
+
+    @scenario("claude-cli bedrock: a tool round trip with thinking, SigV4, event stream", skip)
+    def _():
+        tmp = tempfile.mkdtemp(prefix="cc-bedrock-")
+        fake = FakeBedrock("tool", credentials=("AKIDE2E", "e2e-secret", "e2e-session"))
+        fake.start()
+        try:
+            env = {"AWS_ACCESS_KEY_ID": "AKIDE2E", "AWS_SECRET_ACCESS_KEY": "e2e-secret",
+                   "AWS_SESSION_TOKEN": "e2e-session", "AWS_EC2_METADATA_DISABLED": "true",
+                   "CCPROXY_CONFIG": cloud_config(tmp, {
+                       "type": "bedrock", "region": "us-east-1", "base_url": fake.url,
+                       "model": "us.anthropic.claude-sonnet-4-5-20250929-v1:0"})}
+            with Ccproxy(env) as proxy:
+                rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
+            check(rc == 0 and result and "hello-from-tool" in result["result"],
+                  "exit %d: %s" % (rc, out[-300:]))
+            paths = {r["path"] for r in fake.requests}
+            check(paths == {"/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/"
+                            "invoke-with-response-stream"}, "Bedrock paths: %s" % paths)
+        finally:
+            fake.stop()
 
 
 def cli_quirk_scenarios(claude, skip):
