@@ -4239,6 +4239,26 @@ class TestCheckAndEnv(unittest.TestCase):
                     vendor_config("kimi", fake.url).providers[0], api_key="wrong"),)))
             self.assertIn("key rejected (HTTP 401", out)
 
+    def test_clouds_are_checked_with_the_call_they_serve(self):
+        with tempfile.TemporaryDirectory() as tmp, vendor_fake(
+                "", key="tok-1", vertex="proj/us-east5") as fake:
+            code, out = self.check(dataclasses.replace(vertex_config(
+                fake.url, token_command(tmp, ("tok-1",))), port=free_port()))
+            self.assertEqual(code, 0, out)
+            self.assertTrue(fake.requests[0]["path"].endswith(":rawPredict"))
+            code, out = self.check(dataclasses.replace(vertex_config(
+                fake.url, (sys.executable, "-c", "exit(1)")), port=free_port()))
+            self.assertIn("no access token for provider vx from token_command", out)
+        _, fake = bedrock_fake()
+        with fake, unittest.mock.patch.object(ccproxy.DIALECTS["bedrock"], "credentials",
+                                              ccproxy.AwsCredentials(FAKE_AWS)):
+            code, out = self.check(dataclasses.replace(config(providers=(
+                ccproxy.ProviderConfig(name="bd", type="bedrock", region="us-east-1",
+                                       base_url=fake.url, model="anthropic.m-v1:0"),)),
+                port=free_port()))
+            self.assertEqual(code, 0, out)
+            self.assertEqual(fake.requests[0]["path"], "/model/anthropic.m-v1%3A0/invoke")
+
     def test_each_failure_is_explained(self):
         with self.models_upstream(status=401) as bad_key, self.models_upstream(
                 models=("llama3",)) as other_models, self.models_upstream(

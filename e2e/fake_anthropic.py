@@ -7,7 +7,8 @@ messages or max_tokens a 400, and every answer is Anthropic's wire format (SSE f
 their event: lines).  It answers from the conversation it is sent:
   * after a tool result: text that quotes it ("Tool said: ...");
   * scenario text:       "Hello from the fake Anthropic server!";
-  * scenario tool:       a thinking block (--thinking), then a Bash call (--tool-name).
+  * scenario tool:       a thinking block (--thinking), then a Bash call (--tool-name),
+                         unless the prompt says "say hi".
 POST /v1/messages/count_tokens answers {"input_tokens": N}; HEAD / and GET /v1/models too.
 
 With --vendor it is a vendor's Anthropic-compatible endpoint instead, refusing what that
@@ -185,7 +186,8 @@ class FakeAnthropic:
                 p.get("text", "") for p in said or [] if isinstance(p, dict))
             return [{"type": "text", "text": "Tool said: " + said.strip()[:80]}]
         tools = {t.get("name") for t in body.get("tools") or []}
-        if self.scenario != "tool" or self.tool_name not in tools:
+        if self.scenario != "tool" or self.tool_name not in tools or "say hi" in json.dumps(
+                body.get("messages")):
             return [{"type": "text", "text": TEXT}]
         blocks = [{"type": "thinking", "thinking": "I should run it.", "signature": "sig-1"}] if (
             self.thinking) else []

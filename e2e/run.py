@@ -368,7 +368,8 @@ def cli_vendor_scenarios(claude, skip):
             with FakeAnthropic("tool", thinking=True, vendor=vendor, key="sk-vendor") as fake, \
                     Ccproxy(dict(env, CCPROXY_BASE_URL=fake.url)) as proxy:
                 rc, result, out, _ = run_claude(claude, proxy, "say hi")
-                check(rc == 0 and result, "text turn: exit %d: %s" % (rc, out[-300:]))
+                check(rc == 0 and result and "Hello from the fake" in result["result"],
+                      "text turn: exit %d: %s" % (rc, out[-300:]))
                 rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
                 check(rc == 0 and result, "tool turn: exit %d: %s" % (rc, out[-300:]))
                 check("hello-from-tool" in result["result"], result["result"])
@@ -387,7 +388,7 @@ def cloud_config(directory, provider):
 
 def cli_cloud_scenarios(claude, skip):
     """Issue #22: Claude on Vertex AI (a token from token_command) and on Bedrock."""
-    @scenario("claude-cli vertex: a tool round trip with thinking, token from a command",
+    @scenario("claude-cli vertex: text, then a tool round trip with thinking, token from a command",
               skip)
     def _():
         tmp = tempfile.mkdtemp(prefix="cc-vertex-")
@@ -397,13 +398,16 @@ def cli_cloud_scenarios(claude, skip):
                                tmp, {"type": "vertex", "project": "proj", "region": "us-east5",
                                      "base_url": fake.url, "token_command": token,
                                      "model": "claude-sonnet-4-5@20250929"})}) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "say hi")
+            check(rc == 0 and result and "Hello from the fake" in result["result"],
+                  "text turn: exit %d: %s" % (rc, out[-300:]))
             rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
             check(rc == 0 and result and "hello-from-tool" in result["result"],
                   "tool turn: exit %d: %s" % (rc, out[-300:]))
             paths = {r["path"].rsplit(":", 1)[-1] for r in fake.requests()}
         check(paths == {"streamRawPredict"}, "Vertex methods called: %s" % paths)
 
-    @scenario("claude-cli bedrock: a tool round trip with thinking, SigV4, event stream", skip)
+    @scenario("claude-cli bedrock: text, then a tool round trip with thinking, SigV4, event stream", skip)
     def _():
         tmp = tempfile.mkdtemp(prefix="cc-bedrock-")
         fake = FakeBedrock("tool", credentials=("AKIDE2E", "e2e-secret", "e2e-session"))
@@ -415,6 +419,9 @@ def cli_cloud_scenarios(claude, skip):
                        "type": "bedrock", "region": "us-east-1", "base_url": fake.url,
                        "model": "us.anthropic.claude-sonnet-4-5-20250929-v1:0"})}
             with Ccproxy(env) as proxy:
+                rc, result, out, _ = run_claude(claude, proxy, "say hi")
+                check(rc == 0 and result and "Hello from the fake" in result["result"],
+                      "text turn: exit %d: %s" % (rc, out[-300:]))
                 rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
             check(rc == 0 and result and "hello-from-tool" in result["result"],
                   "exit %d: %s" % (rc, out[-300:]))
