@@ -3244,15 +3244,19 @@ class TestWhatClaudeCodeSends(unittest.TestCase):
         self.assertFalse(any("s-one" in k or "s-two" in k for k in keys))
 
 
-def vendor_fake(vendor, **kw):
-    """e2e/fake_anthropic.py as a vendor's endpoint: strict the way that vendor is."""
+def e2e_module(name):
+    """One of the fakes in e2e/ (they serve the suite and `make e2e` alike)."""
     sys.path.insert(0, os.path.join(HERE, "e2e"))
     try:
-        import fake_anthropic
+        return __import__(name)
     finally:
         sys.path.remove(os.path.join(HERE, "e2e"))
+
+
+def vendor_fake(vendor, **kw):
+    """e2e/fake_anthropic.py as a vendor's endpoint: strict the way that vendor is."""
     kw.setdefault("key", "sk-vendor")
-    return fake_anthropic.FakeAnthropic(vendor=vendor, **kw)
+    return e2e_module("fake_anthropic").FakeAnthropic(vendor=vendor, **kw)
 
 
 def vendor_config(ptype, url, **quirks):
@@ -3371,7 +3375,10 @@ def token_command(directory, tokens=("tok-1",)):
 
 def runs(directory):
     path = os.path.join(directory, "runs")
-    return int(open(path).read()) if os.path.exists(path) else 0
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(f.read())
 
 
 def vertex_config(url, command, **kw):
@@ -3472,12 +3479,8 @@ class TestVertex(unittest.TestCase):
 
 
 def bedrock_fake(**kw):
-    sys.path.insert(0, os.path.join(HERE, "e2e"))
-    try:
-        import fake_bedrock
-    finally:
-        sys.path.remove(os.path.join(HERE, "e2e"))
-    return fake_bedrock, fake_bedrock.FakeBedrock(**kw)
+    """e2e/fake_bedrock.py: it checks SigV4 and answers in AWS's event stream."""
+    return e2e_module("fake_bedrock").FakeBedrock(**kw)
 
 
 AWS_SUITE = ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "")
@@ -3521,7 +3524,7 @@ class TestBedrock(unittest.TestCase):
                          "20250929-v1%253A0/invoke-with-response-stream")
 
     def test_event_stream_frames_cut_at_every_byte(self):
-        fb, _ = bedrock_fake()
+        fb = e2e_module("fake_bedrock")
         events = [{"type": "message_start", "message": {"model": "anthropic.x", "usage": {}}},
                   {"type": "content_block_delta", "index": 0, "delta": {
                       "type": "text_delta", "text": "h\u00e9\U0001F600"}},
@@ -3538,7 +3541,7 @@ class TestBedrock(unittest.TestCase):
             self.assertEqual(parser.buffer, b"")
 
     def test_event_stream_refuses_what_does_not_check_out(self):
-        fb, _ = bedrock_fake()
+        fb = e2e_module("fake_bedrock")
         good = fb.chunk_frame({"type": "ping"})
         for bad, words in ((good[:8] + b"\0\0\0\0" + good[12:], "prelude's CRC"),
                            (good[:-1] + bytes([good[-1] ^ 1]), "frame's CRC"),
@@ -3605,7 +3608,7 @@ class TestBedrock(unittest.TestCase):
             model="anthropic.claude-sonnet-4-5-20250929-v1:0", **kw),))
 
     def test_end_to_end_signed_streamed_and_not(self):
-        _, fake = bedrock_fake()
+        fake = bedrock_fake()
         with fake, unittest.mock.patch.object(ccproxy.DIALECTS["bedrock"], "credentials",
                                               ccproxy.AwsCredentials(FAKE_AWS)), \
                 Proxy(self.bedrock(fake)) as px:
@@ -3627,22 +3630,22 @@ class TestBedrock(unittest.TestCase):
                              ["invoke-with-response-stream", "invoke"])
 
     def test_a_bedrock_api_key_and_bedrocks_errors(self):
-        _, fake = bedrock_fake(api_key="ABSKkey")
+        fake = bedrock_fake(api_key="ABSKkey")
         with fake, Proxy(self.bedrock(fake, api_key="ABSKkey")) as px:
             resp, out = px.call("POST", "/v1/messages", BODY)
             self.assertEqual(resp.status, 200, out)
-        _, fake = bedrock_fake(api_key="ABSKkey")
+        fake = bedrock_fake(api_key="ABSKkey")
         with fake, Proxy(self.bedrock(fake, api_key="wrong")) as px:
             resp, out = px.call("POST", "/v1/messages", BODY)
             self.assertEqual((resp.status, json.loads(out)["error"]["type"]),
                              (403, "permission_error"))
             self.assertIn("signature we calculated", json.loads(out)["error"]["message"])
         for fail, status, etype in (("throttle", 429, "rate_limit_error"),):
-            _, fake = bedrock_fake(api_key="k", fail=fail)
+            fake = bedrock_fake(api_key="k", fail=fail)
             with fake, Proxy(self.bedrock(fake, api_key="k")) as px:
                 resp, out = px.call("POST", "/v1/messages", BODY)
                 self.assertEqual((resp.status, json.loads(out)["error"]["type"]), (status, etype))
-        _, fake = bedrock_fake(api_key="k", fail="midstream")
+        fake = bedrock_fake(api_key="k", fail="midstream")
         with fake, Proxy(self.bedrock(fake, api_key="k")) as px:
             resp, out = px.call("POST", "/v1/messages", dict(BODY, stream=True))
             events = parse_events(out)
@@ -4249,7 +4252,7 @@ class TestCheckAndEnv(unittest.TestCase):
             code, out = self.check(dataclasses.replace(vertex_config(
                 fake.url, (sys.executable, "-c", "exit(1)")), port=free_port()))
             self.assertIn("no access token for provider vx from token_command", out)
-        _, fake = bedrock_fake()
+        fake = bedrock_fake()
         with fake, unittest.mock.patch.object(ccproxy.DIALECTS["bedrock"], "credentials",
                                               ccproxy.AwsCredentials(FAKE_AWS)):
             code, out = self.check(dataclasses.replace(config(providers=(

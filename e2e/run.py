@@ -367,15 +367,21 @@ def cli_vendor_scenarios(claude, skip):
                    "CCPROXY_MODEL": "vendor-model"}
             with FakeAnthropic("tool", thinking=True, vendor=vendor, key="sk-vendor") as fake, \
                     Ccproxy(dict(env, CCPROXY_BASE_URL=fake.url)) as proxy:
-                rc, result, out, _ = run_claude(claude, proxy, "say hi")
-                check(rc == 0 and result and "Hello from the fake" in result["result"],
-                      "text turn: exit %d: %s" % (rc, out[-300:]))
-                rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
-                check(rc == 0 and result, "tool turn: exit %d: %s" % (rc, out[-300:]))
-                check("hello-from-tool" in result["result"], result["result"])
+                text_then_tool(claude, proxy)
                 keys = {dict((k.lower(), v) for k, v in r["headers"]).get("x-api-key")
                         for r in fake.requests()}
             check(keys == {"sk-vendor"}, "keys the vendor got: %s" % keys)
+
+
+def text_then_tool(claude, proxy):
+    """`claude -p` twice through `proxy` to an e2e/fake_anthropic.py in its tool
+    scenario: "say hi" gets its text, "run echo" a Bash round trip."""
+    rc, result, out, _ = run_claude(claude, proxy, "say hi")
+    check(rc == 0 and result and "Hello from the fake" in result["result"],
+          "text turn: exit %d: %s" % (rc, out[-300:]))
+    rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
+    check(rc == 0 and result and "hello-from-tool" in result["result"],
+          "tool turn: exit %d: %s" % (rc, out[-300:]))
 
 
 def cloud_config(directory, provider):
@@ -398,38 +404,24 @@ def cli_cloud_scenarios(claude, skip):
                                tmp, {"type": "vertex", "project": "proj", "region": "us-east5",
                                      "base_url": fake.url, "token_command": token,
                                      "model": "claude-sonnet-4-5@20250929"})}) as proxy:
-            rc, result, out, _ = run_claude(claude, proxy, "say hi")
-            check(rc == 0 and result and "Hello from the fake" in result["result"],
-                  "text turn: exit %d: %s" % (rc, out[-300:]))
-            rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
-            check(rc == 0 and result and "hello-from-tool" in result["result"],
-                  "tool turn: exit %d: %s" % (rc, out[-300:]))
+            text_then_tool(claude, proxy)
             paths = {r["path"].rsplit(":", 1)[-1] for r in fake.requests()}
         check(paths == {"streamRawPredict"}, "Vertex methods called: %s" % paths)
 
     @scenario("claude-cli bedrock: text, then a tool round trip with thinking, SigV4, event stream", skip)
     def _():
         tmp = tempfile.mkdtemp(prefix="cc-bedrock-")
-        fake = FakeBedrock("tool", credentials=("AKIDE2E", "e2e-secret", "e2e-session"))
-        fake.start()
-        try:
+        with FakeBedrock("tool", credentials=("AKIDE2E", "e2e-secret", "e2e-session")) as fake:
             env = {"AWS_ACCESS_KEY_ID": "AKIDE2E", "AWS_SECRET_ACCESS_KEY": "e2e-secret",
                    "AWS_SESSION_TOKEN": "e2e-session", "AWS_EC2_METADATA_DISABLED": "true",
                    "CCPROXY_CONFIG": cloud_config(tmp, {
                        "type": "bedrock", "region": "us-east-1", "base_url": fake.url,
                        "model": "us.anthropic.claude-sonnet-4-5-20250929-v1:0"})}
             with Ccproxy(env) as proxy:
-                rc, result, out, _ = run_claude(claude, proxy, "say hi")
-                check(rc == 0 and result and "Hello from the fake" in result["result"],
-                      "text turn: exit %d: %s" % (rc, out[-300:]))
-                rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
-            check(rc == 0 and result and "hello-from-tool" in result["result"],
-                  "exit %d: %s" % (rc, out[-300:]))
+                text_then_tool(claude, proxy)
             paths = {r["path"] for r in fake.requests}
-            check(paths == {"/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/"
-                            "invoke-with-response-stream"}, "Bedrock paths: %s" % paths)
-        finally:
-            fake.stop()
+        check(paths == {"/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/"
+                        "invoke-with-response-stream"}, "Bedrock paths: %s" % paths)
 
 
 def cli_quirk_scenarios(claude, skip):
