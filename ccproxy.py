@@ -439,6 +439,7 @@ class ProviderConfig:
     region: str = ""               # Vertex, Bedrock: where the model runs
     token_command: tuple = ()      # Vertex: argv printing an OAuth access token
     aws_profile: str = ""          # Bedrock: a profile of ~/.aws/credentials
+    context_window: int = 0        # the model's window in tokens (0: learn it, or look it up)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,6 +448,7 @@ class RouteConfig:
     match: str
     provider: str
     model: str = ""
+    context_window: int = 0        # the route's model's window in tokens (0: see provider)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,7 +528,8 @@ FILE_ONLY_KEYS = ("providers", "routes", "fallback")
 KEY_FIELDS = ("api_key", "api_key_env", "api_key_file")
 PROVIDER_KEYS = ("name", "type", "base_url") + KEY_FIELDS + (
     "model", "big_model", "small_model", "connect_timeout", "read_timeout", "ca_bundle",
-    "api_version", "quirks", "headers", "project", "region", "token_command", "aws_profile")
+    "api_version", "quirks", "headers", "project", "region", "token_command", "aws_profile",
+    "context_window")
 #: Where a cloud's fields come from when the entry leaves them out: the variables Claude
 #: Code's own Vertex and Bedrock modes read (docs/providers.md).
 CLOUD_FIELDS = {
@@ -534,7 +537,7 @@ CLOUD_FIELDS = {
                ("region", ("CLOUD_ML_REGION",))),
     "bedrock": (("region", ("AWS_REGION", "AWS_DEFAULT_REGION")),),
 }
-ROUTE_KEYS = ("match", "provider", "model")
+ROUTE_KEYS = ("match", "provider", "model", "context_window")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -667,6 +670,7 @@ def _provider_fields(where, name, ptype, raw, environ, read_key):
     for field in ("model", "big_model", "small_model", "ca_bundle", "api_version"):
         fields[field] = _convert(where + "." + field, "str", raw.get(field, ""))
     fields["quirks"] = _quirks(where + ".quirks", raw.get("quirks", {}))
+    fields["context_window"] = _window(where, raw)
     fields["headers"] = _extra_headers(where + ".headers", raw.get("headers", {}))
     for field in ("connect_timeout", "read_timeout"):
         if field in raw:
@@ -695,6 +699,17 @@ def _cloud_fields(where, ptype, raw, environ):
                               "[\"gcloud\", \"auth\", \"print-access-token\"]" % where)
         fields["token_command"] = tuple(command)
     return fields
+
+
+def _window(where, raw):
+    """A context_window of a provider or a route: tokens, from 1024 up."""
+    value = raw.get("context_window", 0)
+    if value == 0:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
+        raise ConfigError("%s.context_window must be a number of tokens (1024 or more), got %s"
+                          % (where, _shown(value)))
+    return value
 
 
 def cloud_base_url(template, region):
@@ -812,7 +827,8 @@ def _routes(raw_routes, names):
             raise ConfigError("%s.provider must name a provider (%s), got %s"
                               % (where, ", ".join(names), _shown(provider)))
         model = _convert(where + ".model", "str", raw.get("model", ""))
-        routes.append(RouteConfig(match=match.lower(), provider=provider, model=model))
+        routes.append(RouteConfig(match=match.lower(), provider=provider, model=model,
+                                  context_window=_window(where, raw)))
     return tuple(routes)
 
 
@@ -1188,8 +1204,8 @@ def _openrouter_detail(err):
 
 #: Upstream wording for a prompt over the model's context (OpenAI, vLLM, Groq, …).
 CONTEXT_OVERFLOW = re.compile(r"context_length_exceeded|maximum context length|reduce the "
-                              r"length|context window|too many tokens|prompt is too long",
-                              re.I)
+                              r"length|context window|too many tokens|prompt is too long|"
+                              r"context size", re.I)
 
 
 def is_anthropic_error(body):
@@ -1236,8 +1252,11 @@ def map_upstream_error(status, headers, body, label, passthrough):
         return status, extra, body
     text = "%s upstream %d: %s" % (label, status, message or http.client.responses.get(
         status, "error"))
-    if out_status in (400, 413) and (CONTEXT_OVERFLOW.search(message) or CONTEXT_OVERFLOW
-                                     .search(body[:2000].decode("utf-8", "replace"))):
+    limit = limit_error(body)
+    overflow = limit["kind"] == "overflow" if limit else (
+        CONTEXT_OVERFLOW.search(message) or CONTEXT_OVERFLOW.search(
+            body[:2000].decode("utf-8", "replace")))
+    if out_status in (400, 413) and overflow:
         # Anthropic's wording, which Claude Code's overflow handling (compact) knows.
         out_status, etype, text = 400, "invalid_request_error", "prompt is too long: " + text
     if out_status == 400 and not passthrough and ("x-should-retry", "false") not in extra:
@@ -1674,6 +1693,9 @@ def provider_items(config, stats, now):
             "requests": s.get("requests", 0), "errors": s.get("errors", 0),
             "circuit": "open" if s.get("circuit_open_until", 0) > now else "closed",
         })
+        window, output, source = route_limits(config, p, p.model, s.get("learned_window", 0))
+        items[-1].update(context_window=window or None, context_window_source=source or None,
+                         max_output=output or None)
     return items
 
 
@@ -2026,6 +2048,7 @@ class Translation:
     raw_estimate: int = 1                                    # before calibration
     signatures: object = None                                # ThoughtSignatures or None
     session: str = ""                                        # Claude Code's session id
+    max_tokens_cap: int = 0                                  # what fits (§1.9); 0: no cap
 
 
 def upstream_tool_name(name):
@@ -2684,6 +2707,8 @@ def anthropic_to_openai(body, tr, prepared=None):
     if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0:
         if quirks["max_output"]:
             max_tokens = min(max_tokens, quirks["max_output"])
+        if tr.max_tokens_cap:
+            max_tokens = min(max_tokens, tr.max_tokens_cap)
         out[quirks["token_param"]] = max_tokens
     reasoning = is_reasoning_model(quirks, model)
     for key in ("temperature", "top_p"):
@@ -3823,6 +3848,124 @@ def estimate_input_tokens(body, tools_overhead=TOOLS_OVERHEAD, tools_size=None):
     return -(-total // 4) + 4 * len(messages) + fixed + (tools_overhead if tools else 0)
 
 
+# ---- Context windows (docs/translation.md §1.9) -------------------------------------
+
+#: Windows and output limits, in tokens, of well-known models (their providers' model
+#: pages, 2026-12): for a model neither the config nor its own server sizes.  Claude Code
+#: assumes 1,000,000 for a model name it does not know (issue #21).
+MODEL_LIMITS = (
+    (r"gpt-5", 400000, 128000), (r"gpt-4\.1", 1047576, 32768), (r"gpt-4o", 128000, 16384),
+    (r"(^|/)o[34](-|$)", 200000, 100000), (r"deepseek-reasoner", 128000, 64000),
+    (r"deepseek-(chat|v3)", 128000, 8192), (r"gemini-(2\.5|3)", 1048576, 65536),
+    (r"(^|/)claude", 200000, 64000), (r"qwen3-coder", 262144, 65536),
+    (r"gpt-oss", 131072, 32768),
+)
+WINDOW_MARGIN = 1024        # tokens kept free beside the input estimate (an estimate)
+MIN_OUTPUT_ROOM = 1024      # less room than this for the answer: the prompt is too long
+
+
+def table_limits(model):
+    """(window, output limit) of a well-known model, or (0, 0)."""
+    return next(((w, o) for pattern, w, o in MODEL_LIMITS if re.search(pattern, model or "")),
+                (0, 0))
+
+
+def route_limits(config, provider, model, learned=0):
+    """(window, output limit, where the window comes from) of `model` on `provider`:
+    the config (a route's context_window for that provider and model, then the
+    provider's), what its own server said (`learned`), the built-in table, or unknown
+    (0, "").  The output limit is the max_output flag, else the table's."""
+    table = table_limits(model)
+    output = quirks_for(provider)["max_output"] or table[1]
+    route = next((r.context_window for r in config.routes if r.context_window and
+                  r.provider == provider.name and r.model in ("", model)), 0)
+    for window, source in ((route, "config"), (provider.context_window, "config"),
+                           (learned, "provider"), (table[0], "table")):
+        if window:
+            return window, output, source
+    return 0, output, ""
+
+
+def max_tokens_cap(window, output, estimate):
+    """The most max_tokens may be (0: no cap): the output limit, and the window less
+    the estimated input and a margin.  HTTPError with Anthropic's "prompt is too long"
+    when the input alone leaves no room, so Claude Code compacts at once."""
+    if not window:
+        return output
+    room = window - estimate - WINDOW_MARGIN
+    if room < MIN_OUTPUT_ROOM:
+        raise HTTPError(400, "invalid_request_error", "prompt is too long: %d tokens > %d "
+                        "maximum (ccproxy's estimate against the model's window of %d)"
+                        % (estimate, window - WINDOW_MARGIN - MIN_OUTPUT_ROOM, window),
+                        (("x-should-retry", "false"),))
+    return min(output, room) if output else room
+
+
+#: How servers say a call did not fit, (pattern, kind): "output" asked for more output
+#: than the window leaves (clamp and try again), "overflow" the input alone is too long
+#: (Claude Code must compact), "either" says both numbers and the input decides.
+LIMIT_ERRORS = (
+    # vLLM: 'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's
+    # maximum context length is 32768 tokens and your request has 17459 input tokens
+    (r"is too large: (?P<asked>\d+)\. This model's maximum context length is "
+     r"(?P<window>\d+) tokens and your request has (?P<input>\d+) input tokens", "output"),
+    # vLLM before 0.6, DeepSeek, OpenAI's older wording
+    (r"maximum context length is (?P<window>\d+) tokens\. However, you requested "
+     r"(?P<total>\d+) tokens \((?P<input>\d+) in the messages, (?P<asked>\d+) in the "
+     r"completion\)", "either"),
+    # OpenRouter
+    (r"maximum context length is (?P<window>\d+) tokens\. However, you requested about "
+     r"(?P<total>\d+) tokens \((?P<input>\d+) of text input", "either"),
+    # llama.cpp: exceed_context_size_error, with n_prompt_tokens and n_ctx
+    (r"exceed_context_size_error|exceeds the available context size", "overflow"),
+    # Gemini's OpenAI endpoint
+    (r"input token count \((?P<input>\d+)\) exceeds the maximum number of tokens allowed "
+     r"\((?P<window>\d+)\)", "overflow"),
+    # OpenAI, Groq (context_length_exceeded); LM Studio; Ollama
+    (r"context_length_exceeded|Please reduce the length of the messages|context length "
+     r"of only (?P<window>\d+)|exceeded max context length", "overflow"),
+)
+_LIMIT_ERRORS = tuple((re.compile(p, re.I), kind) for p, kind in LIMIT_ERRORS)
+
+
+def limit_error(body):
+    """{"kind": output | overflow, "window", "input"} of an upstream's error body that
+    says the call did not fit, or None.  Numbers it does not give are 0."""
+    text = body[:4000].decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+    for pattern, kind in _LIMIT_ERRORS:
+        match = pattern.search(text)
+        if match:
+            numbers = {k: int(v) for k, v in match.groupdict().items() if v}
+            window = numbers.get("window") or _json_number(text, "n_ctx")
+            used = numbers.get("input") or _json_number(text, "n_prompt_tokens")
+            if kind == "either":
+                kind = "output" if used + MIN_OUTPUT_ROOM < window else "overflow"
+            return {"kind": kind, "window": window, "input": used}
+    return None
+
+
+def _json_number(text, key):
+    match = re.search(r'"%s"\s*:\s*(\d+)' % key, text)
+    return int(match.group(1)) if match else 0
+
+
+def listed_windows(body):
+    """{model id: window} from a model list that says them: vLLM's max_model_len,
+    OpenRouter's context_length, LM Studio's max_context_length."""
+    doc = _loads(body)
+    entries = doc.get("data") if isinstance(doc, dict) else None
+    out = {}
+    for entry in entries if isinstance(entries, list) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            continue
+        window = next((entry[k] for k in ("max_model_len", "context_length",
+                                          "loaded_context_length", "max_context_length")
+                       if isinstance(entry.get(k), int) and entry[k] > 0), 0)
+        if window:
+            out[entry["id"]] = window
+    return out
+
+
 # ---- Anthropic-compatible endpoints: request rewrites (docs/providers.md) -------------
 
 #: Thinking budgets for an effort, where a vendor takes thinking only as enabled + budget.
@@ -4192,10 +4335,14 @@ def runtime_facts(config, port=None):
     """What a client must know of a proxy run with `config`: where it listens, whether
     it wants a client key, whether it forwards each client's own Anthropic credentials,
     and whether any route is translated (the runtime record carries the same)."""
+    provider, model = plan_route(config, "")[0]
+    window, output, _ = route_limits(config, provider, model or provider.model)
     return {"host": config.host, "port": port or config.port,
             "client_key": bool(config.api_key),
             "forwards_client_key": forwards_client_key(config),
-            "translated": any(dialect_of(p).translated for p in config.providers)}
+            "translated": any(dialect_of(p).translated for p in config.providers),
+            "context_window": window if dialect_of(provider).translated else 0,
+            "max_output": output if dialect_of(provider).translated else 0}
 
 
 def env_lines(config, record=None):
@@ -4225,6 +4372,12 @@ def env_lines(config, record=None):
     lines.append("export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1")
     if facts["translated"]:
         lines.append("export ENABLE_TOOL_SEARCH=false")
+    # Claude Code assumes 1,000,000 tokens for a model name it does not know: it must
+    # compact in the window of the model that really answers (issue #21).
+    if facts.get("context_window"):
+        lines.append("export CLAUDE_CODE_AUTO_COMPACT_WINDOW=%d" % facts["context_window"])
+    if facts.get("max_output"):
+        lines.append("export CLAUDE_CODE_MAX_OUTPUT_TOKENS=%d" % facts["max_output"])
     return lines
 
 
@@ -4383,6 +4536,36 @@ class Calibration:
         with self._lock:
             r = 0.8 * self._ratio.get(route, 1.0) + 0.2 * prompt_tokens / estimate
             self._ratio[route] = min(2.0, max(0.5, r))
+
+
+class Windows:
+    """Context windows the providers' own servers gave (a model list, a limit error),
+    per provider and model (docs/translation.md §1.9)."""
+
+    def __init__(self):
+        self._lock, self._learned = threading.Lock(), {}
+
+    def learn(self, provider, model, window):
+        if isinstance(window, int) and window >= 1024 and model:
+            with self._lock:
+                self._learned[(provider, model)] = window
+
+    def learned(self, provider, model):
+        with self._lock:
+            return self._learned.get((provider, model), 0)
+
+    def limits(self, config, provider, model):
+        """(window, output limit, source) of `model` on `provider`: route_limits."""
+        return route_limits(config, provider, model, self.learned(provider.name, model))
+
+    def into(self, stats, config):
+        """`stats` (ProviderStats.snapshot) with each provider's learned window for its
+        model, so that /status shows it and workers share it (a newest-wins field)."""
+        for provider in config.providers:
+            window = self.learned(provider.name, provider.model)
+            if window:
+                stats.setdefault(provider.name, {})["learned_window"] = window
+        return stats
 
 
 class ThoughtSignatures:
@@ -5141,6 +5324,7 @@ class Service:
         self.upstreams = Upstreams()
         self.calibration = Calibration()
         self.signatures = ThoughtSignatures()
+        self.windows = Windows()
         self.tools = ToolsCache()
         self.members = MemberCache()
         self.metrics = Metrics()
@@ -5249,7 +5433,8 @@ class Service:
             build=self.build, record=self.record, requests_served=served,
             reload_failures=self.reload_failures,
             upstream_connections=self.upstreams.connections_opened(), in_flight=in_flight,
-            reloads=self.reloads, provider_stats=self.stats.snapshot(),
+            reloads=self.reloads, provider_stats=self.windows.into(
+                self.stats.snapshot(), self.config),
             metrics=self.metrics.snapshot())
 
 
@@ -5494,13 +5679,14 @@ class Exchange:
     its own write_lock, which the Pinger takes too."""
 
     __slots__ = ("handler", "service", "access", "write_lock", "pinging", "last_write",
-                 "pending_head", "ping_frame", "upstream_started")
+                 "pending_head", "ping_frame", "upstream_started", "cap")
 
     def __init__(self, handler):
         self.handler, self.service = handler, handler.server.service
         self.access = handler.access
         self.write_lock, self.pinging, self.last_write = threading.Lock(), False, 0.0
         self.pending_head = self.ping_frame = self.upstream_started = None
+        self.cap = 0                  # max_tokens a server said fits (see _refit)
 
     def _write(self, data):
         with self.write_lock:
@@ -5570,13 +5756,13 @@ class Exchange:
             # Which model served the call: the one the client asked for is `model`.
             self.access.update(provider=provider.name, attempts=attempt,
                                upstream_model=model or self.access.model)
-            client, resp, tr = self._call(provider, model, endpoint, query, method, request,
-                                          last)
+            client, resp, tr, body = self._call(provider, model, endpoint, query, method,
+                                                request, last)
             if resp is None:
                 continue
             if resp.status < 400:
                 return client, resp, tr, model, dialect_of(provider).relay
-            if self._relay_error(client, provider, resp, last):
+            if self._relay_error(client, provider, resp, last, body):
                 return None
         return None                      # not reached: the last attempt answers or raises
 
@@ -5585,30 +5771,63 @@ class Exchange:
         more with fresh credentials after a 401 (or what else the dialect's renew_on
         says) where the dialect can renew them: a Vertex token or AWS session
         credentials that expired before their time."""
-        dialect = dialect_of(provider)
-        for renewed in (False, True):
+        dialect, body = dialect_of(provider), None
+        for retried in (False, True):
             url, data, headers, tr = dialect.prepare(
                 self, provider, model, endpoint, query, request.get("raw"),
                 _take_body(request, self.service.members))
             client, resp = self._attempt(provider, method, url, data, headers, last)
-            if resp is None or resp.status not in dialect.renew_on or renewed or not (
-                    dialect.renew(provider)):
-                return client, resp, tr
-            client.discard(resp)
-            log.info("%s provider=%s answered %d: renewing its credentials and trying "
-                     "again", self.handler.request_id, provider.name, resp.status)
-        return client, resp, tr                      # not reached
+            if resp is None or retried:
+                return client, resp, tr, None
+            if resp.status in dialect.renew_on and dialect.renew(provider):
+                client.discard(resp)
+                log.info("%s provider=%s answered %d: renewing its credentials and trying "
+                         "again", self.handler.request_id, provider.name, resp.status)
+                continue
+            if resp.status != 400 or tr is None:
+                return client, resp, tr, None
+            again, body = self._refit(client, provider, model or tr.client_model, resp, tr)
+            if not again:
+                return client, resp, tr, body
+        return client, resp, tr, body                # not reached
+
+    def _refit(self, client, provider, model, resp, tr):
+        """A translated call's 400 read: (try again, its body).  A server that says
+        max_tokens was more than its window leaves (vLLM names both numbers) gets the
+        call once more with what fits, before any byte reached the client; a window a
+        server names is remembered for the next calls (docs/translation.md §1.9)."""
+        try:
+            body = resp.read(1 << 20)
+        except (OSError, http.client.HTTPException):
+            body = b""
+        limit = limit_error(body)
+        if limit and limit["window"]:
+            self.service.windows.learn(provider.name, model, limit["window"])
+        if limit and limit["input"]:          # the server's own count: calibrate by it
+            self.service.calibration.learn(provider.name, tr.raw_estimate, limit["input"])
+        if not limit or limit["kind"] != "output" or not limit["input"]:
+            return False, body
+        client.release(resp) if resp.isclosed() else client.discard(resp)
+        self.cap = max(limit["window"] - limit["input"] - 64, 1)
+        log.info("%s provider=%s: max_tokens too large for the window of %d; trying again "
+                 "with %d", self.handler.request_id, provider.name, limit["window"], self.cap)
+        return True, body
 
     def translation(self, provider, model, body):
         """The Translation a translating dialect's call needs, and the body's tools."""
         service, quirks = self.service, quirks_for(provider)
         tools = service.tools.get(body.get("tools"), quirks)
         raw_estimate = estimate_input_tokens(body, tools_size=tools.size)
+        estimate = service.calibration.scale(provider.name, raw_estimate)
+        window, output, _ = service.windows.limits(service.config, provider, model or
+                                                   body.get("model", ""))
+        cap = max_tokens_cap(window, output, estimate)
+        cap = min(cap, self.cap) if cap and self.cap else cap or self.cap
         return Translation(route=provider.name, client_model=body.get("model", ""),
-                           upstream_model=model, quirks=quirks,
-                           estimate=service.calibration.scale(provider.name, raw_estimate),
+                           upstream_model=model, quirks=quirks, estimate=estimate,
                            raw_estimate=raw_estimate, signatures=service.signatures,
-                           session=session_id(self.handler.headers, body)), tools
+                           session=session_id(self.handler.headers, body),
+                           max_tokens_cap=cap), tools
 
     def _attempt(self, provider, method, url, data, headers, last):
         """Open one upstream call: (client, response), the response None when it failed
@@ -5643,12 +5862,14 @@ class Exchange:
             raise HTTPError(502, "api_error", "%s upstream %s" % (provider.name, misdirected))
         return client, None
 
-    def _relay_error(self, client, provider, resp, last):
-        """Relay an upstream error, or return False to let the next provider try."""
-        try:
-            body = resp.read(1 << 20)
-        except (OSError, http.client.HTTPException):
-            body = b""
+    def _relay_error(self, client, provider, resp, last, body=None):
+        """Relay an upstream error (its body, if read already), or return False to let
+        the next provider try."""
+        if body is None:
+            try:
+                body = resp.read(1 << 20)
+            except (OSError, http.client.HTTPException):
+                body = b""
         client.release(resp) if resp.isclosed() else client.discard(resp)
         if fallback_worthy(resp.status) and not last:
             log.warning("%s attempt provider=%s status=%d, trying the next provider",
@@ -7210,6 +7431,7 @@ class Daemon:
             self.threads.append(thread)
         if self.config.probe_interval:
             threading.Thread(target=self._probe_loop, name="probe", daemon=True).start()
+        threading.Thread(target=self._learn_windows, name="windows", daemon=True).start()
         self._publish()
         self.service.ready = True
         # The sockets listen since bind: a connect succeeds from here on (daemon(7)).
@@ -7266,6 +7488,20 @@ class Daemon:
         if self.service.cluster is not None:
             self.service.cluster.write(self.service.report(self.service.cluster.id, state))
 
+    def _learn_windows(self):
+        """Once at start (and after a reload), off the request path: the windows the
+        translated providers' own servers state in their model lists (vLLM's
+        max_model_len, OpenRouter's context_length, LM Studio's; §1.9)."""
+        service = self.service
+        for provider in service.config.providers:
+            request = probe_request(provider) if dialect_of(provider).translated else None
+            if request is None or self.stopping.is_set():
+                continue
+            status, _, _, body = fetch(service.upstreams.client(provider), "GET", request[0],
+                                       None, request[1])
+            for model, window in (listed_windows(body).items() if status == 200 else ()):
+                service.windows.learn(provider.name, model, window)
+
     def _probe_loop(self):
         """Light probes on one background thread, never in a request path; a daemon
         thread that checks `stopping`, so it never holds up shutdown."""
@@ -7290,6 +7526,7 @@ class Daemon:
             self.service.last_reload_error = str(exc)
             log.error("reload failed, keeping the running config: %s", exc)
         else:
+            threading.Thread(target=self._learn_windows, name="windows", daemon=True).start()
             for name in changed:
                 log.warning("reload: %s changed; it takes effect after a restart", name)
             log.setLevel(self.service.config.log_level.upper())
@@ -8274,6 +8511,8 @@ def check_provider(config, provider, client):
         return [("problem", "answered HTTP %d: %s" % (status, upstream_message(body)[:200]))]
     out = [("ok", "reachable in %d ms, key accepted" % (seconds * 1000))]
     out.extend(_check_models(config, provider, listed_models(body)))
+    if dialect_of(provider).translated:            # the windows ccproxy sizes calls to
+        out.append(_check_window(config, provider, listed_windows(body)))
     extra = TYPE_CHECKS.get(provider.type)
     if extra:
         out.extend(extra(config, provider, client))
@@ -8298,6 +8537,23 @@ BASE_URL_HINTS = {
     "ollama": "Ollama's is http://HOST:11434/v1",
     None: "OpenAI-compatible base URLs usually end in /v1",
 }
+
+
+#: Where a window came from, as check says it.
+WINDOW_SOURCES = {"config": "from the config", "provider": "as its server says",
+                  "table": "from ccproxy's table of well-known models"}
+
+
+def _check_window(config, provider, listed):
+    """The model's context window and where it comes from (docs/translation.md §1.9)."""
+    model = provider.model
+    window, output, source = route_limits(config, provider, model, listed.get(model, 0))
+    if not window:
+        return ("warn", "context window of %s unknown: Claude Code will assume 1,000,000 "
+                "tokens; set context_window (tokens) for this provider" % (model or "the model"))
+    return ("ok", "context window of %s: %d tokens %s%s" % (
+        model or "the model", window, WINDOW_SOURCES[source],
+        ", output up to %d" % output if output else ""))
 
 
 def _check_models(config, provider, listed):

@@ -3653,6 +3653,169 @@ class TestBedrock(unittest.TestCase):
                              ("error", "overloaded_error"))
 
 
+VLLM_OUTPUT = ("'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's "
+               "maximum context length is 32768 tokens and your request has 17459 input tokens."
+               " (parameter=max_tokens, value=32000)")
+
+
+def window_upstream(window, style, counted=None):
+    """A fake OpenAI-compatible server that enforces a context window the way vLLM
+    (style "vllm": max_tokens too large is a 400 naming both numbers) or llama.cpp
+    ("llama": an input past n_ctx is exceed_context_size_error) does.  It counts input
+    as a quarter of the body's bytes, and says so in usage, as ccproxy's calibration
+    expects of a real server."""
+    def behave(h, body):
+        if h.command == "GET":
+            return h.reply(200, {"data": [{"id": "my-model", "object": "model"}]})
+        doc, used = json.loads(body), len(body) // 4
+        asked = doc.get("max_tokens") or 0
+        if counted is not None:
+            counted.append((used, asked))
+        if style == "llama" and used > window:
+            return h.reply(400, {"error": {"code": 400, "message": "the request exceeds the "
+                                           "available context size, try increasing it",
+                                           "type": "exceed_context_size_error",
+                                           "n_prompt_tokens": used, "n_ctx": window}})
+        if style == "vllm" and used + asked > window:
+            return h.reply(400, {"object": "error", "type": "BadRequestError", "code": 400,
+                                 "message": "'max_tokens' or 'max_completion_tokens' is too "
+                                 "large: %d. This model's maximum context length is %d tokens "
+                                 "and your request has %d input tokens." % (asked, window, used)})
+        h.reply(200, reply({"content": "fits"}, usage={"prompt_tokens": used,
+                                                       "completion_tokens": 2}))
+    return behave
+
+
+class TestContextWindows(unittest.TestCase):
+    """Issue #21: each translated call sized to its upstream model's window."""
+
+    def test_limits_and_where_they_come_from(self):
+        p = ccproxy.ProviderConfig(name="p", type="openai", model="gpt-4o")
+        cfg = config(providers=(p,))
+        self.assertEqual(ccproxy.route_limits(cfg, p, "gpt-4o"), (128000, 16384, "table"))
+        self.assertEqual(ccproxy.route_limits(cfg, p, "gpt-4o", 64000), (64000, 16384,
+                                                                        "provider"))
+        mine = dataclasses.replace(p, context_window=50000, quirks=(("max_output", 4096),))
+        self.assertEqual(ccproxy.route_limits(config(providers=(mine,)), mine, "gpt-4o", 64000),
+                         (50000, 4096, "config"))
+        routed = config(providers=(mine,), routes=(ccproxy.RouteConfig(
+            match="*haiku*", provider="p", model="gpt-4o", context_window=20000),))
+        self.assertEqual(ccproxy.route_limits(routed, mine, "gpt-4o")[0], 20000)
+        q = ccproxy.ProviderConfig(name="q", type="openai-compatible", model="my-model")
+        self.assertEqual(ccproxy.route_limits(config(providers=(q,)), q, "my-model"), (0, 0, ""))
+        for model, window in (("gpt-5.2", 400000), ("openai/o3", 200000), ("o4-mini", 200000),
+                              ("deepseek-reasoner", 128000), ("gemini-2.5-pro", 1048576),
+                              ("anthropic/claude-sonnet-4.5", 200000), ("gpt-oss-120b", 131072)):
+            self.assertEqual(ccproxy.table_limits(model)[0], window, model)
+
+    def test_max_tokens_cap(self):
+        self.assertEqual(ccproxy.max_tokens_cap(0, 0, 5000), 0)
+        self.assertEqual(ccproxy.max_tokens_cap(0, 8192, 5000), 8192)
+        self.assertEqual(ccproxy.max_tokens_cap(32768, 0, 17000), 32768 - 17000 - 1024)
+        self.assertEqual(ccproxy.max_tokens_cap(128000, 16384, 17000), 16384)
+        with self.assertRaises(ccproxy.HTTPError) as caught:
+            ccproxy.max_tokens_cap(32768, 0, 31000)
+        self.assertEqual(caught.exception.status, 400)
+        self.assertRegex(caught.exception.message, r"^prompt is too long: 31000 tokens > "
+                                                   r"30720 maximum")
+
+    def test_limit_error_wordings(self):
+        rows = [
+            (VLLM_OUTPUT, ("output", 32768, 17459)),
+            ('{"error":{"code":400,"message":"the request exceeds the available context size",'
+             '"type":"exceed_context_size_error","n_prompt_tokens":40012,"n_ctx":32768}}',
+             ("overflow", 32768, 40012)),
+            ("This model's maximum context length is 131072 tokens. However, you requested "
+             "140000 tokens (100000 in the messages, 40000 in the completion).",
+             ("output", 131072, 100000)),
+            ("This model's maximum context length is 131072 tokens. However, you requested "
+             "180000 tokens (140000 in the messages, 40000 in the completion).",
+             ("overflow", 131072, 140000)),
+            ("This endpoint's maximum context length is 131072 tokens. However, you requested "
+             "about 140000 tokens (135000 of text input, 5000 in the output).",
+             ("overflow", 131072, 135000)),
+            ('{"error":{"code":"context_length_exceeded","message":"Your input exceeds the '
+             'context window of this model."}}', ("overflow", 0, 0)),
+            ("The input token count (1200000) exceeds the maximum number of tokens allowed "
+             "(1048576).", ("overflow", 1048576, 1200000)),
+            ("Trying to keep the first 9000 tokens when context the overflows. However, the "
+             "model is loaded with context length of only 8192 tokens", ("overflow", 8192, 0)),
+            ('{"error":{"message":"Rate limit reached"}}', None),
+        ]
+        for text, expected in rows:
+            with self.subTest(text=text[:50]):
+                got = ccproxy.limit_error(text.encode())
+                self.assertEqual(got and (got["kind"], got["window"], got["input"]), expected)
+        status, _, body = ccproxy.map_upstream_error(400, headers_of([]), json.dumps(
+            {"message": VLLM_OUTPUT}).encode(), "p", False)
+        self.assertNotIn("prompt is too long", json.loads(body)["error"]["message"])
+        status, _, body = ccproxy.map_upstream_error(400, headers_of([]), rows[1][0].encode(),
+                                                     "p", False)
+        self.assertTrue(json.loads(body)["error"]["message"].startswith("prompt is too long"))
+
+    def test_listed_windows(self):
+        doc = {"data": [{"id": "a", "max_model_len": 32768}, {"id": "b", "context_length": 8192},
+                        {"id": "c", "max_context_length": 4096}, {"id": "d"}, "x"]}
+        self.assertEqual(ccproxy.listed_windows(json.dumps(doc).encode()),
+                         {"a": 32768, "b": 8192, "c": 4096})
+        self.assertEqual(ccproxy.listed_windows(b"not json"), {})
+
+    def claude_body(self):
+        body = claude_code_body() or dict(BODY, system=[{"type": "text", "text": "s " * 30000}])
+        return dict(body, stream=False, max_tokens=32000)
+
+    def test_a_vllm_window_found_by_one_retry_then_known(self):
+        counted = []
+        cfg = config(providers=(ccproxy.ProviderConfig(
+            name="vllm", type="openai-compatible", model="my-model"),))
+        with FakeUpstream(window_upstream(32768, "vllm", counted)) as up, Proxy(
+                dataclasses.replace(cfg, providers=(dataclasses.replace(
+                    cfg.providers[0], base_url=up.url),))) as px:
+            resp, out = px.call("POST", "/v1/messages", self.claude_body())
+            self.assertEqual(resp.status, 200, out)
+            self.assertEqual(len(counted), 2)                 # one 400, one retry that fits
+            self.assertLessEqual(sum(counted[-1]), 32768)
+            resp, out = px.call("POST", "/v1/messages", self.claude_body())
+            self.assertEqual(resp.status, 200, out)
+            self.assertEqual(len(counted), 3)                 # the window is known now
+            doc = json.loads(px.call("GET", "/status")[1])
+            item = doc["providers"]["items"][0]
+            self.assertEqual((item["context_window"], item["context_window_source"]),
+                             (32768, "provider"))
+
+    def test_a_configured_window_needs_no_retry_and_an_overflow_is_prompt_too_long(self):
+        counted = []
+        with FakeUpstream(window_upstream(32768, "vllm", counted)) as up, Proxy(config(
+                providers=(ccproxy.ProviderConfig(name="vllm", type="openai-compatible",
+                                                  base_url=up.url, model="my-model",
+                                                  context_window=32768),))) as px:
+            resp, out = px.call("POST", "/v1/messages", self.claude_body())
+            self.assertEqual((resp.status, len(counted)), (200, 1), out)
+        counted = []
+        with FakeUpstream(window_upstream(4096, "llama", counted)) as up, Proxy(config(
+                providers=(ccproxy.ProviderConfig(name="llama", type="openai-compatible",
+                                                  base_url=up.url, model="my-model"),))) as px:
+            for calls in (1, 1):          # the second is answered here: the window is known
+                resp, out = px.call("POST", "/v1/messages", self.claude_body())
+                error = json.loads(out)["error"]
+                self.assertEqual((resp.status, error["type"]), (400, "invalid_request_error"))
+                self.assertTrue(error["message"].startswith("prompt is too long"), error)
+                self.assertEqual(len(counted), calls)
+
+    def test_env_exports_the_default_routes_window(self):
+        cfg = config(providers=(ccproxy.ProviderConfig(name="p", type="openai-compatible",
+                                                       model="m", context_window=131072,
+                                                       quirks=(("max_output", 8192),)),))
+        lines = ccproxy.env_lines(cfg)
+        self.assertIn("export CLAUDE_CODE_AUTO_COMPACT_WINDOW=131072", lines)
+        self.assertIn("export CLAUDE_CODE_MAX_OUTPUT_TOKENS=8192", lines)
+        table = ccproxy.env_lines(config(providers=(ccproxy.ProviderConfig(
+            name="p", type="openai", model="gpt-4o", api_key="k"),)))
+        self.assertIn("export CLAUDE_CODE_AUTO_COMPACT_WINDOW=128000", table)
+        passthrough = ccproxy.env_lines(config())
+        self.assertFalse([l for l in passthrough if "COMPACT" in l])
+
+
 class TestTranslationErrorsAndTokens(unittest.TestCase):
     """Cases 36-44."""
 

@@ -27,6 +27,9 @@ quirk but openrouter), and to a prompt_cache_key on the other providers' quirks.
 
 Failure injection: --fail 429|401|midstream [--fail-count N] [--retry-after S].
 
+--window N enforces a context window the way vLLM does: input (counted as a quarter of
+the body's bytes) plus max_tokens past N is a 400 naming both numbers.
+
 Every request is kept in .requests (path, headers, parsed body) for the test to inspect.
 """
 import argparse
@@ -43,8 +46,8 @@ class FakeOpenAI:
     """The server; start() binds 127.0.0.1 port 0 and serves on a daemon thread."""
 
     def __init__(self, scenario="text", quirk="", fail="", fail_count=1, retry_after=2,
-                 image_path=""):
-        self.scenario, self.quirk, self.fail = scenario, quirk, fail
+                 image_path="", window=0):
+        self.scenario, self.quirk, self.fail, self.window = scenario, quirk, fail, window
         self.fail_count, self.retry_after, self.image_path = fail_count, retry_after, image_path
         self.requests, self.lock = [], threading.Lock()
         fake = self
@@ -63,14 +66,14 @@ class FakeOpenAI:
                 fake.send_json(self, 200, {"data": [{"id": "fake-model"}]})
 
             def do_POST(self):
-                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                raw = self.raw = self.rfile.read(int(self.headers.get("content-length") or 0))
                 body = json.loads(raw or b"{}")
                 with fake.lock:
                     fake.requests.append({"path": self.path, "headers": dict(self.headers),
                                           "body": body})
                     failing = bool(fake.fail) and fake.fail_count > 0
                     fake.fail_count -= failing
-                refused = fake.refuse(body)
+                refused = fake.refuse(body) or fake.too_large(raw, body)
                 if refused:
                     return fake.send_json(self, 400, {"error": {
                         "message": refused, "type": "invalid_request_error"}})
@@ -90,6 +93,15 @@ class FakeOpenAI:
         self.server.server_close()
 
     # -- answers ------------------------------------------------------------------
+
+    def too_large(self, raw, body):
+        used, asked = len(raw) // 4, body.get("max_tokens") or body.get(
+            "max_completion_tokens") or 0
+        if self.window and used + asked > self.window:
+            return ("'max_tokens' or 'max_completion_tokens' is too large: %d. This model's "
+                    "maximum context length is %d tokens and your request has %d input "
+                    "tokens." % (asked, self.window, used))
+        return ""
 
     def refuse(self, body):
         """What the real service would answer 400 to, or ""."""
@@ -113,6 +125,7 @@ class FakeOpenAI:
             return self.send_json(h, 401, {"error": {
                 "message": "Incorrect API key provided: sk-te***", "code": "invalid_api_key"}})
         text, calls, reasoning = self.decide(body)
+        self.counted = len(h.raw) // 4 if self.window else 0
         if not body.get("stream"):
             return self.send_json(h, 200, self.whole(text, calls, reasoning))
         chunks = self.chunks(text, calls, reasoning)
@@ -149,7 +162,9 @@ class FakeOpenAI:
         return "Hello from the fake OpenAI server!", [], ""
 
     def usage(self):
-        usage = {"prompt_tokens": 1200, "completion_tokens": 12, "total_tokens": 1212}
+        prompt = getattr(self, "counted", 0) or 1200      # a windowed server says its count
+        usage = {"prompt_tokens": prompt, "completion_tokens": 12,
+                 "total_tokens": prompt + 12}
         if self.quirk == "deepseek":
             usage["prompt_cache_hit_tokens"] = 200
         return usage
@@ -282,9 +297,10 @@ def main(argv=None):
     parser.add_argument("--fail-count", type=int, default=1)
     parser.add_argument("--retry-after", type=int, default=2)
     parser.add_argument("--image-path", default="")
+    parser.add_argument("--window", type=int, default=0)
     args = parser.parse_args(argv)
     fake = FakeOpenAI(args.scenario, args.quirk, args.fail, args.fail_count,
-                      args.retry_after, args.image_path).start()
+                      args.retry_after, args.image_path, args.window).start()
     print(fake.url, flush=True)
     threading.Event().wait()
 

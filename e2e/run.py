@@ -345,6 +345,23 @@ def cli_stream_shape_scenarios(claude, skip):
         check(len(keys) == 4 and all(keys) and keys[0] == keys[1] and keys[2] == keys[3]
               and keys[0] != keys[2], "prompt_cache_key per call: %s" % keys)
 
+    @scenario("claude-cli through a 32K-window server (vLLM's rule): one retry, then sized "
+              "to fit", skip)
+    def _():
+        fake = FakeOpenAI("tool", quirk="zero-index", window=32768).start()
+        with Ccproxy(openai_env(fake, "openai-compatible")) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
+        check(rc == 0 and result and "hello-from-tool" in result["result"],
+              "exit %d: %s" % (rc, out[-300:]))
+        # Claude Code asks for more than the window leaves (128000 for a name it does not
+        # know); the server's 400 names the window, and each turn is retried at most once.
+        fits = [len(json.dumps(r["body"])) // 4 + r["body"]["max_tokens"] <= 32768
+                for r in fake.requests]
+        check(len(fits) <= 4 and fits[-1] and not fits[0] and
+              all(a or b for a, b in zip(fits, fits[1:])),
+              "fits per upstream call: %s, max_tokens %s" % (
+                  fits, [r["body"]["max_tokens"] for r in fake.requests]))
+
     @scenario("claude-cli with tool search on: the placeholder tool is never offered", skip)
     def _():
         fake = FakeOpenAI("tool").start()
