@@ -449,6 +449,10 @@ class RouteConfig:
     provider: str
     model: str = ""
     context_window: int = 0        # the route's model's window in tokens (0: see provider)
+    name: str = ""                 # for the log and metrics (else "routes[N]")
+    when: str = ""                 # a scenario (SCENARIOS) the call must be in, or ""
+    min_tokens: int = 0            # long_context: estimated input above this
+    min_effort: str = ""           # thinking: the effort at least this (default high)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -488,6 +492,9 @@ class Config:
     def provider(self, name):
         """The provider called `name` (config validation guarantees it exists)."""
         return next(p for p in self.providers if p.name == name)
+
+    def provider_names(self):
+        return [p.name for p in self.providers]
 
 
 #: Scalar settings: (key, environment variables, kind, CLI option name).
@@ -537,7 +544,10 @@ CLOUD_FIELDS = {
                ("region", ("CLOUD_ML_REGION",))),
     "bedrock": (("region", ("AWS_REGION", "AWS_DEFAULT_REGION")),),
 }
-ROUTE_KEYS = ("match", "provider", "model", "context_window")
+ROUTE_KEYS = ("match", "provider", "model", "context_window", "name", "when",
+              "min_tokens", "min_effort")
+#: What a route's "when" may name (docs/operating.md §9, issue #21).
+SCENARIOS = ("background", "thinking", "long_context", "web_search", "images", "subagent")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -820,16 +830,41 @@ def _routes(raw_routes, names):
     for index, raw in enumerate(raw_routes):
         where = "routes[%d]" % index
         _known_object(where, raw, ROUTE_KEYS)
-        match, provider = raw.get("match"), raw.get("provider")
-        if not isinstance(match, str) or not match:
-            raise ConfigError("%s.match must be a model pattern or \"default\"" % where)
+        when = raw.get("when", "")
+        match = raw.get("match", "" if when else None)
+        if not isinstance(match, str) or not (match or when):
+            raise ConfigError("%s.match must be a model pattern or \"default\" (or give "
+                              "\"when\")" % where)
+        if when not in ("",) + SCENARIOS:
+            raise ConfigError("%s.when must be one of %s, got %s" % (
+                where, ", ".join(SCENARIOS), _shown(when)))
+        provider = raw.get("provider")
         if provider not in names:
             raise ConfigError("%s.provider must name a provider (%s), got %s"
                               % (where, ", ".join(names), _shown(provider)))
-        model = _convert(where + ".model", "str", raw.get("model", ""))
-        routes.append(RouteConfig(match=match.lower(), provider=provider, model=model,
-                                  context_window=_window(where, raw)))
+        routes.append(RouteConfig(
+            match=match.lower(), provider=provider, when=when,
+            model=_convert(where + ".model", "str", raw.get("model", "")),
+            context_window=_window(where, raw), name=_convert(
+                where + ".name", "str", raw.get("name", "")),
+            min_tokens=_route_tokens(where, raw), min_effort=_route_effort(where, raw)))
     return tuple(routes)
+
+
+def _route_tokens(where, raw):
+    value = raw.get("min_tokens", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError("%s.min_tokens must be a number of tokens, got %s"
+                          % (where, _shown(value)))
+    return value
+
+
+def _route_effort(where, raw):
+    value = raw.get("min_effort", "")
+    if value not in ("",) + EFFORT_LEVELS:
+        raise ConfigError("%s.min_effort must be one of %s, got %s"
+                          % (where, ", ".join(EFFORT_LEVELS), _shown(value)))
+    return value
 
 
 def _primary_from_env(raw_providers, environ):
@@ -1318,15 +1353,16 @@ def upstream_model(provider, route_model, client_model):
     return provider.model or client_model
 
 
-def plan_route(config, model):
+def plan_route(config, model, route=None):
     """[(provider, upstream model), …] to try in order for a client `model`.
 
-    The first matching route (fnmatch on the lower-cased name; "default" matches all)
-    picks the first provider; the fallback list adds the others in its order.
+    The route (choose_route's, else the first that matches the name alone: fnmatch on
+    the lower-cased name, "default" matches all) picks the first provider; the
+    fallback list adds the others in its order.
     """
     name = (model or "").lower()
-    route = next((r for r in config.routes
-                  if r.match == "default" or fnmatch.fnmatchcase(name, r.match)), None)
+    route = route or next((r for r in config.routes if not r.when and names_model(r, name)),
+                          None)
     first = config.provider(route.provider) if route else config.providers[0]
     plan = [(first, upstream_model(first, route.model if route else "", model))]
     for pname in config.fallback:
@@ -1334,6 +1370,11 @@ def plan_route(config, model):
         if all(provider is not p for p, _ in plan):
             plan.append((provider, upstream_model(provider, "", model)))
     return plan
+
+
+def names_model(route, name):
+    """Whether a route's match takes the lower-cased model name ("" or default: all)."""
+    return route.match in ("", "default") or fnmatch.fnmatchcase(name, route.match)
 
 
 def callable_plan(config, plan, available):
@@ -1671,6 +1712,19 @@ class Snapshot:
     metrics: dict = _merged("metrics")        # a Metrics.snapshot(); exported in reports
 
 
+def route_items(config, routed):
+    """The /status routes: each as configured, with the calls it took and why."""
+    items = []
+    for index, r in enumerate(config.routes):
+        name = r.name or "routes[%d]" % index
+        items.append({"name": name, "match": r.match or None, "when": r.when or None,
+                      "provider": r.provider, "model": r.model or None,
+                      "calls": {why: n for (rule, why), n in routed.items() if rule == name}})
+    picks = {why: n for (rule, why), n in routed.items() if rule == "pick"}
+    return items + ([{"name": "pick", "match": "PROVIDER,MODEL", "calls": picks}] if picks
+                    else [])
+
+
 def provider_items(config, stats, now):
     """The /status provider entries: configuration plus what traffic showed."""
     items = []
@@ -1757,6 +1811,7 @@ def status_document(snap):
         "requests_in_flight": snap.in_flight,
         "providers": providers_document(items),
         "provider": items[0] if items else None,
+        "routes": route_items(config, snap.metrics.get("routed", {})),
         "config": {"source": config.source or None, "fingerprint": config.fingerprint,
                    "loaded_at": iso_time(snap.loaded_at), "reloads": snap.reloads,
                    "reload_failures": snap.reload_failures,
@@ -1817,9 +1872,9 @@ def escape_log(text):
 
 def access_record(fields):
     """One access-log line in text form (docs/operating.md §6)."""
-    order = ("request_id", "client", "method", "path", "status", "route", "provider",
-             "model", "upstream_model", "upstream_status", "attempts", "latency_ms",
-             "ttfb_ms", "input_tokens", "output_tokens")
+    order = ("request_id", "client", "method", "path", "status", "route", "rule", "reason",
+             "provider", "model", "upstream_model", "upstream_status", "attempts",
+             "latency_ms", "ttfb_ms", "input_tokens", "output_tokens")
     head = "%s %s %s %s %s" % tuple(escape_log(fields.get(k, "-")) for k in order[:5])
     tail = " ".join("%s=%s" % (k, escape_log(fields[k])) for k in order[5:]
                     if fields.get(k) not in (None, ""))
@@ -1913,6 +1968,10 @@ def metrics_families(snap):
         ("ccproxy_tokens_total", "counter", "Tokens reported by upstreams (or estimated).",
          [("", (("provider", p), ("direction", d)), n)
           for (p, d), n in sorted(m["tokens"].items())]),
+        ("ccproxy_routed_requests_total", "counter", "Calls the routes sent, by route name "
+         "and why (a scenario, the model name, default or the user's pick).",
+         [("", (("rule", r), ("reason", w)), n)
+          for (r, w), n in sorted(m.get("routed", {}).items())]),
         ("ccproxy_inflight_requests", "gauge", "Requests being served now.",
          [("", (), snap.in_flight)]),
         ("ccproxy_provider_up", "gauge", "1 when the provider is usable (connected or "
@@ -1935,6 +1994,7 @@ def export_metrics(m):
     return {"requests": [[c, r, n] for (c, r), n in m["requests"].items()],
             "upstream": [[p, o, n] for (p, o), n in m["upstream"].items()],
             "tokens": [[p, d, n] for (p, d), n in m["tokens"].items()],
+            "routed": [[r, w, n] for (r, w), n in m.get("routed", {}).items()],
             "duration": [[k] + list(v) for k, v in m["duration"].items()],
             "ttfb": [[k] + list(v) for k, v in m["ttfb"].items()]}
 
@@ -1942,9 +2002,10 @@ def export_metrics(m):
 def merge_metrics(exports):
     """The sum of several workers' exported metrics, as one Metrics snapshot: counters
     and histogram buckets add up (prometheus_client's multiprocess mode does the same)."""
-    out = {"requests": {}, "upstream": {}, "tokens": {}, "duration": {}, "ttfb": {}}
+    out = {"requests": {}, "upstream": {}, "tokens": {}, "routed": {}, "duration": {},
+           "ttfb": {}}
     for e in exports:
-        for name in ("requests", "upstream", "tokens"):
+        for name in ("requests", "upstream", "tokens", "routed"):
             for a, b, n in e.get(name, []):
                 out[name][(a, b)] = out[name].get((a, b), 0) + n
         for name in ("duration", "ttfb"):
@@ -3966,6 +4027,97 @@ def listed_windows(body):
     return out
 
 
+# ---- Routing by scenario (docs/operating.md §9) -------------------------------------
+
+def choose_route(config, model, body, headers):
+    """(the route for one call, or None, and why): the user's own pick, a model name
+    PROVIDER,MODEL (as typed into /model); else the first route whose match takes the
+    name and whose scenario the call is in.  Why: pick, a scenario, default or model."""
+    provider, sep, picked = (model or "").partition(",")
+    if sep and picked and provider in config.provider_names():
+        return RouteConfig(match=model.lower(), provider=provider, model=picked,
+                           name="pick"), "pick"
+    name = (model or "").lower()
+    for route in config.routes:
+        if names_model(route, name) and (not route.when or in_scenario(
+                route, body, headers, name, config)):
+            return route, route.when or ("default" if route.match in ("", "default")
+                                         else "model")
+    return None, None
+
+
+#: The request classes Claude Code names in x-claude-code-request-class.
+BACKGROUND_CLASSES = ("auxiliary", "side_reply")
+
+
+def in_scenario(route, body, headers, name, config):
+    """Whether a call is in the scenario a route's `when` names (issue #21)."""
+    return SCENARIO_TESTS[route.when](route, body, headers, name, config)
+
+
+def is_background(route, body, headers, name, config):
+    """Claude Code's small and fast calls: a haiku-class model name, a request class it
+    marks as auxiliary, or a call with no tools that asks for structured output (its
+    session titles, 2.1.330 and later, which use the main model's name)."""
+    request_class = (headers.get("x-claude-code-request-class") or "").lower()
+    fmt = _obj(body.get("output_config")).get("format")
+    return "haiku" in name or request_class in BACKGROUND_CLASSES or (
+        not body.get("tools") and isinstance(fmt, dict))
+
+
+def is_thinking(route, body, headers, name, config):
+    """Thinking on, at the route's min_effort or above (high by default: Claude Code
+    sends adaptive thinking at medium with nearly every call)."""
+    effort = reasoning_effort(body)
+    floor = EFFORT_LEVELS.index(route.min_effort or "high")
+    return effort in EFFORT_LEVELS and EFFORT_LEVELS.index(effort) >= floor
+
+
+def is_long_context(route, body, headers, name, config):
+    """The estimated input above the route's min_tokens, else above what the default
+    route's window leaves (the call would not fit there)."""
+    limit = route.min_tokens
+    if not limit:
+        provider, model = plan_route(config, "")[0]
+        window, _, _ = route_limits(config, provider, model or provider.model)
+        limit = window - WINDOW_MARGIN - MIN_OUTPUT_ROOM if window else 0
+    return bool(limit) and estimate_input_tokens(body) > limit
+
+
+def has_web_search(route, body, headers, name, config):
+    """Anthropic's web search server tool is offered (web_search_20250305, …)."""
+    tools = body.get("tools")
+    return isinstance(tools, list) and any(isinstance(t, dict) and str(
+        t.get("type", "")).startswith("web_search") for t in tools)
+
+
+def has_images(route, body, headers, name, config):
+    """An image or a document anywhere in the messages (tool results included)."""
+    messages = body.get("messages")
+    return any(_has_image(message.get("content")) for message in messages
+               if isinstance(message, dict)) if isinstance(messages, list) else False
+
+
+def _has_image(content):
+    for block in content if isinstance(content, list) else ():
+        if isinstance(block, dict) and (block.get("type") in ("image", "document") or (
+                block.get("type") == "tool_result" and _has_image(block.get("content")))):
+            return True
+    return False
+
+
+def is_subagent(route, body, headers, name, config):
+    """A call Claude Code makes for a subagent: it sends the agent's id, and a request
+    class, with such calls."""
+    request_class = (headers.get("x-claude-code-request-class") or "").lower()
+    return bool(headers.get("x-claude-code-agent-id")) or request_class == "subagent"
+
+
+SCENARIO_TESTS = {"background": is_background, "thinking": is_thinking,
+                  "long_context": is_long_context, "web_search": has_web_search,
+                  "images": has_images, "subagent": is_subagent}
+
+
 # ---- Anthropic-compatible endpoints: request rewrites (docs/providers.md) -------------
 
 #: Thinking budgets for an effort, where a vendor takes thinking only as enabled + budget.
@@ -4484,8 +4636,13 @@ class Metrics:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.requests, self.upstream, self.tokens = {}, {}, {}
+        self.requests, self.upstream, self.tokens, self.routed = {}, {}, {}, {}
         self.duration, self.ttfb = {}, {}
+
+    def observe_route(self, rule, reason):
+        """A call the routes sent somewhere (labels from the configured route names)."""
+        with self._lock:
+            self.routed[(rule, reason)] = self.routed.get((rule, reason), 0) + 1
 
     def observe_request(self, route, code, seconds, ttfb=None, provider=None):
         with self._lock:
@@ -4510,7 +4667,7 @@ class Metrics:
     def snapshot(self):
         with self._lock:
             return {"requests": dict(self.requests), "upstream": dict(self.upstream),
-                    "tokens": dict(self.tokens),
+                    "tokens": dict(self.tokens), "routed": dict(self.routed),
                     "duration": {k: h.state() for k, h in self.duration.items()},
                     "ttfb": {k: h.state() for k, h in self.ttfb.items()}}
 
@@ -5650,14 +5807,15 @@ class AccessRecord:
     (method, path, status, route, model), by its Exchange (provider, upstream model and
     status, attempts, first byte, tokens).  Handler._log_access writes it once."""
 
-    FIELDS = ("request_id", "client", "method", "path", "status", "route", "provider",
-              "model", "upstream_model", "upstream_status", "attempts", "latency_ms",
-              "ttfb_ms", "input_tokens", "output_tokens", "error")
+    FIELDS = ("request_id", "client", "method", "path", "status", "route", "rule", "reason",
+              "provider", "model", "upstream_model", "upstream_status", "attempts",
+              "latency_ms", "ttfb_ms", "input_tokens", "output_tokens", "error")
     __slots__ = FIELDS + ("stream_ttfb",)       # seconds to a stream's first byte
 
     def __init__(self, request_id, client):
         self.request_id, self.client = request_id, client
         self.method = self.path = self.status = self.route = self.provider = None
+        self.rule = self.reason = None
         self.model = self.upstream_model = self.upstream_status = self.attempts = None
         self.latency_ms = self.ttfb_ms = self.input_tokens = self.output_tokens = None
         self.error = self.stream_ttfb = None
@@ -7052,7 +7210,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not isinstance(body.get("messages"), list):
             raise HTTPError(400, "invalid_request_error", "messages: a list is required")
         self.access.model = model
-        plan = plan_route(self.server.service.config, model)
+        plan = self._plan(model, body)
         if endpoint == "count_tokens" and not dialect_of(plan[0][0]).counts_tokens:
             return self._count_tokens(plan[0][0], body)
         # Handed over in a holder that forward() empties as it goes, so a long stream
@@ -7060,6 +7218,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         request = {"raw": raw, "body": body}
         del raw, body
         Exchange(self).forward(plan, endpoint, query, "POST", request)
+
+    def _plan(self, model, body):
+        """The call's plan: its route (by scenario, name or the user's pick), logged and
+        counted with why (docs/operating.md §6)."""
+        service = self.server.service
+        config = service.config
+        route, reason = choose_route(config, model, body, self.headers) if (
+            config.routes or "," in model) else (None, None)
+        if reason:
+            name = route.name or "routes[%d]" % config.routes.index(route)
+            self.access.update(rule=name, reason=reason)
+            service.metrics.observe_route(name, reason)
+        return plan_route(config, model, route)
 
     def _count_tokens(self, provider, body):
         """count_tokens on a translated route: the estimator, calibrated per route."""

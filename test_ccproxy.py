@@ -3816,6 +3816,146 @@ class TestContextWindows(unittest.TestCase):
         self.assertFalse([l for l in passthrough if "COMPACT" in l])
 
 
+def routes_config(providers, routes):
+    return ccproxy.build_config({"providers": providers, "routes": routes}, {}, {})
+
+
+class TestScenarioRouting(unittest.TestCase):
+    """Issue #21: a route matches on what the call is, not only on its model name."""
+
+    PROVIDERS = [{"name": n, "type": "openai-compatible", "base_url": "http://127.0.0.1:9",
+                  "model": n + "-model"} for n in ("main", "fast", "deep", "long", "vision")]
+
+    def test_config(self):
+        cfg = routes_config(self.PROVIDERS, [
+            {"when": "long_context", "min_tokens": 60000, "provider": "long", "name": "big"},
+            {"match": "*opus*", "when": "thinking", "min_effort": "xhigh", "provider": "deep"},
+            {"match": "default", "provider": "main"}])
+        self.assertEqual([(r.match, r.when, r.name) for r in cfg.routes],
+                         [("", "long_context", "big"), ("*opus*", "thinking", ""),
+                          ("default", "", "")])
+        for route, words in (({"provider": "main"}, "match must be"),
+                             ({"when": "sometimes", "provider": "main"}, "when must be one of"),
+                             ({"when": "thinking", "min_effort": "huge", "provider": "main"},
+                              "min_effort must be"),
+                             ({"when": "long_context", "min_tokens": "lots", "provider": "main"},
+                              "min_tokens must be")):
+            with self.subTest(route=route), self.assertRaises(ccproxy.ConfigError) as caught:
+                routes_config(self.PROVIDERS, [route])
+            self.assertIn(words, str(caught.exception))
+
+    def test_each_scenario(self):
+        cfg = routes_config(self.PROVIDERS, [{"match": "default", "provider": "main",
+                                              "context_window": 32768}])
+        route = lambda when, **kw: ccproxy.RouteConfig(match="", provider="x", when=when, **kw)  # noqa
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": "AAAA"}}
+        tool_image = user([{"type": "tool_result", "tool_use_id": "t", "content": [image]}])
+        rows = [
+            ("background", {}, [], "claude-haiku-4-5", True),
+            ("background", {}, [("x-claude-code-request-class", "auxiliary")], "claude-opus", True),
+            ("background", {"output_config": {"format": {"type": "json_schema"}}}, [],
+             "claude-opus-5-5", True),
+            ("background", {"tools": [{"name": "Bash"}], "output_config": {"format": {}}}, [],
+             "claude-opus-5-5", False),
+            ("thinking", {"thinking": {"type": "adaptive"}, "output_config": {"effort": "medium"}},
+             [], "m", False),
+            ("thinking", {"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}},
+             [], "m", True),
+            ("thinking", {"thinking": {"type": "enabled", "budget_tokens": 10000}}, [], "m", True),
+            ("thinking", {}, [], "m", False),
+            ("long_context", {"messages": [user("x" * 200000)]}, [], "m", True),
+            ("long_context", {"messages": [user("x" * 1000)]}, [], "m", False),
+            ("web_search", {"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+             [], "m", True),
+            ("web_search", {"tools": [{"name": "WebSearch"}]}, [], "m", False),
+            ("images", {"messages": [user([image])]}, [], "m", True),
+            ("images", {"messages": [tool_image]}, [], "m", True),
+            ("images", {"messages": [user("no")]}, [], "m", False),
+            ("subagent", {}, [("x-claude-code-agent-id", "a1")], "m", True),
+            ("subagent", {}, [("x-claude-code-request-class", "subagent")], "m", True),
+            ("subagent", {}, [], "m", False),
+        ]
+        for when, body, headers, model, expected in rows:
+            with self.subTest(when=when, body=str(body)[:60], headers=headers):
+                self.assertEqual(ccproxy.in_scenario(route(when), dict({"messages": []}, **body),
+                                                     headers_of(headers), model.lower(), cfg),
+                                 expected)
+        low = route("thinking", min_effort="low")
+        self.assertTrue(ccproxy.in_scenario(low, {"thinking": {"type": "adaptive"},
+                                                  "output_config": {"effort": "low"}},
+                                            headers_of([]), "m", cfg))
+        sample = claude_code_body("03-title-generation.request.json")
+        if sample is not None:
+            self.assertTrue(ccproxy.is_background(None, sample, headers_of([]),
+                                                  sample["model"], cfg))
+            main = claude_code_body()
+            self.assertFalse(ccproxy.is_background(None, main, headers_of([]), main["model"],
+                                                   cfg))
+
+    def test_first_match_wins_and_the_users_pick(self):
+        cfg = routes_config(self.PROVIDERS, [
+            {"when": "background", "provider": "fast", "name": "bg"},
+            {"when": "thinking", "provider": "deep"},
+            {"match": "*sonnet*", "provider": "long"},
+            {"match": "default", "provider": "main"}])
+        def choose(model, body=None, headers=()):
+            route, why = ccproxy.choose_route(cfg, model, dict({"messages": []}, **(body or {})),
+                                              headers_of(headers))
+            plan = ccproxy.plan_route(cfg, model, route)
+            return plan[0][0].name, plan[0][1], why
+        self.assertEqual(choose("claude-haiku-4-5"), ("fast", "fast-model", "background"))
+        self.assertEqual(choose("claude-opus-5-5", {"thinking": {"type": "enabled",
+                                                                 "budget_tokens": 20000}}),
+                         ("deep", "deep-model", "thinking"))
+        self.assertEqual(choose("claude-sonnet-5"), ("long", "long-model", "model"))
+        self.assertEqual(choose("claude-opus-5-5"), ("main", "main-model", "default"))
+        self.assertEqual(choose("vision,llava:13b"), ("vision", "llava:13b", "pick"))
+        self.assertEqual(choose("nobody,x")[:2], ("main", "main-model"))
+        # Name-only planning (env, count_tokens' provider) never takes a scenario route.
+        self.assertEqual(ccproxy.plan_route(cfg, "claude-haiku-4-5")[0][0].name, "main")
+
+    def test_end_to_end_each_call_lands_where_the_config_says(self):
+        fakes = [FakeUpstream(lambda h, body, n=n: h.reply(200, reply({"content": n})))
+                 for n in ("main", "fast", "deep", "long")]
+        with contextlib.ExitStack() as stack:
+            for fake in fakes:
+                stack.enter_context(fake)
+            providers = [{"name": n, "type": "openai-compatible", "base_url": f.url,
+                          "model": n + "-model"} for n, f in zip(
+                              ("main", "fast", "deep", "long"), fakes)]
+            cfg = dataclasses.replace(routes_config(providers, [
+                {"when": "background", "provider": "fast", "name": "background"},
+                {"when": "thinking", "provider": "deep", "name": "thinking"},
+                {"when": "long_context", "min_tokens": 20000, "provider": "long", "name": "long"},
+                {"match": "default", "provider": "main", "name": "default"}]), port=0)
+            calls = [("claude-haiku-4-5", {}, "fast"),
+                     ("claude-opus-5-5", {"thinking": {"type": "adaptive"},
+                                          "output_config": {"effort": "max"}}, "deep"),
+                     ("claude-opus-5-5", {"messages": [user("word " * 30000)]}, "long"),
+                     ("claude-opus-5-5", {}, "main"),
+                     ("main,other-model", {}, "main")]
+            with Proxy(cfg) as px, self.assertLogs("ccproxy", "INFO") as logs:
+                for model, extra, answered in calls:
+                    with self.subTest(model=model, extra=str(extra)[:40]):
+                        resp, out = px.call("POST", "/v1/messages", dict(BODY, model=model,
+                                                                         **extra))
+                        self.assertEqual((resp.status, json.loads(out)["content"][0]["text"]),
+                                         (200, answered))
+                        self.assertEqual(json.loads(out)["model"], model)
+                status = json.loads(px.call("GET", "/status")[1])
+                metrics = px.call("GET", "/metrics")[1].decode()
+        self.assertEqual(json.loads(fakes[0].requests[-1]["body"])["model"], "other-model")
+        lines = [l for l in logs.output if "POST /v1/messages" in l]
+        self.assertIn("route=messages rule=thinking reason=thinking provider=deep", lines[1])
+        self.assertIn("rule=pick reason=pick provider=main", lines[4])
+        self.assertEqual({r["name"]: r["calls"] for r in status["routes"]}, {
+            "background": {"background": 1}, "thinking": {"thinking": 1},
+            "long": {"long_context": 1}, "default": {"default": 1}, "pick": {"pick": 1}})
+        self.assertIn('ccproxy_routed_requests_total{rule="long",reason="long_context"} 1',
+                      metrics)
+
+
 class TestTranslationErrorsAndTokens(unittest.TestCase):
     """Cases 36-44."""
 
