@@ -149,7 +149,7 @@ def openai_env(fake, ptype="openai"):
             "CCPROXY_UPSTREAM_API_KEY": "sk-upstream", "CCPROXY_MODEL": "fake-model"}
 
 
-def run_claude(claude, proxy, prompt, tools="", extra_env=None, workdir=None):
+def run_claude(claude, proxy, prompt, tools="", extra_env=None, workdir=None, args=()):
     """(exit code, parsed JSON result or None, stdout, seconds) of `claude -p`."""
     home = tempfile.mkdtemp(prefix="cc-home-")
     work = workdir or tempfile.mkdtemp(prefix="cc-work-")
@@ -158,7 +158,7 @@ def run_claude(claude, proxy, prompt, tools="", extra_env=None, workdir=None):
            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "ENABLE_TOOL_SEARCH": "false"}
     env.update(extra_env or {})
     env = {k: v for k, v in env.items() if v is not None}     # None: unset it
-    args = [claude, "-p", prompt, "--output-format", "json"]
+    args = [claude, "-p", prompt, "--output-format", "json"] + list(args)
     if tools:
         args += ["--allowedTools", tools]
     started = time.monotonic()
@@ -439,6 +439,37 @@ def cli_cloud_scenarios(claude, skip):
             paths = {r["path"] for r in fake.requests}
         check(paths == {"/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/"
                         "invoke-with-response-stream"}, "Bedrock paths: %s" % paths)
+
+
+def cli_routing_scenarios(claude, skip):
+    """Issue #21: four routes (background, thinking, long context, default) to four
+    fakes; each of Claude Code's calls lands where the config says."""
+    @scenario("claude-cli through four routes: background, thinking, long context, default",
+              skip)
+    def _():
+        names = ("fast", "deep", "long", "main")
+        fakes = {n: FakeOpenAI("text").start() for n in names}
+        tmp = tempfile.mkdtemp(prefix="cc-routes-")
+        path = os.path.join(tmp, "config.json")
+        with open(path, "w") as f:
+            json.dump({"providers": [{"name": n, "type": "openai-compatible", "base_url":
+                                      fakes[n].url, "model": n + "-model"} for n in names],
+                       "routes": [{"when": "background", "provider": "fast"},
+                                  {"when": "thinking", "provider": "deep"},
+                                  {"when": "long_context", "min_tokens": 30000,
+                                   "provider": "long"},
+                                  {"match": "default", "provider": "main"}]}, f)
+        runs = [(["--model", "claude-haiku-4-5"], "say hi", "fast"),
+                (["--effort", "high"], "say hi", "deep"),
+                ([], "say hi. " + "Some context to keep in mind. " * 3500, "long"),
+                ([], "say hi", "main")]
+        with Ccproxy({"CCPROXY_CONFIG": path}) as proxy:
+            for args, prompt, expected in runs:
+                before = {n: len(f.requests) for n, f in fakes.items()}
+                rc, result, out, _ = run_claude(claude, proxy, prompt, args=args)
+                check(rc == 0 and result, "%s: exit %d: %s" % (expected, rc, out[-300:]))
+                got = {n for n, f in fakes.items() if len(f.requests) > before[n]}
+                check(got == {expected}, "%s call went to %s" % (args or prompt[:20], got))
 
 
 def cli_quirk_scenarios(claude, skip):
@@ -865,6 +896,7 @@ def main(argv):
     cli_stream_shape_scenarios(claude, skip_cli)
     cli_vendor_scenarios(claude, skip_cli)
     cli_cloud_scenarios(claude, skip_cli)
+    cli_routing_scenarios(claude, skip_cli)
     cli_failure_scenarios(claude, skip_cli)
     cli_anthropic_scenarios(claude, skip_cli)
     interactive_scenarios(claude, skip_cli)
