@@ -5384,6 +5384,36 @@ def fetch(client, method, url, body=None, headers=()):
     return resp.status, time.monotonic() - started, resp.headers, data
 
 
+def server_windows(config, provider, client):
+    """{model: window} a local server states beside its model list (§1.9): Ollama's
+    num_ctx (/api/show), llama.cpp's n_ctx (/props)."""
+    learn = WINDOW_PROBES.get(provider.type)
+    return learn(config, provider, client, re.sub(r"/v1$", "", provider.base_url)) if (
+        learn) else {}
+
+
+def _ollama_windows(config, provider, client, root):
+    out = {}
+    for model in configured_models(config, provider):
+        status, _, _, body = fetch(client, "POST", root + "/api/show", json.dumps(
+            {"model": model}).encode(), [("content-type", "application/json")])
+        ctx = ollama_context(body) if status == 200 else None
+        if ctx:
+            out[model] = ctx
+    return out
+
+
+def _llama_windows(config, provider, client, root):
+    """llama.cpp's server serves one model, with the n_ctx it was started with."""
+    status, _, _, body = fetch(client, "GET", root + "/props", None, [])
+    doc = _loads(body) if status == 200 else None
+    ctx = _obj(_obj(doc).get("default_generation_settings")).get("n_ctx")
+    return {provider.model: ctx} if isinstance(ctx, int) and ctx > 0 and provider.model else {}
+
+
+WINDOW_PROBES = {"ollama": _ollama_windows, "openai-compatible": _llama_windows}
+
+
 class Upstreams:
     """The clients for the current config; rebuilt for providers that changed."""
 
@@ -7668,9 +7698,12 @@ class Daemon:
             request = probe_request(provider) if dialect_of(provider).translated else None
             if request is None or self.stopping.is_set():
                 continue
-            status, _, _, body = fetch(service.upstreams.client(provider), "GET", request[0],
-                                       None, request[1])
-            for model, window in (listed_windows(body).items() if status == 200 else ()):
+            client = service.upstreams.client(provider)
+            status, _, _, body = fetch(client, "GET", request[0], None, request[1])
+            windows = listed_windows(body) if status == 200 else {}
+            if provider.model not in windows:
+                windows.update(server_windows(service.config, provider, client))
+            for model, window in windows.items():
                 service.windows.learn(provider.name, model, window)
 
     def _probe_loop(self):
@@ -8683,7 +8716,10 @@ def check_provider(config, provider, client):
     out = [("ok", "reachable in %d ms, key accepted" % (seconds * 1000))]
     out.extend(_check_models(config, provider, listed_models(body)))
     if dialect_of(provider).translated:            # the windows ccproxy sizes calls to
-        out.append(_check_window(config, provider, listed_windows(body)))
+        windows = listed_windows(body)
+        if provider.model not in windows:
+            windows.update(server_windows(config, provider, client))
+        out.append(_check_window(config, provider, windows))
     extra = TYPE_CHECKS.get(provider.type)
     if extra:
         out.extend(extra(config, provider, client))

@@ -3802,6 +3802,30 @@ class TestContextWindows(unittest.TestCase):
                 self.assertTrue(error["message"].startswith("prompt is too long"), error)
                 self.assertEqual(len(counted), calls)
 
+    def test_windows_local_servers_state(self):
+        def behave(h, body):
+            if h.path == "/props":                       # llama.cpp
+                return h.reply(200, {"default_generation_settings": {"n_ctx": 16384}})
+            if h.path == "/api/show":                    # Ollama
+                return h.reply(200, {"parameters": "num_ctx 32768\ntemperature 1"})
+            h.reply(200, {"data": [{"id": "my-model"}]})
+        with FakeUpstream(behave) as up:
+            upstreams = ccproxy.Upstreams()
+            try:
+                for ptype, expected in (("openai-compatible", {"my-model": 16384}),
+                                        ("ollama", {"my-model": 32768}), ("openai", {})):
+                    p = ccproxy.ProviderConfig(name="p", type=ptype, base_url=up.url + "/v1",
+                                               model="my-model", api_key="k")
+                    cfg = config(providers=(p,))
+                    self.assertEqual(ccproxy.server_windows(cfg, p, upstreams.client(p)),
+                                     expected, ptype)
+            finally:
+                upstreams.close()
+            code, out = run_check(config(port=free_port(), providers=(
+                ccproxy.ProviderConfig(name="llama", type="openai-compatible",
+                                       base_url=up.url + "/v1", model="my-model"),)))
+            self.assertIn("context window of my-model: 16384 tokens as its server says", out)
+
     def test_env_exports_the_default_routes_window(self):
         cfg = config(providers=(ccproxy.ProviderConfig(name="p", type="openai-compatible",
                                                        model="m", context_window=131072,
@@ -4482,17 +4506,22 @@ class TestProviderHealth(unittest.TestCase):
         self.assertEqual(up.requests[0]["headers"]["x-api-key"], "k")
 
 
+def run_check(cfg):
+    """`ccproxy check` on `cfg`: (exit code, what it printed)."""
+    args = argparse.Namespace(config=None, host=None, port=None, pid_file=None,
+                              log_file=None, log_level=None, allow_remote=None)
+    # No daemon of this machine's may answer for the one under test.
+    cfg = dataclasses.replace(cfg, pid_file=os.path.join(HERE, ".no-such-dir", "c.pid"))
+    with unittest.mock.patch.object(ccproxy, "_load", lambda a, e: cfg), \
+            contextlib.redirect_stdout(io.StringIO()) as out:
+        code = ccproxy.cmd_check(args, {})
+    return code, out.getvalue()
+
+
 class TestCheckAndEnv(unittest.TestCase):
 
     def check(self, cfg):
-        args = argparse.Namespace(config=None, host=None, port=None, pid_file=None,
-                                  log_file=None, log_level=None, allow_remote=None)
-        # No daemon of this machine's may answer for the one under test.
-        cfg = dataclasses.replace(cfg, pid_file=os.path.join(HERE, ".no-such-dir", "c.pid"))
-        with unittest.mock.patch.object(ccproxy, "_load", lambda a, e: cfg), \
-                contextlib.redirect_stdout(io.StringIO()) as out:
-            code = ccproxy.cmd_check(args, {})
-        return code, out.getvalue()
+        return run_check(cfg)
 
     def models_upstream(self, status=200, models=("gpt-4o",), num_ctx=None):
         def behave(h, body):
