@@ -6082,50 +6082,6 @@ class Exchange:
             self._note_tokens(doc["usage"])
         self.handler._send(resp.status, headers, data)
 
-    def _relay_eventstream(self, client, resp, tr, want_stream, rename):
-        """Bedrock's answer: an event stream relayed as Anthropic SSE, frame by frame
-        as it arrives; anything else (a whole message) as _relay does."""
-        if "eventstream" not in (resp.headers.get("content-type") or ""):
-            return self._relay(client, resp, tr, want_stream, rename)
-        chunked = self.handler.request_version == "HTTP/1.1"
-        self.handler.close_connection = self.handler.close_connection or not chunked
-        framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
-        resp.headers = None
-        self._write(self.handler._head(200, SSE_HEADERS, (framing,)))
-        self.access.stream_ttfb = time.monotonic() - self.handler.t0
-        done, scanner = False, UsageScanner()
-        try:
-            done = self._pump_eventstream(resp, rename, _chunk if chunked else bytes, scanner)
-        finally:
-            client.release(resp) if done else client.discard(resp)
-            self.access.update(input_tokens=scanner.input_tokens,
-                               output_tokens=scanner.output_tokens)
-        if chunked:
-            self._write(b"0\r\n\r\n")
-
-    def _pump_eventstream(self, resp, rename, frame, scanner):
-        """Read, decode and write each frame the moment it is read; True when the
-        upstream ended cleanly.  A broken frame or an exception frame ends the stream
-        with an SSE error event (the head is out by then)."""
-        parser = EventStreamParser(self.service.config.max_event_bytes)
-        while True:
-            try:
-                data = resp.read1(RELAY_CHUNK)
-                out = b"".join(bedrock_event(h, p, rename) for h, p in parser.feed(data))
-            except (OSError, http.client.HTTPException, ValueError, UpstreamReplyError) as exc:
-                etype = exc.etype if isinstance(exc, UpstreamReplyError) else "api_error"
-                self.access.upstream_status = "stream_error"
-                self._write(frame(StreamTranslator.error(etype, "upstream stream failed: %s"
-                                                         % _os_error_text(exc))))
-                return False
-            if not data and parser.buffer:        # the upstream ended inside a frame
-                out += StreamTranslator.error("api_error", "upstream stream ended early")
-            if out:
-                scanner.feed(out)
-                self._write(frame(out))
-            if not data:
-                return not parser.buffer
-
     def _read_all(self, client, resp):
         limit = self.service.config.max_reply_bytes
         try:
@@ -6716,7 +6672,53 @@ class BedrockDialect(AnthropicDialect):
         return (url, data, with_provider_headers(headers + auth + [
             ("accept-encoding", "identity")], provider), None)
 
-    relay = staticmethod(Exchange._relay_eventstream)
+    @staticmethod
+    def relay(call, client, resp, tr, want_stream, rename):
+        """Bedrock's answer, relayed by the call's Exchange (`call`; called by
+        Exchange.forward, so no frame more): an event stream as Anthropic SSE, frame by
+        frame as it arrives; anything else (a whole message) as Exchange._relay does."""
+        if "eventstream" not in (resp.headers.get("content-type") or ""):
+            return call._relay(client, resp, tr, want_stream, rename)
+        chunked = call.handler.request_version == "HTTP/1.1"
+        call.handler.close_connection = call.handler.close_connection or not chunked
+        framing = ("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")
+        resp.headers = None
+        call._write(call.handler._head(200, SSE_HEADERS, (framing,)))
+        call.access.stream_ttfb = time.monotonic() - call.handler.t0
+        done, scanner = False, UsageScanner()
+        try:
+            done = BedrockDialect.pump(call, resp, rename, _chunk if chunked else bytes,
+                                       scanner)
+        finally:
+            client.release(resp) if done else client.discard(resp)
+            call.access.update(input_tokens=scanner.input_tokens,
+                               output_tokens=scanner.output_tokens)
+        if chunked:
+            call._write(b"0\r\n\r\n")
+
+    @staticmethod
+    def pump(call, resp, rename, frame, scanner):
+        """Read, decode and write each frame the moment it is read; True when the
+        upstream ended cleanly.  A broken frame or an exception frame ends the stream
+        with an SSE error event (the head is out by then)."""
+        parser = EventStreamParser(call.service.config.max_event_bytes)
+        while True:
+            try:
+                data = resp.read1(RELAY_CHUNK)
+                out = b"".join(bedrock_event(h, p, rename) for h, p in parser.feed(data))
+            except (OSError, http.client.HTTPException, ValueError, UpstreamReplyError) as exc:
+                etype = exc.etype if isinstance(exc, UpstreamReplyError) else "api_error"
+                call.access.upstream_status = "stream_error"
+                call._write(frame(StreamTranslator.error(etype, "upstream stream failed: %s"
+                                                         % _os_error_text(exc))))
+                return False
+            if not data and parser.buffer:        # the upstream ended inside a frame
+                out += StreamTranslator.error("api_error", "upstream stream ended early")
+            if out:
+                scanner.feed(out)
+                call._write(frame(out))
+            if not data:
+                return not parser.buffer
 
     def renew(self, provider):
         self.credentials.forget(provider)
