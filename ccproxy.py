@@ -7697,7 +7697,8 @@ class Daemon:
         max_model_len, OpenRouter's context_length, LM Studio's; §1.9)."""
         service = self.service
         for provider in service.config.providers:
-            request = probe_request(provider) if dialect_of(provider).translated else None
+            request = probe_request(provider) if dialect_of(provider).translated and not (
+                unconfigured(service.config, provider)) else None
             if request is None or self.stopping.is_set():
                 continue
             client = service.upstreams.client(provider)

@@ -211,9 +211,15 @@ def claude_through(claude, fake, prompt, tools="", ptype="openai", **kw):
 
 def assert_streamed(fake, calls):
     """Every call streamed (no stream:false fallback), and exactly `calls` of them."""
-    streams = [r["body"].get("stream") for r in fake.requests]
+    streams = [r["body"].get("stream") for r in chat_calls(fake)]
     check(len(streams) == calls, "upstream got %d calls, expected %d" % (len(streams), calls))
     check(all(streams), "a stream:false fallback call reached the upstream: %s" % streams)
+
+
+def chat_calls(fake):
+    """The model calls a fake OpenAI server got (not ccproxy's questions about the
+    model's window, such as Ollama's /api/show at start)."""
+    return [r for r in fake.requests if r["path"].endswith("/chat/completions")]
 
 
 def tool_messages(request):
@@ -480,7 +486,7 @@ def cli_quirk_scenarios(claude, skip):
             result, _ = claude_through(claude, fake, "run echo", "Bash", ptype=ptype)
             check("hello-from-tool" in result["result"], "answer: %s" % result["result"])
             if ptype == "ollama":     # asked without streaming when tools are present
-                check(len(fake.requests) == 2, "%d upstream calls" % len(fake.requests))
+                check(len(chat_calls(fake)) == 2, "%d upstream calls" % len(chat_calls(fake)))
             else:
                 assert_streamed(fake, 2)
             if ptype == "gemini":
@@ -502,7 +508,7 @@ def cli_failure_scenarios(claude, skip):
         fake = FakeOpenAI("text", fail="429", retry_after=2).start()
         result, seconds = claude_through(claude, fake, "say hi")
         check(seconds >= 2.0, "answered after %.1f s, before retry-after" % seconds)
-        check(len(fake.requests) == 2, "%d upstream calls" % len(fake.requests))
+        check(len(chat_calls(fake)) == 2, "%d upstream calls" % len(chat_calls(fake)))
 
     @scenario("claude-cli fails at once on a 401, with the provider's message", skip)
     def _():
