@@ -3108,12 +3108,17 @@ def _block_events(index, block):
     empty = {"text": {"type": "text", "text": ""},
              "thinking": {"type": "thinking", "thinking": "", "signature": ""},
              "tool_use": {"type": "tool_use", "id": block.get("id"),
-                          "name": block.get("name"), "input": {}}}[kind]
+                          "name": block.get("name"), "input": {}},
+             "server_tool_use": dict(block, input={}),
+             "web_search_tool_result": block}[kind]
     deltas = {"text": [{"type": "text_delta", "text": block.get("text")}],
               "thinking": [{"type": "thinking_delta", "thinking": block.get("thinking")},
                            {"type": "signature_delta", "signature": block.get("signature")}],
               "tool_use": [{"type": "input_json_delta",
-                            "partial_json": _compact(block.get("input"))}]}[kind]
+                            "partial_json": _compact(block.get("input"))}],
+              "server_tool_use": [{"type": "input_json_delta",
+                                   "partial_json": _compact(block.get("input"))}],
+              "web_search_tool_result": []}[kind]
     out = [sse_event("content_block_start", {"type": "content_block_start", "index": index,
                                              "content_block": empty})]
     out.extend(sse_event("content_block_delta", {"type": "content_block_delta",
@@ -4116,6 +4121,42 @@ def is_subagent(route, body, headers, name, config):
 SCENARIO_TESTS = {"background": is_background, "thinking": is_thinking,
                   "long_context": is_long_context, "web_search": has_web_search,
                   "images": has_images, "subagent": is_subagent}
+
+SEARCH_PROMPT = "Perform a web search for the query: "      # Claude Code's WebSearch tool
+
+
+def search_only(body):
+    """Whether a call is Claude Code's WebSearch request: Anthropic's web search server
+    tool and no other tool.  A translated route has no search, and dropped the tool."""
+    tools = body.get("tools")
+    return isinstance(tools, list) and bool(tools) and all(
+        isinstance(t, dict) and str(t.get("type", "")).startswith("web_search") for t in tools)
+
+
+def search_unavailable(body, route, estimate):
+    """The answer to a WebSearch request on a route that cannot search: Anthropic's own
+    shape for a search that failed (a server_tool_use and its web_search_tool_result
+    with error_code unavailable), which Claude Code reports as such, instead of a
+    model's guess passed off as search results (issue #21)."""
+    query = ""
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        content = messages[-1].get("content")
+        query = content if isinstance(content, str) else _text_of_blocks(content or [])
+    query = query.split(SEARCH_PROMPT, 1)[-1].strip()[:500]
+    tool_id = "srvtoolu_" + random_hex(24)
+    return {"id": new_message_id(), "type": "message", "role": "assistant",
+            "model": body.get("model", ""), "stop_reason": "end_turn", "stop_sequence": None,
+            "content": [
+                {"type": "server_tool_use", "id": tool_id, "name": "web_search",
+                 "input": {"query": query}},
+                {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": {
+                    "type": "web_search_tool_result_error", "error_code": "unavailable"}},
+                {"type": "text", "text": "Web search is not available on this route (%s): "
+                 "its provider cannot search." % route}],
+            "usage": {"input_tokens": max(estimate, 1), "output_tokens": 1,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                      "server_tool_use": {"web_search_requests": 0}}}
 
 
 # ---- Anthropic-compatible endpoints: request rewrites (docs/providers.md) -------------
@@ -7245,6 +7286,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         plan = self._plan(model, body)
         if endpoint == "count_tokens" and not dialect_of(plan[0][0]).counts_tokens:
             return self._count_tokens(plan[0][0], body)
+        if dialect_of(plan[0][0]).translated and search_only(body):
+            return self._search_unavailable(plan[0][0], body)
         # Handed over in a holder that forward() empties as it goes, so a long stream
         # does not keep a 50 KB body (100 KB parsed) alive (see _take_body).
         request = {"raw": raw, "body": body}
@@ -7263,6 +7306,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.access.update(rule=name, reason=reason)
             service.metrics.observe_route(name, reason)
         return plan_route(config, model, route)
+
+    def _search_unavailable(self, provider, body):
+        """Claude Code's WebSearch call on a route that cannot search: answered here."""
+        message = search_unavailable(body, provider.name, estimate_input_tokens(body))
+        self.access.provider = provider.name
+        if body.get("stream") is True:
+            return self._send(200, SSE_HEADERS, synthesize_stream(message))
+        self._send_json(200, message)
 
     def _count_tokens(self, provider, body):
         """count_tokens on a translated route: the estimator, calibrated per route."""

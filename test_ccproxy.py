@@ -3939,6 +3939,34 @@ class TestScenarioRouting(unittest.TestCase):
         # Name-only planning (env, count_tokens' provider) never takes a scenario route.
         self.assertEqual(ccproxy.plan_route(cfg, "claude-haiku-4-5")[0][0].name, "main")
 
+    def test_web_search_on_a_route_that_cannot_search(self):
+        """Claude Code's WebSearch call (the server tool alone) is answered here with
+        Anthropic's shape for a failed search, not sent upstream without its tool."""
+        search = dict(BODY, messages=[user("Perform a web search for the query: ccproxy")],
+                      tools=[{"type": "web_search_20250305", "name": "web_search",
+                              "max_uses": 8}])
+        self.assertTrue(ccproxy.search_only(search))
+        self.assertFalse(ccproxy.search_only(dict(search, tools=search["tools"] + [
+            {"name": "Bash", "input_schema": {"type": "object"}}])))
+        with FakeUpstream() as up, Proxy(openai_provider(up.url)) as px:
+            resp, out = px.call("POST", "/v1/messages", search)
+            message = json.loads(out)
+            self.assertEqual([b["type"] for b in message["content"]],
+                             ["server_tool_use", "web_search_tool_result", "text"])
+            self.assertEqual(message["content"][0]["input"], {"query": "ccproxy"})
+            self.assertEqual(message["content"][1]["content"]["error_code"], "unavailable")
+            self.assertEqual(message["content"][1]["tool_use_id"], message["content"][0]["id"])
+            resp, out = px.call("POST", "/v1/messages", dict(search, stream=True))
+            events = parse_events(out)
+            starts = [e["content_block"]["type"] for e in events
+                      if e["type"] == "content_block_start"]
+            self.assertEqual(starts, ["server_tool_use", "web_search_tool_result", "text"])
+            self.assertEqual([e["type"] for e in events][-2:], ["message_delta", "message_stop"])
+            self.assertEqual(up.requests, [])
+        with FakeUpstream() as up, Proxy(one_provider(up.url)) as px:     # Anthropic searches
+            px.call("POST", "/v1/messages", search)
+            self.assertEqual(len(up.requests), 1)
+
     def test_end_to_end_each_call_lands_where_the_config_says(self):
         fakes = [FakeUpstream(lambda h, body, n=n: h.reply(200, reply({"content": n})))
                  for n in ("main", "fast", "deep", "long")]

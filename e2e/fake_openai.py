@@ -7,7 +7,8 @@ It answers from the conversation it is sent, the way a model would:
   * scenario tool:      a Bash call (echo hello-from-tool), when the Bash tool is offered;
   * scenario parallel:  two Bash calls whose argument fragments interleave (0,1,0,1);
   * scenario reasoning: reasoning first, then a Bash call, then text after the result;
-  * scenario image:     a Read call for --image-path, then text once the image came back.
+  * scenario image:     a Read call for --image-path, then text once the image came back;
+  * scenario websearch: a call of Claude Code's WebSearch tool.
 
 Provider quirks (translation.md §6) switch on with --quirk:
   groq        usage only in x_groq.usage of the last chunk
@@ -157,6 +158,8 @@ class FakeOpenAI:
         if self.scenario == "parallel" and "Bash" in tools:
             return "", [("Bash", {"command": "echo one", "description": "first"}),
                         ("Bash", {"command": "echo two", "description": "second"})], ""
+        if self.scenario == "websearch" and "WebSearch" in tools:
+            return "", [("WebSearch", {"query": "ccproxy proxy"})], ""
         if self.scenario == "image" and "Read" in tools:
             return "", [("Read", {"file_path": self.image_path})], ""
         return "Hello from the fake OpenAI server!", [], ""

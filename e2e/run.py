@@ -478,6 +478,17 @@ def cli_routing_scenarios(claude, skip):
                 check(got == {expected}, "%s call went to %s" % (args or prompt[:20], got))
 
 
+def cli_search_scenarios(claude, skip):
+    @scenario("claude-cli WebSearch on a route that cannot search: told so, in "
+              "Anthropic's shape", skip)
+    def _():
+        fake = FakeOpenAI("websearch").start()
+        result, _ = claude_through(claude, fake, "search the web", "WebSearch")
+        said = [m["content"] for m in tool_messages(chat_calls(fake)[-1])]
+        check(len(chat_calls(fake)) == 2 and said and "Web search error: unavailable" in
+              said[0], "what the model got back: %s" % said)
+
+
 def cli_quirk_scenarios(claude, skip):
     for ptype in ("groq", "gemini", "deepseek", "ollama", "openrouter"):
         @scenario("claude-cli bash tool round trip, %s quirks" % ptype, skip)
@@ -903,6 +914,7 @@ def main(argv):
     cli_vendor_scenarios(claude, skip_cli)
     cli_cloud_scenarios(claude, skip_cli)
     cli_routing_scenarios(claude, skip_cli)
+    cli_search_scenarios(claude, skip_cli)
     cli_failure_scenarios(claude, skip_cli)
     cli_anthropic_scenarios(claude, skip_cli)
     interactive_scenarios(claude, skip_cli)
