@@ -6282,28 +6282,32 @@ class Exchange:
         renamer = SSEModelRenamer(rename) if rename else None
         self._write(self.handler._head(resp.status, headers, (framing,)))
         self.access.stream_ttfb = time.monotonic() - self.handler.t0
-        done, scanner = False, UsageScanner()
+        ending, scanner = None, UsageScanner()
         try:
-            done = self._pump(resp, renamer, chunked, scanner)
+            ending = self._pump(resp, renamer, chunked, scanner)
         finally:
-            client.release(resp) if done else client.discard(resp)
+            client.release(resp) if ending is not None else client.discard(resp)
             self.access.update(input_tokens=scanner.input_tokens,
                                output_tokens=scanner.output_tokens)
+        # The connection went back to the pool before the client gets the last bytes:
+        # a client that sends its next call at once finds it there (seen under load).
+        if ending:
+            self._write(ending)
 
     def _pump(self, resp, renamer, chunked, scanner):
-        """The relay loop; True when the upstream body ended cleanly."""
+        """The relay loop: the bytes that end the client's stream once the upstream
+        body ended cleanly, None when it broke."""
         frame = _chunk if chunked else bytes
         while True:
             try:
                 data = resp.read1(RELAY_CHUNK)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 self._stream_failed(exc, chunked)
-                return False
+                return None
             scanner.feed(data)
             if not data:
                 tail = renamer.flush() if renamer else b""
-                self._write((frame(tail) if tail else b"") + (b"0\r\n\r\n" if chunked else b""))
-                return True
+                return (frame(tail) if tail else b"") + (b"0\r\n\r\n" if chunked else b"")
             if renamer:
                 data = renamer.feed(data)
             if data:
