@@ -6407,6 +6407,10 @@ class OpenAIChatDialect(Dialect):
         return provider.base_url + "/models", openai_headers(provider, False)
 
 
+#: The one-token call `check` makes where a format has no free probe.
+CHECK_CALL = {"max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+
+
 class AnthropicCompatibleDialect(AnthropicDialect):
     """A vendor's Anthropic-compatible endpoint (Kimi, GLM, MiniMax, DashScope,
     DeepSeek, local servers): Anthropic's format with the rewrites its quirk flags say,
@@ -6426,8 +6430,7 @@ class AnthropicCompatibleDialect(AnthropicDialect):
         return None                 # no free call: vendors' model lists differ or 404
 
     def check_call(self, provider):
-        body = {"model": provider.model or "claude-sonnet-4-5", "max_tokens": 1,
-                "messages": [{"role": "user", "content": "ping"}]}
+        body = dict(CHECK_CALL, model=provider.model or "claude-sonnet-4-5")
         return ("POST", anthropic_url(provider, "messages", ""), vendor_headers(
             None, provider, quirks_for(provider)) + [("content-type", "application/json")],
                 json_bytes(body))
@@ -6551,8 +6554,7 @@ class VertexDialect(AnthropicDialect):
         return None                       # no free call; check makes a one-token one
 
     def check_call(self, provider):
-        body = {"max_tokens": 1, "anthropic_version": VERTEX_VERSION,
-                "messages": [{"role": "user", "content": "ping"}]}
+        body = dict(CHECK_CALL, anthropic_version=VERTEX_VERSION)
         return ("POST", vertex_url(provider, provider.model or "claude-sonnet-4-5", False),
                 self._headers(None, provider), json_bytes(body))
 
@@ -6773,7 +6775,7 @@ class BedrockDialect(AnthropicDialect):
         return None
 
     def check_call(self, provider):
-        body = {"max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+        body = dict(CHECK_CALL)
         url, data, headers, _ = self._request(provider, provider.model or
                                               "anthropic.claude-sonnet-4-5-20250929-v1:0",
                                               body, None, False)
