@@ -8837,11 +8837,10 @@ def _check_models(config, provider, listed):
 def _check_ollama(config, provider, client):
     """Ollama's /v1 ignores num_ctx and defaults to a small context: Claude Code's
     prompts would be cut silently (ollama/ollama#5902)."""
-    root, out = re.sub(r"/v1$", "", provider.base_url), []
+    windows, out = _ollama_windows(config, provider, client,
+                                   re.sub(r"/v1$", "", provider.base_url)), []
     for model in configured_models(config, provider):
-        status, _, _, body = fetch(client, "POST", root + "/api/show", json.dumps(
-            {"model": model}).encode(), [("content-type", "application/json")])
-        ctx = ollama_context(body) if status == 200 else None
+        ctx = windows.get(model)
         if ctx is not None and ctx < MIN_CONTEXT:
             out.append(("problem", "model %s is served with a %d-token context; Claude Code's "
                         "prompts are 12-20K tokens and would be cut: set num_ctx 32768 in a "
