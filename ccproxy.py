@@ -98,6 +98,7 @@ import datetime
 import errno
 import fcntl
 import fnmatch
+import functools
 import hashlib
 import hmac
 import http.client
@@ -1847,20 +1848,6 @@ def detailed_health_document(snap):
         },
         "config": settings,
     }
-
-
-def models_document(config):
-    """GET /v1/models on routes that are not Anthropic: the names clients may ask for."""
-    names = []
-    for p in config.providers:
-        names.extend(n for n in (p.model, p.big_model, p.small_model) if n)
-    names.extend(r.model for r in config.routes if r.model)
-    names.extend(r.match for r in config.routes if not any(c in r.match for c in "*?["))
-    names = [n for i, n in enumerate(names) if n and n != "default" and n not in names[:i]]
-    data = [{"type": "model", "id": n, "display_name": n,
-             "created_at": "1970-01-01T00:00:00Z"} for n in names]
-    return {"data": data, "has_more": False,
-            "first_id": names[0] if names else None, "last_id": names[-1] if names else None}
 
 
 def escape_log(text):
@@ -4032,6 +4019,52 @@ def listed_windows(body):
     return out
 
 
+#: The Claude names GET /v1/models always lists on translated routes, one per family as
+#: Claude Code 2.1.332 names them.  Its /model picker (with
+#: CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY=1) keeps only ids matching
+#: /(claude|anthropic)/i, so without them it shows nothing from a proxy (issue #21).
+CLAUDE_FAMILY_NAMES = ("claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5")
+
+
+def models_document(config, limits):
+    """GET /v1/models on routes that are not Anthropic: the Claude names the routes
+    serve, then the configured names, each in Anthropic's ModelInfo shape with the
+    window and output limit of the route it lands on.  `limits(provider, model)` gives
+    (window, output, source), as Windows.limits does."""
+    names = [n for r in config.routes for n in (r.match,) if "claude" in n and
+             not any(c in n for c in "*?[")] + list(CLAUDE_FAMILY_NAMES)
+    for p in config.providers:
+        names.extend(n for n in (p.model, p.big_model, p.small_model) if n)
+    names.extend(r.model for r in config.routes if r.model)
+    names.extend(r.match for r in config.routes if not any(c in r.match for c in "*?["))
+    names = [n for i, n in enumerate(names) if n and n != "default" and n not in names[:i]]
+    data = [model_info(config, n, limits) for n in names]
+    return {"data": data, "has_more": False,
+            "first_id": names[0] if names else None, "last_id": names[-1] if names else None}
+
+
+def model_info(config, name, limits):
+    """One /v1/models entry: where `name` goes, and its window there (null: unknown)."""
+    provider, upstream = plan_route(config, name)[0]
+    window, output, _ = limits(provider, upstream)
+    where = "%s on %s" % (upstream, provider.name)
+    if window:
+        where += ", %sK context" % (window // 1000)
+    label = claude_label(name)
+    return {"type": "model", "id": name, "created_at": "1970-01-01T00:00:00Z",
+            "display_name": "%s → %s" % (label, upstream) if label else name,
+            "description": where, "max_input_tokens": window or None,
+            "max_tokens": output or None}
+
+
+def claude_label(name):
+    """"Sonnet 5.5" for claude-sonnet-5-5 (a dated id too); "" for other names."""
+    m = re.match(r"claude-([a-z]+)-(\d+)(?:-(\d))?(?:-\d{8})?$", name)
+    if not m:
+        return ""
+    return m.group(1).capitalize() + " " + m.group(2) + ("." + m.group(3) if m.group(3) else "")
+
+
 # ---- Routing by scenario (docs/operating.md §9) -------------------------------------
 
 def choose_route(config, model, body, headers):
@@ -4564,13 +4597,34 @@ def env_lines(config, record=None):
                   "unset ANTHROPIC_API_KEY"]
     lines.append("export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1")
     if facts["translated"]:
-        lines.append("export ENABLE_TOOL_SEARCH=false")
-    # Claude Code assumes 1,000,000 tokens for a model name it does not know: it must
-    # compact in the window of the model that really answers (issue #21).
-    if facts.get("context_window"):
-        lines.append("export CLAUDE_CODE_AUTO_COMPACT_WINDOW=%d" % facts["context_window"])
+        # /model lists the Claude names the routes serve, from GET /v1/models (#21).
+        lines += ["export ENABLE_TOOL_SEARCH=false",
+                  "export CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY=1"]
+    lines += window_lines(facts.get("context_window"))
     if facts.get("max_output"):
         lines.append("export CLAUDE_CODE_MAX_OUTPUT_TOKENS=%d" % facts["max_output"])
+    return lines
+
+
+#: The smallest auto-compact window Claude Code 2.1.332 takes: below it, it warns and
+#: uses this (its "treats it as the 100k minimum").
+MIN_COMPACT_WINDOW = 100000
+
+
+def window_lines(window):
+    """Claude Code assumes 1,000,000 tokens for Opus 5.5 and for names it does not know:
+    it must compact in the window of the model that really answers (issue #21).  The
+    auto-compact window covers Claude names, CLAUDE_CODE_MAX_CONTEXT_TOKENS the others
+    (a PROVIDER,MODEL pick); below 100k the call past the window gets "prompt is too
+    long" from ccproxy, and Claude Code compacts then."""
+    if not window:
+        return []
+    lines = ["export CLAUDE_CODE_AUTO_COMPACT_WINDOW=%d" % max(window, MIN_COMPACT_WINDOW),
+             "export CLAUDE_CODE_MAX_CONTEXT_TOKENS=%d" % window]
+    if window < MIN_COMPACT_WINDOW:
+        lines.insert(0, "# the window is %d tokens; Claude Code compacts at 100k at the "
+                        "earliest, and ccproxy says \"prompt is too long\" past the window"
+                     % window)
     return lines
 
 
@@ -7273,7 +7327,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         config = self.server.service.config
         provider = config.providers[0]
         if not dialect_of(provider).lists_models:
-            return self._send_json(200, models_document(config))
+            return self._send_json(200, models_document(config, functools.partial(
+                self.server.service.windows.limits, config)))
         Exchange(self).forward([(provider, "")], "models", query, "GET", {})
 
     # -- the proxy --------------------------------------------------------------

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import email.message
 import glob
 import http.client
@@ -3836,8 +3837,50 @@ class TestContextWindows(unittest.TestCase):
         table = ccproxy.env_lines(config(providers=(ccproxy.ProviderConfig(
             name="p", type="openai", model="gpt-4o", api_key="k"),)))
         self.assertIn("export CLAUDE_CODE_AUTO_COMPACT_WINDOW=128000", table)
+        self.assertIn("export CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY=1", table)
+        # Claude Code 2.1.332 takes no auto-compact window under 100k (it warns, and
+        # uses 100k); the exact window goes in CLAUDE_CODE_MAX_CONTEXT_TOKENS.
+        for window, expected in ((131072, ["export CLAUDE_CODE_AUTO_COMPACT_WINDOW=131072",
+                                           "export CLAUDE_CODE_MAX_CONTEXT_TOKENS=131072"]),
+                                 (32768, ["export CLAUDE_CODE_AUTO_COMPACT_WINDOW=100000",
+                                          "export CLAUDE_CODE_MAX_CONTEXT_TOKENS=32768"]),
+                                 (0, [])):
+            got = [l for l in ccproxy.window_lines(window) if not l.startswith("#")]
+            self.assertEqual(got, expected, window)
+        self.assertIn("32768 tokens", ccproxy.window_lines(32768)[0])
         passthrough = ccproxy.env_lines(config())
-        self.assertFalse([l for l in passthrough if "COMPACT" in l])
+        self.assertFalse([l for l in passthrough if "COMPACT" in l or "DISCOVERY" in l])
+
+    def test_models_list_the_routed_claude_names(self):
+        cfg = routes_config(
+            [{"name": "main", "type": "openai", "api_key": "k", "model": "gpt-4o"},
+             {"name": "fast", "type": "openai-compatible", "base_url": "http://127.0.0.1:9",
+              "model": "qwen3-8b", "context_window": 32768}],
+            [{"match": "claude-*haiku*", "provider": "fast"},
+             {"match": "claude-sonnet-4-5-20250929", "provider": "main"},
+             {"when": "thinking", "provider": "fast"},
+             {"match": "default", "provider": "main"}])
+        windows = ccproxy.Windows()
+        doc = ccproxy.models_document(cfg, functools.partial(windows.limits, cfg))
+        got = {m["id"]: (m["display_name"], m["description"], m["max_input_tokens"],
+                         m["max_tokens"]) for m in doc["data"]}
+        self.assertEqual(list(got)[:4], ["claude-sonnet-4-5-20250929", "claude-opus-5-5",
+                                         "claude-sonnet-5-5", "claude-haiku-5-5"])
+        self.assertEqual(got["claude-haiku-5-5"], ("Haiku 5.5 → qwen3-8b",
+                                                   "qwen3-8b on fast, 32K context", 32768, None))
+        self.assertEqual(got["claude-opus-5-5"], ("Opus 5.5 → gpt-4o",
+                                                  "gpt-4o on main, 128K context", 128000, 16384))
+        self.assertEqual(got["claude-sonnet-4-5-20250929"][0], "Sonnet 4.5 → gpt-4o")
+        self.assertEqual(got["qwen3-8b"][0], "qwen3-8b")
+        # Claude Code keeps only these ids for its /model picker (2.1.332's filter).
+        self.assertTrue(all(re.search("claude|anthropic", i, re.I) for i in list(got)[:4]))
+        windows.learn("main", "gpt-4o", 64000)
+        doc = ccproxy.models_document(cfg, functools.partial(windows.limits, cfg))
+        self.assertEqual(doc["data"][1]["max_input_tokens"], 64000)
+        for name, label in (("claude-opus-4-1", "Opus 4.1"), ("claude-opus-5", "Opus 5"),
+                            ("claude-haiku-4-5-20251001", "Haiku 4.5"), ("gpt-5", ""),
+                            ("claude-x", "")):
+            self.assertEqual(ccproxy.claude_label(name), label, name)
 
 
 def routes_config(providers, routes):
@@ -4310,7 +4353,8 @@ class TestTranslationEndToEnd(unittest.TestCase):
     def test_models_lists_configured_names(self):
         with Proxy(openai_provider("http://127.0.0.1:9")) as px:
             resp, out = px.call("GET", "/v1/models")
-        self.assertEqual([m["id"] for m in json.loads(out)["data"]], ["gpt-4o"])
+        self.assertEqual([m["id"] for m in json.loads(out)["data"]],
+                         list(ccproxy.CLAUDE_FAMILY_NAMES) + ["gpt-4o"])
 
     @unittest.skipUnless(os.path.isdir(SAMPLES), "../shared/claude-code-wire absent")
     def test_real_claude_code_bodies_translate(self):

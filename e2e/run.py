@@ -665,6 +665,25 @@ def interactive_scenarios(claude, skip):
         check("Auto mode can't check actions" in text, "screen: %s" % text[-800:])
         check(len(fake.requests) == 1, "the action ran: %d calls" % len(fake.requests))
 
+    @scenario("interactive claude: /model lists the routes' Claude names, /context the "
+              "route's window (issue #21)", skip)
+    def _():
+        fake = FakeOpenAI("text").start()
+        tmp = tempfile.mkdtemp(prefix="cc-models-")
+        path = os.path.join(tmp, "config.json")
+        with open(path, "w") as f:
+            json.dump({"providers": [{"name": "local", "type": "openai-compatible",
+                                      "base_url": fake.url, "model": "qwen3-coder",
+                                      "context_window": 131072}],
+                       "routes": [{"match": "claude-local-qwen", "provider": "local"},
+                                  {"match": "default", "provider": "local"}]}, f)
+        with Ccproxy({"CCPROXY_CONFIG": path}) as proxy:
+            env = dict(proxy.cli_env(), CCPROXY_CONFIG=path)
+            text = interactive_turn(claude, env, "/model", "qwen3-coder on local")
+            check("claude-local-qwen" in text and "131K context" in text, text[-800:])
+            text = interactive_turn(claude, env, "/context", "Auto-compact window")
+            check("131.1k tokens" in text, "Claude Code's window: %s" % text[-800:])
+
     @scenario("interactive claude (tmux, fresh HOME, eval \"$(ccproxy env)\"), pass-through "
               "with CCPROXY_API_KEY", skip)
     def _():
