@@ -291,6 +291,9 @@ QUIRK_DEFAULTS = {
     "no_parallel_flag": False,         # drop parallel_tool_calls
     "gemini_signatures": False,        # keep and replay extra_content.google.thought_signature
     "send_user": False,                # metadata.user_id -> user, as sha256 hex[:32] (§1.1)
+    "web_search": "",                  # how the provider searches for Claude Code's
+                                       # WebSearch (§1.10): plugin (OpenRouter's web
+                                       # plugin) | "" (it cannot: answered "unavailable")
     "sig_in_id": False,                # ...carried in the tool id itself (§3.4): survives
                                        # restarts and reaches whichever worker answers next
     # Anthropic-compatible endpoints (docs/providers.md): rewrites of the request only.
@@ -327,7 +330,7 @@ PROVIDER_QUIRKS = {
                    "reasoning_models": r"(o\d|gpt-5|claude|gemini-2\.5|gemini-3|deepseek-r|"
                                        r"reasoner|thinking|qwen3|grok)",
                    "efforts": "low,medium,high,xhigh", "cache_control": True,
-                   "cache_models": r"^(anthropic/|google/gemini)"},
+                   "cache_models": r"^(anthropic/|google/gemini)", "web_search": "plugin"},
     "deepseek": {"no_vision": True, "max_output": 8192, "reasoning": "deepseek",
                  "reasoning_models": r"reasoner", "reasoning_echo": "reasoning_content"},
     "gemini": {"schema_dialect": "gemini", "reasoning": "reasoning_effort",
@@ -2097,6 +2100,7 @@ class Translation:
     signatures: object = None                                # ThoughtSignatures or None
     session: str = ""                                        # Claude Code's session id
     max_tokens_cap: int = 0                                  # what fits (§1.9); 0: no cap
+    search: dict = None                  # a WebSearch call the provider runs (§1.10)
 
 
 def upstream_tool_name(name):
@@ -2773,6 +2777,8 @@ def anthropic_to_openai(body, tr, prepared=None):
     if quirks["prompt_cache_key"] and tr.session:
         out["prompt_cache_key"] = prompt_cache_key(tr.session)
     _add_tools(out, body, tr, prepared or prepare_tools(body.get("tools"), quirks))
+    if tr.search is not None:
+        out["plugins"] = [web_plugin(tr.search)]
     fmt = (body.get("output_config") or {}).get("format") if isinstance(
         body.get("output_config"), dict) else None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
@@ -2783,6 +2789,39 @@ def anthropic_to_openai(body, tr, prepared=None):
         if quirks["stream_options"]:
             out["stream_options"] = {"include_usage": True}
     return out
+
+
+SEARCH_PROMPT = "Perform a web search for the query: "      # Claude Code's WebSearch tool
+
+
+def search_request(body):
+    """Claude Code's WebSearch call: its query (the last user message, less the tool's
+    own words) and the domain lists of Anthropic's web search tool."""
+    messages, query = body.get("messages"), ""
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        content = messages[-1].get("content")
+        query = content if isinstance(content, str) else _text_of_blocks(content or [])
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    tool = next((t for t in tools if isinstance(t, dict) and
+                 str(t.get("type", "")).startswith("web_search")), {})
+    return {"query": query.split(SEARCH_PROMPT, 1)[-1].strip()[:500],
+            "allowed_domains": _strings(tool.get("allowed_domains")),
+            "blocked_domains": _strings(tool.get("blocked_domains"))}
+
+
+def _strings(value):
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def web_plugin(search):
+    """OpenRouter's web plugin for one search (its web search guide: id "web",
+    include_domains, exclude_domains; the last user message is what it searches for)."""
+    plugin = {"id": "web"}
+    if search["allowed_domains"]:
+        plugin["include_domains"] = search["allowed_domains"]
+    if search["blocked_domains"]:
+        plugin["exclude_domains"] = search["blocked_domains"]
+    return plugin
 
 
 def _add_tools(out, body, tr, prepared):
@@ -3008,6 +3047,10 @@ def openai_to_anthropic(doc, tr):
         if piece:
             content.append({"type": "text", "text": piece})
     content.extend(_tool_uses(message, tr))
+    if tr.search is not None:
+        content[:0] = search_blocks(tr.search["query"], "srvtoolu_" + random_hex(24),
+                                    search_results(url_citations(message.get(
+                                        "annotations"), {})))
     out_bytes = utf8_len(text) + sum(len(json.dumps(b.get("input", "")))
                                          for b in content if b["type"] == "tool_use")
     upstream_id = str(doc.get("id") or "")
@@ -3018,7 +3061,37 @@ def openai_to_anthropic(doc, tr):
                                        any(b["type"] == "tool_use" for b in content),
                                        bool(refusal)),
             "stop_sequence": None,
-            "usage": anthropic_usage(_usage_of(doc), tr.estimate, -(-out_bytes // 4))}
+            "usage": dict(anthropic_usage(_usage_of(doc), tr.estimate, -(-out_bytes // 4)),
+                          **search_usage(tr))}
+
+
+def url_citations(annotations, into):
+    """OpenRouter's url_citation annotations (its web search guide) added to `into`,
+    {url: title}, in the order they come, each URL once."""
+    for note in annotations if isinstance(annotations, list) else ():
+        cite = note.get("url_citation") if isinstance(note, dict) else None
+        if isinstance(cite, dict) and isinstance(cite.get("url"), str) and cite["url"]:
+            into.setdefault(cite["url"], str(cite.get("title") or cite["url"]))
+    return into
+
+
+def search_results(citations):
+    """{url: title} -> the content of Anthropic's web_search_tool_result."""
+    return [{"type": "web_search_result", "url": url, "title": title,
+             "encrypted_content": "", "page_age": None} for url, title in citations.items()]
+
+
+def search_blocks(query, tool_id, content):
+    """A search in Anthropic's shape: its server_tool_use and web_search_tool_result
+    (`content`: the results, or a web_search_tool_result_error)."""
+    return [{"type": "server_tool_use", "id": tool_id, "name": "web_search",
+             "input": {"query": query}},
+            {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": content}]
+
+
+def search_usage(tr):
+    """usage.server_tool_use of a reply to a search the provider ran."""
+    return {"server_tool_use": {"web_search_requests": 1}} if tr.search is not None else {}
 
 
 def _usage_of(chunk):
@@ -3422,6 +3495,7 @@ class StreamTranslator:
         self.thinking_text, self.held = "", None      # held: see _whole
         self.waiting = []        # text that came while a call's input was unfinished
         self.repairs = 0         # calls whose input had to be repaired
+        self.citations = {}      # a search's url_citation annotations (§1.10)
 
     def start(self):
         """message_start (with the estimated input tokens, which Claude Code shows) and
@@ -3431,7 +3505,18 @@ class StreamTranslator:
         return sse_event("message_start", {"type": "message_start", "message": {
             "id": self.msg_id, "type": "message", "role": "assistant",
             "model": self.tr.client_model, "content": [], "stop_reason": None,
-            "stop_sequence": None, "usage": usage}}) + sse_event("ping", {"type": "ping"})
+            "stop_sequence": None, "usage": usage}}) + sse_event("ping", {"type": "ping"}) + (
+                self._search_start() if self.tr.search is not None else b"")
+
+    def _search_start(self):
+        """A search the provider runs: its server_tool_use block first, as Anthropic
+        streams it (input {} then the input as one input_json_delta)."""
+        self.search_id = "srvtoolu_" + random_hex(24)
+        block = search_blocks(self.tr.search["query"], self.search_id, [])[0]
+        out = self._open_block("search", dict(block, input={}))
+        out.append(self._delta({"type": "input_json_delta",
+                                "partial_json": json.dumps(block["input"])}))
+        return b"".join(out + self._close_open())
 
     def feed(self, payload):
         """One upstream data payload -> the A events it produces (bytes, maybe empty).
@@ -3457,6 +3542,7 @@ class StreamTranslator:
         delta = choice.get("delta") or choice.get("message")
         delta = delta if isinstance(delta, dict) else {}
         out = []
+        url_citations(delta.get("annotations"), self.citations)
         reasoning = reasoning_of(delta)
         if reasoning:
             out += self._thinking(reasoning)
@@ -3738,10 +3824,15 @@ class StreamTranslator:
                                     if t["name"] and not t["started"] and k not in self.deferred]:
             out += self._start_tool(key)
             out += self._close_open()
+        if self.tr.search is not None:       # the results, once all citations are in
+            out += self._open_block("search", search_blocks(
+                "", self.search_id, search_results(self.citations))[1])
+            out += self._close_open()
         self.out_bytes += sum(len(t["args"]) for t in self.tools.values())
         # All four usage keys, input_tokens > 0: Claude Code keeps message_start's
         # input_tokens unless this one is positive (MadAppGang/claudish#123).
-        usage = anthropic_usage(self.usage, self.tr.estimate, -(-self.out_bytes // 4))
+        usage = dict(anthropic_usage(self.usage, self.tr.estimate, -(-self.out_bytes // 4)),
+                     **search_usage(self.tr))
         out.append(sse_event("message_delta", {"type": "message_delta", "delta": {
             "stop_reason": stop_reason(self.finish, self.had_tool, self.refusal),
             "stop_sequence": None}, "usage": usage}))
@@ -4155,9 +4246,6 @@ SCENARIO_TESTS = {"background": is_background, "thinking": is_thinking,
                   "long_context": is_long_context, "web_search": has_web_search,
                   "images": has_images, "subagent": is_subagent}
 
-SEARCH_PROMPT = "Perform a web search for the query: "      # Claude Code's WebSearch tool
-
-
 def search_only(body):
     """Whether a call is Claude Code's WebSearch request: Anthropic's web search server
     tool and no other tool.  A translated route has no search, and dropped the tool."""
@@ -4171,20 +4259,11 @@ def search_unavailable(body, route, estimate):
     shape for a search that failed (a server_tool_use and its web_search_tool_result
     with error_code unavailable), which Claude Code reports as such, instead of a
     model's guess passed off as search results (issue #21)."""
-    query = ""
-    messages = body.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
-        content = messages[-1].get("content")
-        query = content if isinstance(content, str) else _text_of_blocks(content or [])
-    query = query.split(SEARCH_PROMPT, 1)[-1].strip()[:500]
-    tool_id = "srvtoolu_" + random_hex(24)
+    failed = {"type": "web_search_tool_result_error", "error_code": "unavailable"}
     return {"id": new_message_id(), "type": "message", "role": "assistant",
             "model": body.get("model", ""), "stop_reason": "end_turn", "stop_sequence": None,
-            "content": [
-                {"type": "server_tool_use", "id": tool_id, "name": "web_search",
-                 "input": {"query": query}},
-                {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": {
-                    "type": "web_search_tool_result_error", "error_code": "unavailable"}},
+            "content": search_blocks(search_request(body)["query"],
+                                     "srvtoolu_" + random_hex(24), failed) + [
                 {"type": "text", "text": "Web search is not available on this route (%s): "
                  "its provider cannot search." % route}],
             "usage": {"input_tokens": max(estimate, 1), "output_tokens": 1,
@@ -6110,7 +6189,8 @@ class Exchange:
                            upstream_model=model, quirks=quirks, estimate=estimate,
                            raw_estimate=raw_estimate, signatures=service.signatures,
                            session=session_id(self.handler.headers, body),
-                           max_tokens_cap=cap), tools
+                           max_tokens_cap=cap, search=search_request(body) if (
+                               quirks["web_search"] and search_only(body)) else None), tools
 
     def _attempt(self, provider, method, url, data, headers, last):
         """Open one upstream call: (client, response), the response None when it failed
@@ -7347,7 +7427,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         plan = self._plan(model, body)
         if endpoint == "count_tokens" and not dialect_of(plan[0][0]).counts_tokens:
             return self._count_tokens(plan[0][0], body)
-        if dialect_of(plan[0][0]).translated and search_only(body):
+        if (dialect_of(plan[0][0]).translated and search_only(body) and
+                not quirks_for(plan[0][0])["web_search"]):
             return self._search_unavailable(plan[0][0], body)
         # Handed over in a holder that forward() empties as it goes, so a long stream
         # does not keep a 50 KB body (100 KB parsed) alive (see _take_body).

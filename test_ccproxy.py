@@ -2585,9 +2585,9 @@ def check_grammar(testcase, events):
         testcase.assertEqual(names[-2:], ["message_delta", "message_stop"])
         testcase.assertEqual(names.count("message_delta"), 1)
         usage = events[-2]["usage"]
-        testcase.assertEqual(set(usage), {"input_tokens", "output_tokens",
-                                          "cache_creation_input_tokens",
-                                          "cache_read_input_tokens"})
+        testcase.assertEqual(set(usage) - {"server_tool_use"}, {
+            "input_tokens", "output_tokens", "cache_creation_input_tokens",
+            "cache_read_input_tokens"})
         testcase.assertGreater(usage["input_tokens"], 0)
     open_block, expected_index, blocks = None, 0, []
     for e in events:
@@ -2596,7 +2596,7 @@ def check_grammar(testcase, events):
             testcase.assertEqual(e["index"], expected_index)
             open_block, expected_index = e["index"], expected_index + 1
             block = dict(e["content_block"])
-            if block["type"] == "tool_use":
+            if block["type"] in ("tool_use", "server_tool_use"):
                 testcase.assertEqual(block["input"], {})
                 block["json"] = ""
             blocks.append(block)
@@ -2610,7 +2610,7 @@ def check_grammar(testcase, events):
             elif d["type"] == "signature_delta":
                 block["signature"] = d["signature"]
             else:
-                testcase.assertEqual(block["type"], "tool_use")
+                testcase.assertIn(block["type"], ("tool_use", "server_tool_use"))
                 block["json"] += d["partial_json"]
         elif e["type"] == "content_block_stop":
             testcase.assertEqual(e["index"], open_block)
@@ -4009,6 +4009,59 @@ class TestScenarioRouting(unittest.TestCase):
         with FakeUpstream() as up, Proxy(one_provider(up.url)) as px:     # Anthropic searches
             px.call("POST", "/v1/messages", search)
             self.assertEqual(len(up.requests), 1)
+
+    SEARCH = dict(BODY, messages=[user("Perform a web search for the query: ccproxy")],
+                  tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 8,
+                          "allowed_domains": ["github.com"]}])
+    CITES = [{"type": "url_citation", "url_citation": {
+        "url": "https://github.com/x/ccproxy", "title": "x/ccproxy", "content": "a proxy",
+        "start_index": 0, "end_index": 10}}]
+
+    @staticmethod
+    def openrouter_search(h, body):
+        """OpenRouter as its web search guide has it: the web plugin runs the search,
+        the answer carries url_citation annotations (in a late delta when streamed)."""
+        doc = json.loads(body)
+        if doc.get("plugins") != [{"id": "web", "include_domains": ["github.com"]}] or (
+                "tools" in doc):
+            return h.reply(400, {"error": {"message": "expected the web plugin alone"}})
+        cites = TestScenarioRouting.CITES
+        if not doc.get("stream"):
+            return h.reply(200, reply({"role": "assistant", "content": "ccproxy is a proxy.",
+                                       "annotations": cites}))
+        h.start_stream()
+        for data in (chunk({"role": "assistant", "content": "ccproxy is "}),
+                     chunk({"content": "a proxy."}), chunk({"annotations": cites}),
+                     chunk(finish="stop"), "data: [DONE]\n\n"):
+            h.chunk(data.encode())
+        h.chunk(b"")
+
+    def test_web_search_through_openrouters_web_plugin(self):
+        """A provider that can search (OpenRouter's web plugin) runs Claude Code's
+        WebSearch: the answer is Anthropic's search shape, with the cited pages."""
+        with FakeUpstream(self.openrouter_search) as up, \
+                Proxy(openai_provider(up.url, ptype="openrouter")) as px:
+            resp, out = px.call("POST", "/v1/messages", self.SEARCH)
+            message = json.loads(out)
+            self.assertEqual(resp.status, 200, out)
+            self.assertEqual([b["type"] for b in message["content"]],
+                             ["server_tool_use", "web_search_tool_result", "text"])
+            self.assertEqual(message["content"][0]["input"], {"query": "ccproxy"})
+            self.assertEqual([(r["url"], r["title"]) for r in message["content"][1]["content"]],
+                             [("https://github.com/x/ccproxy", "x/ccproxy")])
+            self.assertEqual(message["usage"]["server_tool_use"], {"web_search_requests": 1})
+            resp, out = px.call("POST", "/v1/messages", dict(self.SEARCH, stream=True))
+            blocks = check_grammar(self, parse_events(out))
+            self.assertEqual([b["type"] for b in blocks],
+                             ["server_tool_use", "text", "web_search_tool_result"])
+            self.assertEqual(json.loads(blocks[0]["json"]), {"query": "ccproxy"})
+            self.assertEqual(blocks[1]["text"], "ccproxy is a proxy.")
+            self.assertEqual(blocks[2]["tool_use_id"], blocks[0]["id"])
+            self.assertEqual(blocks[2]["content"][0]["url"], "https://github.com/x/ccproxy")
+            self.assertEqual(len(up.requests), 2)
+        # Any other call on that route: no plugin, no search cost.
+        body, _ = to_openai({"messages": [user("hi")]}, ptype="openrouter")
+        self.assertNotIn("plugins", body)
 
     def test_end_to_end_each_call_lands_where_the_config_says(self):
         fakes = [FakeUpstream(lambda h, body, n=n: h.reply(200, reply({"content": n})))

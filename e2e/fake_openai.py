@@ -17,7 +17,9 @@ Provider quirks (translation.md §6) switch on with --quirk:
   deepseek    reasoning_content before content; prompt_cache_hit_tokens in usage
   ollama      arguments as objects, no id or index, finish "stop"
   openrouter  ": OPENROUTER PROCESSING" comment lines and CRLF line endings; like
-              Anthropic behind it, at most 4 cache_control markers (400 past that)
+              Anthropic behind it, at most 4 cache_control markers (400 past that);
+              its web plugin (plugins [{"id": "web"}]) answers with url_citation
+              annotations, in a delta of their own when streamed
   zero-index  every call on index 0, each with its own id (several OpenAI-compatible
               servers number calls so)
   no-index    calls with neither index nor id: the name in a call's first delta only
@@ -112,6 +114,8 @@ class FakeOpenAI:
                 markers)
         if self.quirk != "openrouter" and markers:
             return "Unrecognized request argument supplied: cache_control"
+        if "plugins" in body and self.quirk != "openrouter":
+            return "Unrecognized request argument supplied: plugins"
         if "prompt_cache_key" in body and self.quirk in (
                 "groq", "gemini", "deepseek", "ollama", "openrouter"):
             return "Unrecognized request argument supplied: prompt_cache_key"
@@ -127,9 +131,18 @@ class FakeOpenAI:
                 "message": "Incorrect API key provided: sk-te***", "code": "invalid_api_key"}})
         text, calls, reasoning = self.decide(body)
         self.counted = len(h.raw) // 4 if self.window else 0
+        searched = {"id": "web"} in (body.get("plugins") or [])
+        if searched:
+            text = "ccproxy is a proxy for Claude Code [github.com](%s)." % SEARCH_HIT["url"]
+        notes = [{"type": "url_citation", "url_citation": dict(
+            SEARCH_HIT, start_index=0, end_index=len(text))}] if searched else []
         if not body.get("stream"):
-            return self.send_json(h, 200, self.whole(text, calls, reasoning))
+            doc = self.whole(text, calls, reasoning)
+            doc["choices"][0]["message"].update({"annotations": notes} if notes else {})
+            return self.send_json(h, 200, doc)
         chunks = self.chunks(text, calls, reasoning)
+        if notes:
+            chunks.insert(-2, {"choices": [{"index": 0, "delta": {"annotations": notes}}]})
         if failing and self.fail == "midstream":
             chunks = chunks[:2] + [{"error": {"message": "Upstream overloaded", "code": 503}}]
         self.send_stream(h, chunks)
@@ -274,6 +287,11 @@ class FakeOpenAI:
         else:
             _write_chunk(h, ("data: [DONE]" + nl + nl).encode())
         h.wfile.write(b"0\r\n\r\n")
+
+
+#: What the fake web plugin finds.
+SEARCH_HIT = {"url": "https://github.com/example/ccproxy", "title": "example/ccproxy",
+              "content": "A proxy daemon for Claude Code."}
 
 
 def _write_chunk(h, data):

@@ -489,6 +489,20 @@ def cli_search_scenarios(claude, skip):
               said[0], "what the model got back: %s" % said)
 
 
+    @scenario("claude-cli WebSearch through OpenRouter: its web plugin searches, the "
+              "model gets the pages", skip)
+    def _():
+        fake = FakeOpenAI("websearch", quirk="openrouter").start()
+        result, _ = claude_through(claude, fake, "search the web", "WebSearch",
+                                   ptype="openrouter")
+        searches = [r for r in chat_calls(fake) if r["body"].get("plugins")]
+        said = [m["content"] for m in tool_messages(chat_calls(fake)[-1])]
+        check(len(searches) == 1 and "tools" not in searches[0]["body"],
+              "searches: %s" % [r["body"].get("plugins") for r in searches])
+        check(said and "https://github.com/example/ccproxy" in said[0] and
+              "ccproxy is a proxy" in said[0], "what the model got back: %s" % said)
+
+
 def cli_quirk_scenarios(claude, skip):
     for ptype in ("groq", "gemini", "deepseek", "ollama", "openrouter"):
         @scenario("claude-cli bash tool round trip, %s quirks" % ptype, skip)
