@@ -8,7 +8,8 @@ It answers from the conversation it is sent, the way a model would:
   * scenario parallel:  two Bash calls whose argument fragments interleave (0,1,0,1);
   * scenario reasoning: reasoning first, then a Bash call, then text after the result;
   * scenario image:     a Read call for --image-path, then text once the image came back;
-  * scenario websearch: a call of Claude Code's WebSearch tool.
+  * scenario websearch: a call of Claude Code's WebSearch tool;
+  * scenario agent:     a call of Claude Code's Agent tool (a subagent, in the foreground).
 
 Provider quirks (translation.md §6) switch on with --quirk:
   groq        usage only in x_groq.usage of the last chunk
@@ -171,6 +172,10 @@ class FakeOpenAI:
         if self.scenario == "parallel" and "Bash" in tools:
             return "", [("Bash", {"command": "echo one", "description": "first"}),
                         ("Bash", {"command": "echo two", "description": "second"})], ""
+        if self.scenario == "agent" and "Agent" in tools:
+            return "", [("Agent", {"description": "greet", "prompt": "say hi",
+                                   "subagent_type": "general-purpose",
+                                   "run_in_background": False})], ""
         if self.scenario == "websearch" and "WebSearch" in tools:
             return "", [("WebSearch", {"query": "ccproxy proxy"})], ""
         if self.scenario == "image" and "Read" in tools:

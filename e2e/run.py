@@ -478,6 +478,27 @@ def cli_routing_scenarios(claude, skip):
                 check(got == {expected}, "%s call went to %s" % (args or prompt[:20], got))
 
 
+    @scenario("claude-cli's subagent (Agent tool) goes to the subagent route, the rest to "
+              "the default", skip)
+    def _():
+        main, sub = FakeOpenAI("agent").start(), FakeOpenAI("text").start()
+        tmp = tempfile.mkdtemp(prefix="cc-agent-")
+        path = os.path.join(tmp, "config.json")
+        with open(path, "w") as f:
+            json.dump({"providers": [{"name": n, "type": "openai-compatible",
+                                      "base_url": fake.url, "model": n + "-model"}
+                                     for n, fake in (("main", main), ("sub", sub))],
+                       "routes": [{"when": "subagent", "provider": "sub"},
+                                  {"match": "default", "provider": "main"}]}, f)
+        with Ccproxy({"CCPROXY_CONFIG": path}) as proxy:
+            rc, result, out, _ = run_claude(claude, proxy, "ask an agent to say hi", "Agent")
+        check(rc == 0 and result, "exit %d: %s" % (rc, out[-300:]))
+        check(len(sub.requests) == 1 and len(main.requests) == 2,
+              "subagent calls %d, main calls %d" % (len(sub.requests), len(main.requests)))
+        check("Hello from the fake" in tool_messages(chat_calls(main)[-1])[0]["content"],
+              "the hand-back: %s" % tool_messages(chat_calls(main)[-1]))
+
+
 def cli_search_scenarios(claude, skip):
     @scenario("claude-cli WebSearch on a route that cannot search: told so, in "
               "Anthropic's shape", skip)
