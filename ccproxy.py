@@ -230,6 +230,13 @@ PROVIDER_TYPES = {
                            ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
                            ("generativelanguage.googleapis.com",), True, "openai"),
     "ollama": ProviderType("http://127.0.0.1:11434/v1", (), (), False, "openai"),
+    # OpenAI's Responses API (issue #23): api.openai.com, Azure's v1 API, or any server
+    # that implements it.
+    "openai-responses": ProviderType("https://api.openai.com/v1", ("OPENAI_API_KEY",),
+                                     ("api.openai.com",), True, "responses"),
+    "azure-responses": ProviderType("", ("AZURE_OPENAI_API_KEY",), (
+        "*.openai.azure.com", "*.cognitiveservices.azure.com", "*.services.ai.azure.com"),
+        True, "responses"),
     "openai-compatible": ProviderType("", (), (), False, "openai"),
     # Vendors' Anthropic-compatible endpoints (issue #22), each from its own docs.
     "kimi": ProviderType("https://api.moonshot.ai/anthropic", ("MOONSHOT_API_KEY",),
@@ -274,6 +281,9 @@ QUIRK_DEFAULTS = {
     "reasoning": "",                   # reasoning_effort | openrouter | deepseek | "" (none)
     "reasoning_models": "",            # regex on the upstream model; "" = every model
     "reasoning_echo": "",              # history thinking -> reasoning_content | reasoning
+                                       # | items (the Responses API's reasoning items)
+    "reasoning_summary": "",           # Responses: reasoning.summary (auto | concise |
+                                       # detailed; "" none) (§8.1)
     "efforts": "low,medium,high",      # the effort levels the route takes (§1.6)
     "xhigh_models": "",                # regex: models that take xhigh and max ("" = all)
     "cache_control": False,            # Anthropic cache markers on the same blocks (§1.7)
@@ -360,6 +370,18 @@ PROVIDER_QUIRKS = {
     # DeepSeek ignores anthropic-beta, container and mcp_servers (its compatibility table).
     "deepseek-anthropic": {"auth": "x-api-key", "betas": "", "drop_fields": _VENDOR_DROPS},
     "anthropic-compatible": {"auth": "x-api-key"},
+    # OpenAI's Responses API (issue #23): reasoning kept across turns as encrypted items.
+    "openai-responses": {"mid_system": "inplace", "supports_pdf": True,
+                         "reasoning": "reasoning_effort",
+                         "reasoning_models": r"^(o\d|gpt-5|codex)",
+                         "efforts": "low,medium,high,xhigh", "xhigh_models": _OPENAI_XHIGH,
+                         "reasoning_echo": "items", "reasoning_summary": "auto",
+                         "prompt_cache_key": True},
+    "azure-responses": {"mid_system": "inplace", "supports_pdf": True, "auth": "api-key",
+                        "reasoning": "reasoning_effort",
+                        "reasoning_models": r"^(o\d|gpt-5|codex)",
+                        "efforts": "low,medium,high,xhigh", "xhigh_models": _OPENAI_XHIGH,
+                        "reasoning_echo": "items", "reasoning_summary": "auto"},
     # Claude on the clouds: auto mode's classifier is Anthropic's own (safeguards).
     "vertex": {"drop_fields": "safeguards"},
     # Bedrock takes the betas its Claude guide lists, in the body (anthropic_beta).
@@ -2101,6 +2123,7 @@ class Translation:
     session: str = ""                                        # Claude Code's session id
     max_tokens_cap: int = 0                                  # what fits (§1.9); 0: no cap
     search: dict = None                  # a WebSearch call the provider runs (§1.10)
+    dialect: object = None               # the Dialect that reads the reply
 
 
 def upstream_tool_name(name):
@@ -2415,11 +2438,13 @@ def _assistant_message(content, quirks, tr):
     """One A assistant message -> one O assistant message (or None when empty)."""
     if isinstance(content, str):
         return {"role": "assistant", "content": content} if content else None
-    texts, calls, thinking = [], [], []
+    texts, calls, thinking, items = [], [], [], []
     for block in content if isinstance(content, list) else []:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and block.get("text"):
             texts.append(block["text"])
+        elif kind == "thinking" and quirks["reasoning_echo"] == "items":
+            items.extend(i for i in [reasoning_item(block.get("signature"), tr.route)] if i)
         elif kind == "thinking" and block.get("thinking"):
             thinking.append(block["thinking"])
         elif kind == "tool_use":
@@ -2433,6 +2458,8 @@ def _assistant_message(content, quirks, tr):
     if thinking and quirks["reasoning_echo"]:
         # DeepSeek 400s unless tool-calling turns carry their reasoning back.
         msg[quirks["reasoning_echo"]] = "\n\n".join(thinking)
+    if items:            # the Responses API's reasoning, as it came (§8.1)
+        msg["_reasoning"] = items
     return msg
 
 
@@ -3595,7 +3622,7 @@ class StreamTranslator:
             # Claude Code stores and echoes thinking with its signature; ours lets the
             # pass-through strip it and the DeepSeek round trip find it.
             out.append(self._delta({"type": "signature_delta", "signature":
-                                    thinking_signature(self.tr.route, self.thinking_text)}))
+                                    self._signature()}))
             self.thinking_text = ""
         elif kind == "tool":
             out += self._finish_tool(self.tools[key])
@@ -3608,6 +3635,9 @@ class StreamTranslator:
                 out += method(text)
             out += self._close_open()
         return out
+
+    def _signature(self):
+        return thinking_signature(self.tr.route, self.thinking_text)
 
     def _writing_tool(self):
         """Whether the open block is a call whose input is not a whole object yet: text
@@ -3845,6 +3875,288 @@ class StreamTranslator:
                                                               "message": message}})
 
 
+# ---- Translation: Anthropic <-> OpenAI Responses API (docs/translation.md §8) ---------
+
+def reasoning_signature(route, item):
+    """The signature of a thinking block made from a Responses reasoning item: the item
+    itself (id, summary, encrypted_content), so that the next turn sends it back as it
+    came; tied to the route, since another organisation cannot decrypt it."""
+    data = json.dumps(item, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    return "%s%s:rs:%s" % (CCPROXY_SIGNATURE_PREFIX, route,
+                           base64.urlsafe_b64encode(data).decode("ascii"))
+
+
+def reasoning_item(signature, route):
+    """The reasoning item a signature of this route carries, or None (another
+    provider's thinking is never sent to OpenAI as reasoning)."""
+    prefix = "%s%s:rs:" % (CCPROXY_SIGNATURE_PREFIX, route)
+    if not isinstance(signature, str) or not signature.startswith(prefix):
+        return None
+    try:
+        item = json.loads(base64.urlsafe_b64decode(signature[len(prefix):].encode("ascii")))
+    except (ValueError, UnicodeError):            # binascii.Error is a ValueError
+        return None
+    return item if isinstance(item, dict) and item.get("type") == "reasoning" else None
+
+
+def responses_request(body, tr, prepared=None):
+    """(upstream body bytes, wants a stream) for a call on the Responses API: the Chat
+    Completions body built as everywhere else (§1), then moved into the Responses
+    shape (§8.1).  No state lives at OpenAI: store false, reasoning comes back
+    encrypted and rides in the thinking block's signature."""
+    prepared = prepared or prepare_tools(body.get("tools"), tr.quirks)
+    chat = anthropic_to_openai(body, tr, prepared)
+    instructions, items = responses_input(chat["messages"])
+    out = {"model": chat["model"], "input": items, "store": False}
+    if instructions:
+        out["instructions"] = instructions
+    for key in ("temperature", "top_p", "prompt_cache_key"):
+        if key in chat:
+            out[key] = chat[key]
+    tokens = chat.get(tr.quirks["token_param"])
+    if tokens:
+        out["max_output_tokens"] = max(tokens, 16)      # the API's floor
+    out.update(responses_reasoning(chat.get("reasoning_effort"), tr.quirks,
+                                   is_reasoning_model(tr.quirks, tr.upstream_model)))
+    out.update(responses_tools(chat))
+    fmt = _obj(chat.get("response_format")).get("json_schema")
+    if isinstance(fmt, dict):
+        out["text"] = {"format": dict(fmt, type="json_schema")}
+    if chat.get("stream"):
+        out["stream"] = True
+    return json.dumps(out).encode(), bool(out.get("stream"))
+
+
+def responses_reasoning(effort, quirks, reasoning_model):
+    """For a reasoning model: reasoning.effort at the level the route takes (when the
+    client asked for one), a summary so that the user sees the model think
+    (reasoning_summary: "" where an organisation may not have them), and the
+    encrypted reasoning back in the reply, to be sent back with the next turn."""
+    if not reasoning_model:
+        return {}
+    reasoning = {"effort": effort} if effort else {}
+    if quirks["reasoning_summary"]:
+        reasoning["summary"] = quirks["reasoning_summary"]
+    return {"reasoning": reasoning, "include": ["reasoning.encrypted_content"]}
+
+
+def responses_tools(chat):
+    """Chat function tools and tool_choice in the Responses shape (name at the top)."""
+    out = {}
+    if chat.get("tools"):
+        out["tools"] = [dict(t["function"], type="function", strict=False)
+                        for t in chat["tools"]]
+    choice = chat.get("tool_choice")
+    if isinstance(choice, dict):
+        out["tool_choice"] = {"type": "function", "name": choice["function"]["name"]}
+    elif choice is not None:
+        out["tool_choice"] = choice
+    if "parallel_tool_calls" in chat:
+        out["parallel_tool_calls"] = chat["parallel_tool_calls"]
+    return out
+
+
+def responses_input(messages):
+    """Chat messages -> (instructions, Responses input items): the leading system
+    message is the instructions; an assistant turn is its reasoning items, its text
+    and its function_call items; a tool message is a function_call_output."""
+    instructions = ""
+    if messages and messages[0]["role"] in ("system", "developer"):
+        instructions = _content_text(messages[0]["content"])
+        messages = messages[1:]
+    items = []
+    for msg in messages:
+        role = msg["role"]
+        if role == "assistant":
+            items.extend(_responses_assistant(msg))
+        elif role == "tool":
+            items.append({"type": "function_call_output", "call_id": msg["tool_call_id"],
+                          "output": _content_text(msg["content"])})
+        else:
+            items.append({"type": "message", "role": role,
+                          "content": _responses_content(msg["content"], role)})
+    return instructions, items
+
+
+def _responses_assistant(msg):
+    items = list(msg.get("_reasoning") or ())
+    if msg.get("content"):
+        items.append({"type": "message", "role": "assistant", "content": msg["content"]})
+    for call in msg.get("tool_calls") or ():
+        items.append({"type": "function_call", "call_id": call["id"],
+                      "name": call["function"]["name"],
+                      "arguments": call["function"]["arguments"]})
+    return items
+
+
+def _responses_content(content, role):
+    """User (or system) content: a string as it is, parts as input_text, input_image
+    and input_file parts."""
+    if isinstance(content, str) or role != "user":
+        return content if isinstance(content, str) else _content_text(content)
+    out = []
+    for part in content:
+        if part["type"] == "text":
+            out.append({"type": "input_text", "text": part["text"]})
+        elif part["type"] == "image_url":
+            out.append({"type": "input_image", "image_url": part["image_url"]["url"],
+                        "detail": "auto"})
+        elif part["type"] == "file":
+            out.append(dict(part["file"], type="input_file"))
+    return out
+
+
+def responses_url(provider):
+    """{base}/responses (Azure's preview API: plus ?api-version=)."""
+    query = "?api-version=" + urllib.parse.quote(provider.api_version) if (
+        provider.api_version) else ""
+    return provider.base_url + "/responses" + query
+
+
+def responses_usage(usage):
+    """Responses usage -> the Chat Completions usage the rest reads (§2.4)."""
+    usage = usage if isinstance(usage, dict) else {}
+    return {"prompt_tokens": usage.get("input_tokens"),
+            "completion_tokens": usage.get("output_tokens"),
+            "prompt_tokens_details": {"cached_tokens": _obj(usage.get(
+                "input_tokens_details")).get("cached_tokens")}} if usage else None
+
+
+def responses_finish(response, had_call):
+    """The Chat finish_reason of a Responses status: incomplete by the output limit is
+    length, by the content filter content_filter."""
+    reason = _obj(_obj(response).get("incomplete_details")).get("reason")
+    if _obj(response).get("status") == "incomplete" or reason:
+        return "length" if reason == "max_output_tokens" else "content_filter"
+    return "tool_calls" if had_call else "stop"
+
+
+def responses_failure(error, route):
+    """An UpstreamReplyError for a response.failed or error event."""
+    error = error if isinstance(error, dict) else {"message": str(error)}
+    return UpstreamReplyError(stream_error_type(error), "%s upstream error: %s" % (
+        route, upstream_message(json.dumps({"error": error}).encode())))
+
+
+def responses_to_anthropic(doc, tr):
+    """A non-streamed Responses reply -> an A message (§8.2)."""
+    if not isinstance(doc, dict) or doc.get("error") or doc.get("status") == "failed":
+        raise responses_failure(_obj(doc).get("error") or "no reply", tr.route)
+    content, calls, refusal = [], [], False
+    for item in doc.get("output") if isinstance(doc.get("output"), list) else ():
+        kind = _obj(item).get("type")
+        if kind == "reasoning":
+            text = "\n\n".join(s.get("text", "") for s in item.get("summary") or ()
+                               if isinstance(s, dict))
+            content.append({"type": "thinking", "thinking": text,
+                            "signature": reasoning_signature(tr.route, item)})
+        elif kind == "message":
+            for part in item.get("content") or ():
+                text = _obj(part).get("text") or _obj(part).get("refusal")
+                refusal = refusal or _obj(part).get("type") == "refusal"
+                if isinstance(text, str) and text:
+                    content.append({"type": "text", "text": text})
+        elif kind == "function_call":
+            calls.append({"id": item.get("call_id"), "type": "function", "function": {
+                "name": item.get("name"), "arguments": item.get("arguments")}})
+    content.extend(_tool_uses({"tool_calls": calls}, tr))
+    out_bytes = sum(utf8_len(b.get("text", "")) for b in content)
+    return {"id": new_message_id(), "type": "message", "role": "assistant",
+            "model": tr.client_model, "content": content,
+            "stop_reason": stop_reason(responses_finish(doc, bool(calls)), bool(calls), refusal),
+            "stop_sequence": None,
+            "usage": anthropic_usage(responses_usage(doc.get("usage")), tr.estimate,
+                                     -(-out_bytes // 4))}
+
+
+class ResponsesStreamTranslator(StreamTranslator):
+    """Responses API events -> A SSE events (§8.3), through the same block machinery
+    as Chat Completions chunks: the same grammar, tool-input streaming and repair.  A
+    function call is a Chat tool-call delta keyed by its output_index."""
+
+    def __init__(self, tr):
+        super().__init__(tr)
+        self.sig, self.seen = None, set()    # the reasoning item's signature; output
+                                             # indices whose text or arguments streamed
+
+    def feed(self, payload):
+        event = _loads(payload)
+        if not isinstance(event, dict):
+            return b""
+        handler = self.EVENTS.get(event.get("type"))
+        return b"".join(handler(self, event)) if handler else b""
+
+    def _signature(self):
+        sig, self.sig = self.sig, None
+        return sig or super()._signature()
+
+    def _text_delta(self, event):
+        self.seen.add(event.get("output_index"))
+        return self._content(str(event.get("delta") or ""))
+
+    def _refusal_delta(self, event):
+        self.refusal = True
+        return self._text_delta(event)
+
+    def _summary_delta(self, event):
+        return self._thinking(str(event.get("delta") or ""))
+
+    def _summary_part(self, event):
+        return self._thinking("\n\n") if event.get("summary_index") else []
+
+    def _item_added(self, event):
+        item = _obj(event.get("item"))
+        if item.get("type") != "function_call":
+            return []
+        self.seen.add(event.get("output_index"))
+        return self._tool_delta({"index": event.get("output_index"), "id": item.get("call_id"),
+                                 "type": "function", "function": {
+                                     "name": item.get("name"),
+                                     "arguments": item.get("arguments") or ""}})
+
+    def _args_delta(self, event):
+        return self._tool_delta({"index": event.get("output_index"), "function": {
+            "arguments": str(event.get("delta") or "")}})
+
+    def _item_done(self, event):
+        """A reasoning item ends its thinking block, signed with the item; an item
+        whose text or arguments never streamed comes whole (servers that send only
+        the done events)."""
+        item, index = _obj(event.get("item")), event.get("output_index")
+        if item.get("type") == "reasoning":
+            out = [] if self.open and self.open[0] == "thinking" else self._thinking("")
+            self.sig = reasoning_signature(self.tr.route, item)
+            return out + self._close_open()
+        if index in self.seen:
+            return []
+        if item.get("type") == "function_call":
+            self.seen.add(index)
+            return self._item_added(event)
+        return [b"".join(self._text_delta(dict(event, delta=_obj(p).get("text") or "")))
+                for p in item.get("content") or () if _obj(p).get("text")]
+
+    def _completed(self, event):
+        response = _obj(event.get("response"))
+        self.usage = responses_usage(response.get("usage")) or self.usage
+        self.finish = responses_finish(response, bool(self.tools))
+        self.done = True
+        return []
+
+    def _failed(self, event):
+        raise responses_failure(_obj(event.get("response")).get("error") or event,
+                                self.tr.route)
+
+    EVENTS = {"response.output_text.delta": _text_delta,
+              "response.refusal.delta": _refusal_delta,
+              "response.reasoning_summary_text.delta": _summary_delta,
+              "response.reasoning_summary_part.added": _summary_part,
+              "response.output_item.added": _item_added,
+              "response.function_call_arguments.delta": _args_delta,
+              "response.output_item.done": _item_done,
+              "response.completed": _completed, "response.incomplete": _completed,
+              "response.failed": _failed, "error": _failed}
+
+
 # ---- Translation: token estimation (docs/translation.md §5) --------------------------
 
 TOOLS_OVERHEAD = 300        # Anthropic's hidden tool-use system prompt
@@ -4002,7 +4314,7 @@ MODEL_LIMITS = (
     (r"(^|/)o[34](-|$)", 200000, 100000), (r"deepseek-reasoner", 128000, 64000),
     (r"deepseek-(chat|v3)", 128000, 8192), (r"gemini-(2\.5|3)", 1048576, 65536),
     (r"(^|/)claude", 200000, 64000), (r"qwen3-coder", 262144, 65536),
-    (r"gpt-oss", 131072, 32768),
+    (r"gpt-oss", 131072, 32768), (r"codex-mini", 200000, 100000),
 )
 WINDOW_MARGIN = 1024        # tokens kept free beside the input estimate (an estimate)
 MIN_OUTPUT_ROOM = 1024      # less room than this for the answer: the prompt is too long
@@ -4594,6 +4906,9 @@ STARTER_FIELDS = {
     "gemini": {"api_key_env": "GEMINI_API_KEY", "model": "gemini-2.5-pro"},
     "ollama": {"model": "qwen3-coder:30b"},
     "openai-compatible": {"base_url": "http://127.0.0.1:8000/v1", "model": "my-model"},
+    "openai-responses": {"api_key_env": "OPENAI_API_KEY", "model": "gpt-5-codex"},
+    "azure-responses": {"base_url": "https://NAME.openai.azure.com/openai/v1",
+                        "api_key_env": "AZURE_OPENAI_API_KEY", "model": "DEPLOYMENT"},
     "kimi": {"api_key_env": "MOONSHOT_API_KEY", "model": "kimi-k2.6"},
     "glm": {"api_key_env": "ZAI_API_KEY", "model": "glm-5.1"},
     "minimax": {"api_key_env": "MINIMAX_API_KEY", "model": "MiniMax-M2.7"},
@@ -4612,6 +4927,8 @@ STARTER_NEXT = {
                  "proxy instead, add \"api_key_env\": \"VARIABLE\"",
     "azure": "put your resource and deployment in base_url, then export "
              "AZURE_OPENAI_API_KEY=...",
+    "azure-responses": "put your resource in base_url and your deployment in model, then "
+                       "export AZURE_OPENAI_API_KEY=...",
     "ollama": "start Ollama with OLLAMA_CONTEXT_LENGTH=32768 or more",
     "openai-compatible": "put your server's URL in base_url and its model name in model "
                          "(vLLM, LM Studio, llama.cpp)",
@@ -6280,11 +6597,11 @@ class Exchange:
             return self._translate_stream(client, resp, tr)
         doc = _loads(self._read_all(client, resp))
         try:
-            message = openai_to_anthropic(doc if isinstance(doc, dict) else None, tr)
+            message = tr.dialect.reply(doc if isinstance(doc, dict) else None, tr)
         except UpstreamReplyError as exc:
             raise HTTPError(529 if exc.etype == "overloaded_error" else 500, exc.etype,
                             str(exc)) from exc
-        self._learn(tr, _usage_of(doc))
+        self._learn(tr, tr.dialect.usage(doc))
         self._note_tokens(message["usage"])
         if want_stream:     # the upstream ignored stream:true, or was asked without it
             return self.handler._send(200, SSE_HEADERS, synthesize_stream(message))
@@ -6303,7 +6620,8 @@ class Exchange:
         plain HTTP error (so 429 + retry-after works); the event commits the stream, and
         so does a wait past FIRST_EVENT_WAIT (the Pinger writes the head then: a model
         that thinks for minutes must not leave the client, or a proxy, without one)."""
-        parser, st = SSEParser(self.service.config.max_event_bytes), StreamTranslator(tr)
+        parser = SSEParser(self.service.config.max_event_bytes)
+        st = tr.dialect.stream_translator(tr)
         resp.headers = None       # read already; a long stream need not keep them
         chunked = self.handler.request_version == "HTTP/1.1"
         self.handler.close_connection = self.handler.close_connection or not chunked
@@ -6531,11 +6849,17 @@ class OpenAIChatDialect(Dialect):
 
     translated, anthropic_errors = True, False
     relay = staticmethod(Exchange._relay_translated)
+    stream_translator = StreamTranslator            # upstream events -> A events
+    reply = staticmethod(openai_to_anthropic)       # a whole reply -> an A message
+    usage = staticmethod(lambda doc: _usage_of(doc) if isinstance(doc, dict) else None)
+    request = staticmethod(translated_request)
+    url = staticmethod(openai_url)
 
     def prepare(self, call, provider, model, endpoint, query, raw, body):
         tr, tools = call.translation(provider, model, body)
-        data, stream = translated_request(body, tr, tools)
-        return openai_url(provider), data, openai_headers(provider, stream), tr
+        tr.dialect = self
+        data, stream = self.request(body, tr, tools)
+        return self.url(provider), data, openai_headers(provider, stream), tr
 
     def probe(self, provider):
         return provider.base_url + "/models", openai_headers(provider, False)
@@ -6543,6 +6867,27 @@ class OpenAIChatDialect(Dialect):
 
 #: The one-token call `check` makes where a format has no free probe.
 CHECK_CALL = {"max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+
+
+class ResponsesDialect(OpenAIChatDialect):
+    """OpenAI's Responses API (issue #23), translated both ways: the Chat Completions
+    translation, moved into the Responses shape (docs/translation.md §8)."""
+
+    stream_translator = ResponsesStreamTranslator
+    reply = staticmethod(responses_to_anthropic)
+    usage = staticmethod(lambda doc: responses_usage(_obj(doc).get("usage")))
+    request = staticmethod(responses_request)
+    url = staticmethod(responses_url)
+
+    def check_call(self, provider):
+        """A tiny tool call (16 output tokens, the API's least): the route must take
+        tools, which is what Claude Code needs of it."""
+        body = {"model": provider.model or "gpt-5", "input": "ping", "store": False,
+                "max_output_tokens": 16, "tools": [{
+                    "type": "function", "name": "ping", "description": "answer ping",
+                    "parameters": {"type": "object", "properties": {}}}]}
+        return ("POST", responses_url(provider), openai_headers(provider, False),
+                json_bytes(body))
 
 
 class AnthropicCompatibleDialect(AnthropicDialect):
@@ -6918,6 +7263,7 @@ class BedrockDialect(AnthropicDialect):
 
 #: The dialects by the name PROVIDER_TYPES gives them.
 DIALECTS = {"anthropic": AnthropicDialect(), "openai": OpenAIChatDialect(),
+            "responses": ResponsesDialect(),
             "anthropic-compatible": AnthropicCompatibleDialect(), "vertex": VertexDialect(),
             "bedrock": BedrockDialect()}
 

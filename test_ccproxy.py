@@ -2542,10 +2542,11 @@ def tc(index=None, id=None, name=None, args=None, sig=None):
     return call
 
 
-def run_stream(text, tr=None, cuts=None):
-    """Feed an upstream SSE text through SSEParser + StreamTranslator -> A events."""
+def run_stream(text, tr=None, cuts=None, translator=None):
+    """Feed an upstream SSE text through SSEParser + StreamTranslator (or `translator`)
+    -> A events."""
     tr = tr or translation()
-    parser, st = ccproxy.SSEParser(), ccproxy.StreamTranslator(tr)
+    parser, st = ccproxy.SSEParser(), (translator or ccproxy.StreamTranslator)(tr)
     raw, out = text.encode(), st.start()
     pieces = [raw] if cuts is None else [raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])]
     try:
@@ -3685,6 +3686,260 @@ def window_upstream(window, style, counted=None):
         h.reply(200, reply({"content": "fits"}, usage={"prompt_tokens": used,
                                                        "completion_tokens": 2}))
     return behave
+
+
+def responses_fake(scenario="tool"):
+    return e2e_module("fake_responses").FakeResponses(scenario)
+
+
+def responses_config(url, model="gpt-5-codex", ptype="openai-responses"):
+    return config(providers=(ccproxy.ProviderConfig(
+        name="oai", type=ptype, base_url=url, api_key="sk-up", model=model),))
+
+
+def to_responses(body, model="gpt-5-codex", session="", **quirks):
+    tr = translation("openai-responses", model, **quirks)
+    tr.session = session
+    body = dict({"model": "claude-sonnet-5-5", "max_tokens": 100}, **body)
+    data, stream = ccproxy.responses_request(body, tr)
+    return json.loads(data), tr
+
+
+def responses_sse(events):
+    return "".join("event: %s\ndata: %s\n\n" % (e["type"], json.dumps(e)) for e in events)
+
+
+def run_responses_stream(text, tr, cuts=None):
+    return run_stream(text, tr, cuts, ccproxy.ResponsesStreamTranslator)
+
+
+class TestResponsesAPI(unittest.TestCase):
+    """Issue #23: OpenAI's Responses API as a translated upstream."""
+
+    def fake_stream(self, scenario="tool", body=None):
+        """The fake's own event sequence for one call, as the real API orders it."""
+        fake = responses_fake(scenario)
+        body = body or {"model": "gpt-5-codex", "input": [], "tools": [{"name": "Bash"}]}
+        events = [{"type": "response.created", "response": {}}]
+        for index, item in enumerate(fake.output(body, 1)):
+            events.extend(fake.item_events(index, item))
+        events.append({"type": "response.completed", "response": fake.response(
+            body, 1, fake.output(body, 1))})
+        return events, fake.output(body, 1)
+
+    def test_request_shape(self):
+        body, tr = to_responses({
+            "system": [{"type": "text", "text": "be brief"}],
+            "messages": [user([{"type": "text", "text": "look"}, {"type": "image", "source": {
+                "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]),
+                         assistant([{"type": "text", "text": "ok"}, {
+                             "type": "tool_use", "id": "toolu_1", "name": "Bash",
+                             "input": {"command": "ls"}}]),
+                         user([{"type": "tool_result", "tool_use_id": "toolu_1",
+                                "content": "a.txt"}, {"type": "text", "text": "go on"}])],
+            "tools": [{"name": "Bash", "description": "run", "input_schema": {
+                "type": "object", "properties": {"command": {"type": "string"}}}}],
+            "tool_choice": {"type": "tool", "name": "Bash"}, "max_tokens": 8,
+            "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+            "stream": True}, session="sess-1")
+        self.assertEqual(body["instructions"], "be brief")
+        self.assertEqual(body["input"], [
+            {"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "look"},
+                {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=",
+                 "detail": "auto"}]},
+            {"type": "message", "role": "assistant", "content": "ok"},
+            {"type": "function_call", "call_id": "toolu_1", "name": "Bash",
+             "arguments": '{"command":"ls"}'},
+            {"type": "function_call_output", "call_id": "toolu_1", "output": "a.txt"},
+            {"type": "message", "role": "user", "content": "go on"}])
+        self.assertEqual(body["tools"], [{"type": "function", "name": "Bash",
+                                          "description": "run", "strict": False,
+                                          "parameters": body["tools"][0]["parameters"]}])
+        self.assertEqual(body["tool_choice"], {"type": "function", "name": "Bash"})
+        self.assertEqual(body["max_output_tokens"], 16)       # the API's floor
+        self.assertEqual(body["reasoning"], {"effort": "high", "summary": "auto"})
+        self.assertEqual(body["include"], ["reasoning.encrypted_content"])
+        self.assertIs(body["store"], False)
+        self.assertTrue(body["stream"])
+        self.assertEqual(body["prompt_cache_key"], ccproxy.prompt_cache_key("sess-1"))
+        self.assertFalse({"messages", "max_tokens", "max_completion_tokens",
+                          "reasoning_effort", "stream_options"} & set(body))
+        for choice, expected in (({"type": "any"}, "required"), ({"type": "auto"}, "auto"),
+                                 ({"type": "none"}, "none")):
+            got, _ = to_responses({"messages": [user("hi")], "tool_choice": choice,
+                                   "tools": [{"name": "Bash", "input_schema": {}}]})
+            self.assertEqual(got.get("tool_choice", "none"), expected, choice)
+        plain, _ = to_responses({"messages": [user("hi")], "output_config": {"effort": "high"}},
+                                model="gpt-4.1")
+        self.assertFalse({"reasoning", "include"} & set(plain))
+        xhigh, _ = to_responses({"messages": [user("hi")], "output_config": {"effort": "max"},
+                                 "thinking": {"type": "adaptive"}}, model="gpt-5.2-codex")
+        self.assertEqual(xhigh["reasoning"]["effort"], "xhigh")
+
+    def test_stream_round_trip_sends_reasoning_back_as_it_came(self):
+        """A reasoning item, a function call and its output, replayed as the next turn's
+        input: the item exactly as the upstream sent it."""
+        events, items = self.fake_stream("tool")
+        tr = translation("openai-responses", "gpt-5-codex")
+        blocks = check_grammar(self, run_responses_stream(responses_sse(events), tr))
+        self.assertEqual([b["type"] for b in blocks], ["thinking", "tool_use"])
+        self.assertEqual(blocks[0]["thinking"], "Thinking it over.\n\nPlanning a step.")
+        self.assertEqual(json.loads(blocks[1]["json"]), {"command": "echo hello-from-tool",
+                                                         "description": "say hello"})
+        turn = [{"type": "thinking", "thinking": blocks[0]["thinking"],
+                 "signature": blocks[0]["signature"]},
+                {"type": "tool_use", "id": blocks[1]["id"], "name": blocks[1]["name"],
+                 "input": json.loads(blocks[1]["json"])}]
+        body, _ = to_responses({"messages": [user("run it"), assistant(turn), user([
+            {"type": "tool_result", "tool_use_id": blocks[1]["id"], "content": "hi"}])]})
+        self.assertEqual(json.dumps(body["input"][1]), json.dumps(items[0]))
+        self.assertEqual(body["input"][2], {"type": "function_call", "call_id": items[1]["call_id"],
+                                            "name": "Bash", "arguments": json.dumps(
+                                                json.loads(items[1]["arguments"]),
+                                                separators=(",", ":"))})
+        self.assertEqual(body["input"][3]["type"], "function_call_output")
+        self.assertEqual(responses_fake().refuse(body), "")
+        # Another provider's thinking (or another route's) is never sent as reasoning.
+        for sig in (ccproxy.thinking_signature("oai", "x"), "EqQBCkYIBxgCKkA",
+                    ccproxy.reasoning_signature("other", items[0])):
+            turn[0]["signature"] = sig
+            body, _ = to_responses({"messages": [user("run it"), assistant(turn), user([
+                {"type": "tool_result", "tool_use_id": blocks[1]["id"], "content": "hi"}])]})
+            self.assertNotIn("reasoning", [i["type"] for i in body["input"]], sig)
+
+    def test_stream_cut_anywhere_keeps_grammar_and_content(self):
+        rng = random.Random(23)
+        tr = translation("openai-responses", "gpt-5-codex")
+        for scenario in ("tool", "text", "nosummary"):
+            text = responses_sse(self.fake_stream(scenario)[0])
+            whole = check_grammar(self, run_responses_stream(text, tr))
+            for _ in range(60):
+                cuts = sorted(rng.sample(range(1, len(text.encode())), rng.randint(1, 12)))
+                blocks = check_grammar(self, run_responses_stream(text, tr, cuts))
+                self.assertEqual([(b["type"], b.get("text"), b.get("thinking"), b.get("json"))
+                                  for b in blocks],
+                                 [(b["type"], b.get("text"), b.get("thinking"), b.get("json"))
+                                  for b in whole], scenario)
+
+    def test_stream_ends(self):
+        tr = translation("openai-responses", "gpt-5-codex")
+        text = [{"type": "response.output_item.added", "output_index": 0,
+                 "item": {"type": "message", "content": []}},
+                {"type": "response.output_text.delta", "output_index": 0, "delta": "Hel"}]
+        cases = [
+            ({"type": "response.incomplete", "response": {
+                "status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"},
+                "usage": {"input_tokens": 50, "output_tokens": 9}}}, "max_tokens"),
+            ({"type": "response.completed", "response": {"status": "completed", "usage": {
+                "input_tokens": 50, "input_tokens_details": {"cached_tokens": 20},
+                "output_tokens": 9}}}, "end_turn")]
+        for last, stop in cases:
+            events = run_responses_stream(responses_sse(text + [last]), tr)
+            check_grammar(self, events)
+            self.assertEqual(events[-2]["delta"]["stop_reason"], stop)
+        self.assertEqual(events[-2]["usage"]["cache_read_input_tokens"], 20)
+        self.assertEqual(events[-2]["usage"]["input_tokens"], 30)
+        for last in ({"type": "response.failed", "response": {"status": "failed", "error": {
+                         "code": "server_error", "message": "The model failed"}}},
+                     {"type": "error", "code": "rate_limit_exceeded",
+                      "message": "Rate limit reached"}):
+            events = run_responses_stream(responses_sse(text + [last]), tr)
+            check_grammar(self, events)
+            self.assertEqual(events[-1]["type"], "error")
+        self.assertEqual(events[-1]["error"]["type"], "overloaded_error")
+        cut = run_responses_stream(responses_sse(text), tr)        # no completed: cut
+        self.assertEqual(cut[-1]["type"], "error")
+
+    def test_whole_reply_and_done_only_servers(self):
+        tr = translation("openai-responses", "gpt-5-codex")
+        fake = responses_fake("tool")
+        body = {"model": "gpt-5-codex", "input": [], "tools": [{"name": "Bash"}]}
+        message = ccproxy.responses_to_anthropic(fake.response(body, 1, fake.output(body, 1)),
+                                                 tr)
+        self.assertEqual([b["type"] for b in message["content"]], ["thinking", "tool_use"])
+        self.assertEqual(message["stop_reason"], "tool_use")
+        self.assertEqual(ccproxy.reasoning_item(message["content"][0]["signature"], "oai"),
+                         None)
+        self.assertEqual(ccproxy.reasoning_item(message["content"][0]["signature"], "r"),
+                         fake.output(body, 1)[0])
+        # A server that sends only the done events: each item comes whole.
+        events = [{"type": "response.output_item.done", "output_index": i, "item": item}
+                  for i, item in enumerate(fake.output(dict(body, tools=[]), 2))]
+        events.append({"type": "response.completed", "response": {"status": "completed"}})
+        blocks = check_grammar(self, run_responses_stream(responses_sse(events), tr))
+        self.assertEqual([(b["type"], b.get("text")) for b in blocks],
+                         [("thinking", None), ("text", "Hello from the fake Responses server!")])
+
+    def test_through_the_proxy_against_a_strict_fake(self):
+        with contextlib.ExitStack() as stack:
+            fake = responses_fake("tool").start()
+            stack.callback(fake.stop)
+            px = stack.enter_context(Proxy(responses_config(fake.url)))
+            tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+            first = dict(BODY, max_tokens=32000, tools=tools, stream=True,
+                         thinking={"type": "adaptive"}, messages=[user("run echo")])
+            resp, out = px.call("POST", "/v1/messages", first)
+            blocks = check_grammar(self, parse_events(out))
+            turn = [{"type": "thinking", "thinking": blocks[0]["thinking"],
+                     "signature": blocks[0]["signature"]},
+                    {"type": "tool_use", "id": blocks[1]["id"], "name": "Bash",
+                     "input": json.loads(blocks[1]["json"])}]
+            second = dict(first, stream=False, messages=first["messages"] + [
+                assistant(turn), user([{"type": "tool_result", "tool_use_id": blocks[1]["id"],
+                                        "content": "hello-from-tool"}])])
+            resp, out = px.call("POST", "/v1/messages", second)
+            message = json.loads(out)
+            self.assertEqual((resp.status, message["content"][-1]["text"]),
+                             (200, "Tool said: hello-from-tool"), out)
+            self.assertEqual(fake.requests[0]["path"], "/v1/responses")
+            self.assertEqual(fake.requests[0]["headers"]["Authorization"], "Bearer sk-up")
+            # What the real API refuses comes back as Anthropic's error: here reasoning
+            # that another organisation encrypted.
+            item = ccproxy.reasoning_item(turn[0]["signature"], "oai")
+            turn[0]["signature"] = ccproxy.reasoning_signature("oai", dict(
+                item, encrypted_content="enc:elsewhere"))
+            resp, out = px.call("POST", "/v1/messages", second)
+            error = json.loads(out)["error"]
+            self.assertEqual((resp.status, error["type"]), (400, "invalid_request_error"))
+            self.assertIn("not persisted", error["message"])
+
+    def test_errors_map_as_on_chat_completions(self):
+        rows = [(429, {"code": "rate_limit_exceeded", "type": "requests",
+                       "message": "Rate limit reached for gpt-5-codex"}, 429, "rate_limit_error"),
+                (400, {"code": "context_length_exceeded", "type": "invalid_request_error",
+                       "message": "Your input exceeds the context window of this model."},
+                 400, "invalid_request_error"),
+                (400, {"code": "invalid_prompt", "type": "invalid_request_error",
+                       "message": "Invalid prompt: flagged"}, 400, "invalid_request_error"),
+                (500, {"code": "server_error", "type": "server_error",
+                       "message": "The server had an error"}, 500, "api_error")]
+        for status, error, want_status, want_type in rows:
+            def behave(h, body, status=status, error=error):
+                h.reply(status, {"error": dict(error, param=None)})
+            with FakeUpstream(behave) as up, Proxy(responses_config(up.url)) as px:
+                resp, out = px.call("POST", "/v1/messages", BODY)
+                got = json.loads(out)["error"]
+            self.assertEqual((resp.status, got["type"]), (want_status, want_type), error)
+            self.assertIn(error["message"][:20], got["message"])
+            if error["code"] == "context_length_exceeded":
+                self.assertTrue(got["message"].startswith("prompt is too long"), got)
+
+    def test_check_probes_with_a_tiny_tool_call(self):
+        fake = responses_fake("text").start()
+        try:
+            code, out = run_check(config(port=free_port(), providers=(ccproxy.ProviderConfig(
+                name="oai", type="openai-responses", base_url=fake.url, api_key="sk-up",
+                model="gpt-5-codex"),)))
+        finally:
+            fake.stop()
+        self.assertEqual(code, 0, out)
+        sent = fake.requests[-1]["body"]
+        self.assertEqual((sent["max_output_tokens"], sent["tools"][0]["name"]), (16, "ping"))
+        preset = ccproxy.build_config({"providers": [{"name": "o", "type": "openai-responses",
+                                                      "api_key": "k"}]}, {}, {})
+        self.assertEqual(ccproxy.responses_url(preset.providers[0]),
+                         "https://api.openai.com/v1/responses")
 
 
 class TestContextWindows(unittest.TestCase):

@@ -27,19 +27,19 @@ Every request is kept in .requests (path, headers as [name, value] pairs, parsed
 the body's bytes as raw).
 """
 import argparse
-import http.server
 import json
 import re
-import socket
 import sys
 import threading
+
+from loopback import LoopbackFake, QuietHandler
 
 TEXT = "Hello from the fake Anthropic server!"
 VERTEX_PATH = re.compile(r"^/v1/projects/([^/]+)/locations/([^/]+)/publishers/anthropic/"
                          r"models/([^/:]+):(rawPredict|streamRawPredict)$")
 
 
-class FakeAnthropic:
+class FakeAnthropic(LoopbackFake):
     """The server; start() binds 127.0.0.1 port 0 and serves on a daemon thread."""
 
     def __init__(self, scenario="text", tool_name="Bash", thinking=False, vendor="",
@@ -49,16 +49,7 @@ class FakeAnthropic:
         self.requests, self.lock = [], threading.Lock()
         fake = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self):
-                super().setup()
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_HEAD(self):
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
@@ -75,24 +66,7 @@ class FakeAnthropic:
                                           "body": body, "raw": raw})
                 fake.answer(self, body)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.url = "http://127.0.0.1:%d" % self.port
-
-    def start(self):
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-        return self
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
+        self._serve(Handler)
 
     # -- answers ------------------------------------------------------------------
 

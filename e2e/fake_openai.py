@@ -37,16 +37,16 @@ the body's bytes) plus max_tokens past N is a 400 naming both numbers.
 Every request is kept in .requests (path, headers, parsed body) for the test to inspect.
 """
 import argparse
-import http.server
 import json
-import socket
 import sys
 import threading
+
+from loopback import LoopbackFake, QuietHandler
 
 PNG_SIGNATURE = b"\x89PNG"
 
 
-class FakeOpenAI:
+class FakeOpenAI(LoopbackFake):
     """The server; start() binds 127.0.0.1 port 0 and serves on a daemon thread."""
 
     def __init__(self, scenario="text", quirk="", fail="", fail_count=1, retry_after=2,
@@ -56,16 +56,7 @@ class FakeOpenAI:
         self.requests, self.lock = [], threading.Lock()
         fake = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self):
-                super().setup()
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 fake.send_json(self, 200, {"data": [{"id": "fake-model"}]})
 
@@ -83,18 +74,7 @@ class FakeOpenAI:
                         "message": refused, "type": "invalid_request_error"}})
                 fake.answer(self, body, failing)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.url = "http://127.0.0.1:%d/v1" % self.port
-
-    def start(self):
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-        return self
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(Handler, "/v1")
 
     # -- answers ------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ sys.path.insert(0, HERE)
 from fake_openai import FakeOpenAI  # noqa: E402
 from fake_anthropic import FakeAnthropic as InRepoFakeAnthropic  # noqa: E402
 from fake_bedrock import FakeBedrock  # noqa: E402
+from fake_responses import FakeResponses  # noqa: E402
 
 CLAUDE_PKG = "@anthropic-ai/claude-code@latest"
 RESULTS = []
@@ -524,6 +525,25 @@ def cli_search_scenarios(claude, skip):
               "ccproxy is a proxy" in said[0], "what the model got back: %s" % said)
 
 
+def cli_responses_scenarios(claude, skip):
+    """Issue #23: the Responses API, with reasoning carried across the tool call."""
+    for kind in ("tool", "nosummary"):
+        @scenario("claude-cli through the Responses API (%s): a Bash call, its reasoning "
+                  "sent back as it came" % kind, skip)
+        def _(kind=kind):
+            fake = FakeResponses(kind).start()
+            env = {"CCPROXY_PROVIDER": "openai-responses", "CCPROXY_BASE_URL": fake.url,
+                   "CCPROXY_UPSTREAM_API_KEY": "sk-upstream", "CCPROXY_MODEL": "gpt-5-codex"}
+            with Ccproxy(env) as proxy:
+                rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
+            check(rc == 0 and result and "hello-from-tool" in result.get("result", ""),
+                  "exit %d: %s" % (rc, out[-300:]))
+            calls = [r["body"] for r in fake.requests if r["path"] == "/v1/responses"]
+            sent = [i for i in calls[-1]["input"] if i.get("type") == "reasoning"]
+            made = fake.output(dict(calls[0], input=[]), 1)[0]
+            check(len(calls) == 2 and sent == [made], "reasoning sent back: %s" % sent)
+
+
 def cli_quirk_scenarios(claude, skip):
     for ptype in ("groq", "gemini", "deepseek", "ollama", "openrouter"):
         @scenario("claude-cli bash tool round trip, %s quirks" % ptype, skip)
@@ -968,6 +988,7 @@ def main(argv):
     cli_vendor_scenarios(claude, skip_cli)
     cli_cloud_scenarios(claude, skip_cli)
     cli_routing_scenarios(claude, skip_cli)
+    cli_responses_scenarios(claude, skip_cli)
     cli_search_scenarios(claude, skip_cli)
     cli_failure_scenarios(claude, skip_cli)
     cli_anthropic_scenarios(claude, skip_cli)
