@@ -2641,6 +2641,7 @@ class PreparedTools:
     tools: list         # O function tools
     names: dict         # upstream name -> original
     json: str           # `tools`, serialised for the upstream body (ASCII, as the rest)
+    responses_json: str  # the same in the Responses API's shape (§8.1)
     size: int           # UTF-8 bytes of the client's tools, compact (the estimator's)
     deferred: dict      # original name -> O tool, for the tools marked defer_loading
 
@@ -2651,7 +2652,14 @@ def prepare_tools(tools, quirks):
     converted = convert_tools(tools, quirks, names, deferred)
     size = utf8_len(_compact(tools)) if isinstance(tools, list) and tools else 0
     return PreparedTools(source=tools, tools=converted, names=names,
-                         json=json.dumps(converted), size=size, deferred=deferred)
+                         json=json.dumps(converted), size=size, deferred=deferred,
+                         responses_json=json.dumps(responses_function_tools(converted)))
+
+
+def responses_function_tools(tools):
+    """Chat function tools in the Responses API's shape: the function's fields at the
+    top, strict off (Claude Code's schemas are not all strict-mode schemas)."""
+    return [dict(t["function"], type="function", strict=False) for t in tools]
 
 
 def callable_tools(prepared, body):
@@ -3918,13 +3926,18 @@ def responses_request(body, tr, prepared=None):
         out["max_output_tokens"] = max(tokens, 16)      # the API's floor
     out.update(responses_reasoning(chat.get("reasoning_effort"), tr.quirks,
                                    is_reasoning_model(tr.quirks, tr.upstream_model)))
-    out.update(responses_tools(chat))
+    out.update(responses_tool_choice(chat))
     fmt = _obj(chat.get("response_format")).get("json_schema")
     if isinstance(fmt, dict):
         out["text"] = {"format": dict(fmt, type="json_schema")}
     if chat.get("stream"):
         out["stream"] = True
-    return json.dumps(out).encode(), bool(out.get("stream"))
+    # The tools go in serialised once per tool set, as on Chat Completions.
+    tools, text = chat.get("tools"), json.dumps(out)
+    if tools:
+        text = text[:-1] + ', "tools": ' + (prepared.responses_json if tools is prepared.tools
+                                            else json.dumps(responses_function_tools(tools))) + "}"
+    return text.encode(), bool(out.get("stream"))
 
 
 def responses_reasoning(effort, quirks, reasoning_model):
@@ -3940,12 +3953,9 @@ def responses_reasoning(effort, quirks, reasoning_model):
     return {"reasoning": reasoning, "include": ["reasoning.encrypted_content"]}
 
 
-def responses_tools(chat):
-    """Chat function tools and tool_choice in the Responses shape (name at the top)."""
+def responses_tool_choice(chat):
+    """A Chat tool_choice in the Responses shape (the name at the top)."""
     out = {}
-    if chat.get("tools"):
-        out["tools"] = [dict(t["function"], type="function", strict=False)
-                        for t in chat["tools"]]
     choice = chat.get("tool_choice")
     if isinstance(choice, dict):
         out["tool_choice"] = {"type": "function", "name": choice["function"]["name"]}
