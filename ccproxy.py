@@ -92,7 +92,9 @@ __all__ = [
 import _thread
 import argparse
 import base64
+import calendar
 import collections
+import csv
 import dataclasses
 import datetime
 import errno
@@ -104,11 +106,13 @@ import hmac
 import http.client
 import http.server
 import importlib.util
+import io
 import ipaddress
 import json
 import logging
 import os
 import py_compile
+import queue
 import re
 import select
 import shlex
@@ -128,11 +132,17 @@ import urllib.parse
 import urllib.request
 import zlib
 
+try:                      # some distributions build Python without it (issue #24)
+    import sqlite3
+except ImportError:       # pragma: no cover - the ledger is off then
+    sqlite3 = None
+
 # ---- Constants -----------------------------------------------------------------------
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3456
 DEFAULT_DRAIN_TIMEOUT = 25.0      # below the unit's TimeoutStopSec=35
+DEFAULT_USAGE_RETENTION_DAYS = 90 # the ledger prunes older rows (docs/operating.md §10)
 DEFAULT_IDLE_TIMEOUT = 120.0      # keep-alive idle limit per client connection
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 600.0      # Claude Code's own API_TIMEOUT_MS default
@@ -417,6 +427,10 @@ class ConfigError(CcproxyError):
         return "config: " + super().__str__()
 
 
+class UsageError(CcproxyError):
+    """There is no usage ledger to read, or it cannot be read."""
+
+
 class PidFileError(CcproxyError):
     """The PID file cannot be created, locked or written."""
 
@@ -466,6 +480,19 @@ class ProviderConfig:
     token_command: tuple = ()      # Vertex: argv printing an OAuth access token
     aws_profile: str = ""          # Bedrock: a profile of ~/.aws/credentials
     context_window: int = 0        # the model's window in tokens (0: learn it, or look it up)
+    price: tuple = ()              # USD per million tokens: (input, output, cache read,
+                                   # cache write) for all it serves; () = the table's
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientKey:
+    """A named client key (issue #24): who calls, within which limits.  The ledger,
+    logs and metrics carry the name, never the key."""
+    name: str
+    key: str = dataclasses.field(default="", repr=False)
+    monthly_budget_usd: float = 0.0      # 0: no budget
+    requests_per_minute: int = 0         # 0: no rate limit
+    routes: tuple = ()                   # route names it may take; () = every route
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,6 +533,11 @@ class Config:
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     probe_interval: float = 0.0       # seconds between provider probes; 0 = off
     workers: int = 1                  # processes sharing the port (SO_REUSEPORT)
+    usage: bool = True                # keep the usage ledger (docs/operating.md §10)
+    usage_db: str = ""                # its SQLite file ("" with usage on: nowhere to keep it)
+    usage_retention_days: int = DEFAULT_USAGE_RETENTION_DAYS
+    client_keys: tuple = ()           # ClientKey, beside the single api_key
+    prices: tuple = ()                # (model pattern, (input, output, cache read, write))
     providers: tuple = ()
     routes: tuple = ()
     fallback: tuple = ()
@@ -521,6 +553,14 @@ class Config:
 
     def provider_names(self):
         return [p.name for p in self.providers]
+
+    def requires_key(self):
+        """Whether clients must present a key: the api_key, or one of client_keys."""
+        return bool(self.api_key or self.client_keys)
+
+    def client_key(self, name):
+        """The ClientKey called `name`, or None (the single api_key has no limits)."""
+        return next((k for k in self.client_keys if k.name == name), None)
 
 
 #: Scalar settings: (key, environment variables, kind, CLI option name).
@@ -549,6 +589,9 @@ SETTINGS = (
     ("max_event_bytes", ("CCPROXY_MAX_EVENT_BYTES",), "size", None),
     ("probe_interval", ("CCPROXY_PROBE_INTERVAL",), "seconds0", None),
     ("workers", ("CCPROXY_WORKERS",), "size", "workers"),
+    ("usage", ("CCPROXY_USAGE",), "bool", None),
+    ("usage_db", ("CCPROXY_USAGE_DB",), "str", None),
+    ("usage_retention_days", ("CCPROXY_USAGE_RETENTION_DAYS",), "size", None),
 )
 #: Environment variables that configure the primary (first) provider.
 PROVIDER_ENV = (
@@ -557,12 +600,15 @@ PROVIDER_ENV = (
     ("model", "CCPROXY_MODEL"),
     ("big_model", "CCPROXY_BIG_MODEL"), ("small_model", "CCPROXY_SMALL_MODEL"),
 )
-FILE_ONLY_KEYS = ("providers", "routes", "fallback")
+FILE_ONLY_KEYS = ("providers", "routes", "fallback", "client_keys", "prices")
 KEY_FIELDS = ("api_key", "api_key_env", "api_key_file")
 PROVIDER_KEYS = ("name", "type", "base_url") + KEY_FIELDS + (
     "model", "big_model", "small_model", "connect_timeout", "read_timeout", "ca_bundle",
     "api_version", "quirks", "headers", "project", "region", "token_command", "aws_profile",
-    "context_window")
+    "context_window", "price")
+CLIENT_KEY_KEYS = ("name", "key_env", "key_file", "monthly_budget_usd",
+                   "requests_per_minute", "routes")
+PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
 #: Where a cloud's fields come from when the entry leaves them out: the variables Claude
 #: Code's own Vertex and Bedrock modes read (docs/providers.md).
 CLOUD_FIELDS = {
@@ -708,6 +754,8 @@ def _provider_fields(where, name, ptype, raw, environ, read_key):
     fields["quirks"] = _quirks(where + ".quirks", raw.get("quirks", {}))
     fields["context_window"] = _window(where, raw)
     fields["headers"] = _extra_headers(where + ".headers", raw.get("headers", {}))
+    if "price" in raw:
+        fields["price"] = _price(where + ".price", raw["price"])
     for field in ("connect_timeout", "read_timeout"):
         if field in raw:
             fields[field] = _convert(where + "." + field, "seconds", raw[field])
@@ -965,8 +1013,12 @@ def build_config(data, environ, cli, source="", read_key=read_key_file):
     fallback = data.get("fallback", [])
     if not isinstance(fallback, list) or any(n not in names for n in fallback):
         raise ConfigError("fallback must be a list of provider names (%s)" % ", ".join(names))
+    if values.get("usage", True) and not values.get("usage_db"):
+        values["usage_db"] = default_usage_db(environ)
     config = Config(providers=providers, routes=routes, fallback=tuple(fallback),
-                    source=source, **values)
+                    source=source, client_keys=_client_keys(data.get("client_keys", []),
+                                                            environ, read_key),
+                    prices=_prices("prices", data.get("prices", {})), **values)
     _check_exposure(config)
     if config.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigError("workers > 1 needs SO_REUSEPORT, which this system lacks")
@@ -977,13 +1029,87 @@ def build_config(data, environ, cli, source="", read_key=read_key_file):
                                warnings=warnings)
 
 
+def _client_keys(raw_keys, environ, read_key):
+    """Validate client_keys: each a name, a key from key_env or key_file, limits."""
+    if not isinstance(raw_keys, list):
+        raise ConfigError("client_keys must be a list")
+    keys = [_client_key("client_keys[%d]" % i, raw, environ, read_key)
+            for i, raw in enumerate(raw_keys)]
+    for attr, what in (("name", "name"), ("key", "key")):
+        values = [getattr(k, attr) for k in keys]
+        twice = next((k.name for k, v in zip(keys, values) if values.count(v) > 1), None)
+        if twice:
+            raise ConfigError("client_keys: two entries share the %s of %s" % (what, twice))
+    return tuple(keys)
+
+
+def _client_key(where, raw, environ, read_key):
+    _known_object(where, raw, CLIENT_KEY_KEYS)
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_.@-]{1,64}$", name):
+        raise ConfigError("%s.name must be 1-64 letters, digits, '_', '.', '@' or '-'" % where)
+    if ("key_env" in raw) == ("key_file" in raw):
+        raise ConfigError("%s (%s): give one of key_env and key_file" % (where, name))
+    if "key_env" in raw:
+        key = environ.get(str(raw["key_env"]), "").strip()
+        if not key:
+            raise ConfigError("%s (%s): %s is not set" % (where, name, raw["key_env"]))
+    else:
+        key = read_key(where + ".key_file", str(raw["key_file"]), environ)
+    budget = raw.get("monthly_budget_usd", 0)
+    rpm = raw.get("requests_per_minute", 0)
+    routes = raw.get("routes", [])
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0:
+        raise ConfigError("%s.monthly_budget_usd must be a number >= 0" % where)
+    if isinstance(rpm, bool) or not isinstance(rpm, int) or rpm < 0:
+        raise ConfigError("%s.requests_per_minute must be a whole number >= 0" % where)
+    if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
+        raise ConfigError("%s.routes must be a list of route names" % where)
+    return ClientKey(name=name, key=key, monthly_budget_usd=float(budget),
+                     requests_per_minute=rpm, routes=tuple(routes))
+
+
+def _price(where, raw):
+    """{"input", "output", "cache_read", "cache_write"} in USD per million tokens ->
+    a tuple in that order (cache prices default to the input price's 0.1 and 1.25)."""
+    _known_object(where, raw, PRICE_KEYS)
+    values = []
+    for key in PRICE_KEYS:
+        value = raw.get(key)
+        if value is None and key.startswith("cache") and "input" in raw:
+            value = raw["input"] * (0.1 if key == "cache_read" else 1.25)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError("%s.%s must be a number >= 0 (USD per million tokens)"
+                              % (where, key))
+        values.append(float(value))
+    return tuple(values)
+
+
+def _prices(where, raw):
+    """The config's prices: {model pattern: price} -> ((pattern, price), …)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("%s must be an object of model patterns" % where)
+    return tuple((str(k).lower(), _price("%s[%s]" % (where, _shown(k)), v))
+                 for k, v in raw.items())
+
+
+def default_usage_db(environ):
+    """The ledger's file: systemd's StateDirectory, else the user's state directory;
+    "" where neither is known (an embedded Service, a test): no ledger then."""
+    if environ.get("STATE_DIRECTORY"):
+        return os.path.join(environ["STATE_DIRECTORY"].split(":")[0], "usage.db")
+    if environ.get("XDG_STATE_HOME") or environ.get("HOME"):
+        return os.path.join(_state_dir(environ), "usage.db")
+    return ""
+
+
 def unconfigured(config, provider):
     """True when calls to `provider` cannot work for want of its own key.  Anthropic
     needs none while ccproxy has no client key: each client's own is forwarded then."""
     if provider.api_key:
         return False
     if dialect_of(provider).forwards_client_key:
-        return bool(config.api_key)
+        return config.requires_key()
     return PROVIDER_TYPES[provider.type].needs_key
 
 
@@ -1027,7 +1153,7 @@ def _check_exposure(config):
     """Refuse to serve provider keys to the network with no client key (docs/security.md §1)."""
     exposed = [h for h in (config.host, config.status_host if config.status_port else "")
                if h and not is_loopback_host(h)]
-    if exposed and not config.api_key and not config.allow_remote:
+    if exposed and not config.requires_key() and not config.allow_remote:
         raise ConfigError("host %s is not a loopback address and api_key is not set: set "
                           "CCPROXY_API_KEY, or allow_remote=true to serve without one"
                           % exposed[0])
@@ -1059,6 +1185,8 @@ def config_fingerprint(config):
     doc = dataclasses.asdict(dataclasses.replace(config, source="", fingerprint="",
                                                  warnings=(), given=()))
     doc["api_key"] = _digest(config.api_key)
+    for entry in doc["client_keys"]:
+        entry["key"] = _digest(entry["key"])
     for provider in doc["providers"]:
         provider["api_key"] = _digest(provider["api_key"])
     blob = json.dumps(doc, sort_keys=True, default=list).encode()
@@ -1174,6 +1302,25 @@ def key_matches(headers, expected_digest):
     for key in presented_keys(headers):
         found |= hmac.compare_digest(key_digest(key), expected_digest) and bool(key)
     return found
+
+
+def key_ring(config):
+    """(digest, name) of every key a client may present: the api_key as "default",
+    then client_keys by name."""
+    ring = [(key_digest(config.api_key), "default")] if config.api_key else []
+    return ring + [(key_digest(k.key), k.name) for k in config.client_keys]
+
+
+def key_owner(headers, ring):
+    """The name of the key the client presents, or None.  Every presented key is
+    compared with every configured one, in constant time, with no early exit."""
+    owner = None
+    for key in presented_keys(headers):
+        digest = key_digest(key)
+        for expected, name in ring:
+            if hmac.compare_digest(digest, expected) and key:
+                owner = owner or name
+    return owner
 
 
 def header_value_ok(value):
@@ -1606,6 +1753,7 @@ class UsageScanner:
     def __init__(self):
         self.tail, self.input_tokens, self.output_tokens = b"", None, None
         self.skipping = False             # inside a line longer than LIMIT
+        self.usage = {}                   # the Anthropic usage fields seen, newest wins
 
     def feed(self, data):
         if self.skipping:
@@ -1634,6 +1782,8 @@ class UsageScanner:
         usage = _obj(doc.get("message")).get("usage") if doc.get(
             "type") == "message_start" else doc.get("usage")
         if isinstance(usage, dict):
+            self.usage.update((k, v) for k, v in usage.items() if k in USAGE_KEYS and
+                              isinstance(v, int))
             total_in = sum(v for k, v in usage.items() if k in (
                 "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
                 and isinstance(v, int))
@@ -1641,6 +1791,19 @@ class UsageScanner:
                 self.input_tokens = total_in
             if isinstance(usage.get("output_tokens"), int):
                 self.output_tokens = usage["output_tokens"]
+
+
+#: Anthropic's usage fields a ledger row splits (usage_split).
+USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
+              "cache_creation_input_tokens")
+
+
+def usage_split(usage):
+    """(input not cached, output, cache read, cache write) of an Anthropic usage."""
+    usage = usage if isinstance(usage, dict) else {}
+    return tuple(usage.get(k) if isinstance(usage.get(k), int) else 0 for k in (
+        "input_tokens", "output_tokens", "cache_read_input_tokens",
+        "cache_creation_input_tokens"))
 
 
 def _obj(value):
@@ -1736,6 +1899,9 @@ class Snapshot:
     reloads: int = _merged("live")
     provider_stats: dict = _merged("stats")
     metrics: dict = _merged("metrics")        # a Metrics.snapshot(); exported in reports
+    usage: dict = _merged("own")              # the ledger's state, the keys' spend
+    ledger_written: int = _merged("total")
+    ledger_dropped: int = _merged("total")
 
 
 def route_items(config, routed):
@@ -1838,6 +2004,8 @@ def status_document(snap):
         "providers": providers_document(items),
         "provider": items[0] if items else None,
         "routes": route_items(config, snap.metrics.get("routed", {})),
+        "usage": dict(snap.usage or {"enabled": False}, written=snap.ledger_written,
+                      dropped=snap.ledger_dropped),
         "config": {"source": config.source or None, "fingerprint": config.fingerprint,
                    "loaded_at": iso_time(snap.loaded_at), "reloads": snap.reloads,
                    "reload_failures": snap.reload_failures,
@@ -1855,8 +2023,9 @@ def detailed_health_document(snap):
     config = snap.config
     items = provider_items(config, snap.provider_stats, snap.now)
     settings = {k: v for k, v in dataclasses.asdict(config).items()
-                if k not in ("api_key", "providers", "routes")}
+                if k not in ("api_key", "providers", "routes", "client_keys")}
     settings["api_key_configured"] = bool(config.api_key)
+    settings["client_keys"] = [k.name for k in config.client_keys]
     settings["routes"] = [dataclasses.asdict(r) for r in config.routes]
     return {
         "status": "pass" if snap.ready else "fail",
@@ -1885,7 +2054,7 @@ def escape_log(text):
 def access_record(fields):
     """One access-log line in text form (docs/operating.md §6)."""
     order = ("request_id", "client", "method", "path", "status", "route", "rule", "reason",
-             "provider", "model", "upstream_model", "upstream_status", "attempts",
+             "key", "provider", "model", "upstream_model", "upstream_status", "attempts",
              "latency_ms", "ttfb_ms", "input_tokens", "output_tokens")
     head = "%s %s %s %s %s" % tuple(escape_log(fields.get(k, "-")) for k in order[:5])
     tail = " ".join("%s=%s" % (k, escape_log(fields[k])) for k in order[5:]
@@ -1984,6 +2153,19 @@ def metrics_families(snap):
          "and why (a scenario, the model name, default or the user's pick).",
          [("", (("rule", r), ("reason", w)), n)
           for (r, w), n in sorted(m.get("routed", {}).items())]),
+        ("ccproxy_key_tokens_total", "counter", "Tokens of Messages calls by client key "
+         "name (- for none), model and type (input, output, cache_read, cache_write).",
+         [("", (("key", k), ("model", md), ("type", t)), n)
+          for (k, md, t), n in sorted(m.get("key_tokens", {}).items())]),
+        ("ccproxy_key_cost_usd_total", "counter", "Estimated cost in USD of Messages calls "
+         "by client key name and model (prices: docs/operating.md §10).",
+         [("", (("key", k), ("model", md)), round(n, 6))
+          for (k, md), n in sorted(m.get("key_cost", {}).items())]),
+        ("ccproxy_usage_rows_written_total", "counter", "Rows the usage ledger wrote.",
+         [("", (), snap.ledger_written)]),
+        ("ccproxy_usage_rows_dropped_total", "counter", "Rows the usage ledger could not "
+         "write (queue full; database locked, read-only, full or broken).",
+         [("", (), snap.ledger_dropped)]),
         ("ccproxy_inflight_requests", "gauge", "Requests being served now.",
          [("", (), snap.in_flight)]),
         ("ccproxy_provider_up", "gauge", "1 when the provider is usable (connected or "
@@ -2001,25 +2183,27 @@ def metrics_families(snap):
 
 # ---- Workers: one service out of several processes' reports --------------------------
 
+#: The counter families of a Metrics snapshot, keyed by label tuples.
+COUNTERS = ("requests", "upstream", "tokens", "routed", "key_tokens", "key_cost")
+
+
 def export_metrics(m):
     """A Metrics snapshot as JSON-able lists (tuple keys do not survive JSON)."""
-    return {"requests": [[c, r, n] for (c, r), n in m["requests"].items()],
-            "upstream": [[p, o, n] for (p, o), n in m["upstream"].items()],
-            "tokens": [[p, d, n] for (p, d), n in m["tokens"].items()],
-            "routed": [[r, w, n] for (r, w), n in m.get("routed", {}).items()],
-            "duration": [[k] + list(v) for k, v in m["duration"].items()],
-            "ttfb": [[k] + list(v) for k, v in m["ttfb"].items()]}
+    out = {name: [list(k) + [n] for k, n in m.get(name, {}).items()] for name in COUNTERS}
+    out.update(duration=[[k] + list(v) for k, v in m["duration"].items()],
+               ttfb=[[k] + list(v) for k, v in m["ttfb"].items()])
+    return out
 
 
 def merge_metrics(exports):
     """The sum of several workers' exported metrics, as one Metrics snapshot: counters
     and histogram buckets add up (prometheus_client's multiprocess mode does the same)."""
-    out = {"requests": {}, "upstream": {}, "tokens": {}, "routed": {}, "duration": {},
-           "ttfb": {}}
+    out = dict({name: {} for name in COUNTERS}, duration={}, ttfb={})
     for e in exports:
-        for name in ("requests", "upstream", "tokens", "routed"):
-            for a, b, n in e.get(name, []):
-                out[name][(a, b)] = out[name].get((a, b), 0) + n
+        for name in COUNTERS:
+            for row in e.get(name, []):
+                key = tuple(row[:-1])
+                out[name][key] = out[name].get(key, 0) + row[-1]
         for name in ("duration", "ttfb"):
             for key, counts, total, count in e.get(name, []):
                 old = out[name].get(key, ([0] * len(counts), 0.0, 0))
@@ -5135,9 +5319,12 @@ class Metrics:
     (endpoint names, status codes, configured provider names): never a key, a client
     address or a raw path."""
 
+    MODEL_LABELS = 64        # distinct model labels of the key families; then "other"
+
     def __init__(self):
         self._lock = threading.Lock()
         self.requests, self.upstream, self.tokens, self.routed = {}, {}, {}, {}
+        self.key_tokens, self.key_cost, self.models = {}, {}, set()
         self.duration, self.ttfb = {}, {}
 
     def observe_route(self, rule, reason):
@@ -5165,10 +5352,24 @@ class Metrics:
                     key = (provider, direction)
                     self.tokens[key] = self.tokens.get(key, 0) + n
 
+    def add_key_usage(self, key, model, tokens, cost):
+        """A call's tokens and estimated cost on its client key's name and model (the
+        names come from the config; models are capped at MODEL_LABELS, then "other")."""
+        with self._lock:
+            if model not in self.models and len(self.models) >= self.MODEL_LABELS:
+                model = "other"
+            self.models.add(model)
+            for kind, n in zip(("input", "output", "cache_read", "cache_write"), tokens):
+                if n:
+                    self.key_tokens[(key, model, kind)] = self.key_tokens.get(
+                        (key, model, kind), 0) + n
+            self.key_cost[(key, model)] = self.key_cost.get((key, model), 0.0) + cost
+
     def snapshot(self):
         with self._lock:
             return {"requests": dict(self.requests), "upstream": dict(self.upstream),
                     "tokens": dict(self.tokens), "routed": dict(self.routed),
+                    "key_tokens": dict(self.key_tokens), "key_cost": dict(self.key_cost),
                     "duration": {k: h.state() for k, h in self.duration.items()},
                     "ttfb": {k: h.state() for k, h in self.ttfb.items()}}
 
@@ -5301,6 +5502,372 @@ class MemberCache:
                 kept = self._seen.get(key, ())[:self.size - 1]
                 self._seen[key] = ((text[i:end], value),) + kept
         return value, end
+
+
+# ---- Usage: prices, the ledger and client keys (docs/operating.md §10) ----------------
+
+PRICES_TAKEN = "2026-12-07"
+#: USD per million tokens: (input, output, cache read, cache write), first match wins, on
+#: the model name lower-cased with dots as dashes.  Claude: Claude Code 2.1.332's own
+#: model catalog; the others: their providers' price pages as known on PRICES_TAKEN.
+#: Estimates: the config's `prices` and a provider's `price` override them.
+PRICES = (
+    (r"claude-opus-5-5", (4, 20, 0.2, 5)), (r"claude-opus-(4-[5-9]|5)", (5, 25, 0.5, 6.25)),
+    (r"claude-(3-)?opus", (15, 75, 1.5, 18.75)),
+    (r"claude-sonnet-5-5", (2, 10, 0.1, 2.5)), (r"claude-sonnet-5", (2, 10, 0.2, 2.5)),
+    (r"claude-(3-[57]-)?sonnet", (3, 15, 0.3, 3.75)),
+    (r"claude-haiku-5-5", (0.1, 0.5, 0.01, 0.125)), (r"claude-haiku-4-5", (1, 5, 0.1, 1.25)),
+    (r"claude-3-5-haiku", (0.8, 4, 0.08, 1)),
+    (r"claude-(fable|mythos)-5-2", (8, 40, 0.2, 10)),
+    (r"claude-(fable-5-1|mythos-5)", (10, 50, 0.25, 12.5)), (r"claude-fable", (10, 50, 1, 12.5)),
+    (r"gpt-5[-0-9]*-nano", (0.05, 0.4, 0.005, 0.05)),
+    (r"gpt-5[-0-9]*-mini", (0.25, 2, 0.025, 0.25)), (r"gpt-5", (1.25, 10, 0.125, 1.25)),
+    (r"gpt-4-1-mini", (0.4, 1.6, 0.1, 0.4)), (r"gpt-4-1", (2, 8, 0.5, 2)),
+    (r"gpt-4o-mini", (0.15, 0.6, 0.075, 0.15)), (r"gpt-4o", (2.5, 10, 1.25, 2.5)),
+    (r"(^|/)o3-pro", (20, 80, 20, 20)), (r"(^|/)o4-mini", (1.1, 4.4, 0.275, 1.1)),
+    (r"(^|/)o3", (2, 8, 0.5, 2)), (r"codex-mini", (1.5, 6, 0.375, 1.5)),
+    (r"deepseek", (0.28, 0.42, 0.028, 0.28)),
+    (r"gemini-3-pro", (2, 12, 0.2, 2)), (r"gemini-2-5-pro", (1.25, 10, 0.125, 1.25)),
+    (r"gemini-2-5-flash", (0.3, 2.5, 0.03, 0.3)),
+    (r"kimi-k2", (0.6, 2.5, 0.15, 0.6)), (r"glm-4", (0.6, 2.2, 0.11, 0.6)),
+)
+
+
+def price_of(config, provider, model):
+    """(input, output, cache read, cache write) USD per million tokens of `model` on
+    `provider` (a ProviderConfig or None): the provider's price, the config's prices,
+    the built-in table, else nothing known (0)."""
+    if provider is not None and provider.price:
+        return provider.price
+    name = (model or "").lower()
+    found = next((price for pattern, price in config.prices
+                  if fnmatch.fnmatchcase(name, pattern)), None)
+    if found:
+        return found
+    name = name.replace(".", "-")
+    return next((p for pattern, p in PRICES if re.search(pattern, name)), (0, 0, 0, 0))
+
+
+def call_cost(price, tokens):
+    """USD of one call: `tokens` are (input, output, cache read, cache write)."""
+    return sum((n or 0) * p for n, p in zip(tokens, price)) / 1e6
+
+
+def ledger_row(config, record, now):
+    """The ledger row of one call's AccessRecord: its usage split and estimated cost."""
+    tokens = record.usage or (record.input_tokens or 0, record.output_tokens or 0, 0, 0)
+    model = record.upstream_model or record.model or ""
+    provider = next((p for p in config.providers if p.name == record.provider), None)
+    ttfb = record.ttfb_ms if record.ttfb_ms is not None else (
+        int(record.stream_ttfb * 1000) if record.stream_ttfb is not None else None)
+    return (now, os.getpid(), record.session or "", record.key or "", record.rule or "",
+            record.reason or "", record.provider, record.model or "", model) + tuple(
+        tokens) + (str(record.status), ttfb, record.latency_ms,
+                   round(call_cost(price_of(config, provider, model), tokens), 8))
+
+
+#: One ledger row, in this order (never a prompt, a completion or a key).
+LEDGER_COLUMNS = ("ts", "pid", "session", "key", "route", "reason", "provider", "model",
+                  "upstream_model", "input_tokens", "output_tokens", "cache_read_tokens",
+                  "cache_write_tokens", "status", "ttfb_ms", "duration_ms", "cost_usd")
+LEDGER_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS calls (ts REAL NOT NULL, pid INTEGER, session TEXT, "
+    "key TEXT, route TEXT, reason TEXT, provider TEXT, model TEXT, upstream_model TEXT, "
+    "input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER, "
+    "cache_write_tokens INTEGER, status TEXT, ttfb_ms INTEGER, duration_ms INTEGER, "
+    "cost_usd REAL);"
+    "CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);")
+LEDGER_INSERT = "INSERT INTO calls (%s) VALUES (%s)" % (
+    ", ".join(LEDGER_COLUMNS), ", ".join("?" * len(LEDGER_COLUMNS)))
+LEDGER_QUEUE = 20000         # rows waiting for the writer; past it they are dropped
+LEDGER_BATCH = 500           # rows per transaction
+LEDGER_BUSY = 1.0            # seconds a write waits for another writer's lock
+LEDGER_CHORES = 60.0         # seconds between pruning and re-counting
+
+
+class Ledger:
+    """The usage ledger (issue #24): one SQLite row per call that reached an upstream,
+    written by one thread in batches, never in a request's path.  A row that cannot be
+    written (the queue full; the database locked, read-only, full or broken) is counted
+    as dropped, and serving goes on.  Every worker writes the same file (WAL mode)."""
+
+    def __init__(self, path, retention_days, limits=None):
+        self.path, self.retention, self.limits = path, retention_days, limits
+        self.queue = queue.Queue(LEDGER_QUEUE)
+        self._lock, self._stop, self._thread, self.conn = threading.Lock(), False, None, None
+        self.written = self.dropped = self.rows = self.size = 0
+        self.error, self._warned, self._last_open = "", 0.0, 0.0
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="ledger", daemon=True)
+        self._thread.start()
+        return self
+
+    def record(self, row):
+        try:
+            self.queue.put_nowait(row)
+        except queue.Full:
+            self._drop(1, "the write queue is full")
+
+    def close(self, timeout=5.0):
+        """Write what is queued (within `timeout`), then stop."""
+        self._stop = True
+        if self._thread:
+            self._thread.join(timeout)
+
+    def state(self):
+        with self._lock:
+            return {"enabled": True, "path": self.path, "rows": self.rows,
+                    "size_bytes": self.size, "written": self.written,
+                    "dropped": self.dropped, "error": self.error or None}
+
+    # -- the writer thread ------------------------------------------------------
+
+    def _run(self):
+        chores = 0.0
+        while not (self._stop and self.queue.empty()):
+            batch = self._take()
+            if self.conn is None and time.monotonic() - self._last_open > 10.0:
+                self._open()
+            if batch:
+                self._write(batch)
+            elif self.conn is not None and self.limits is not None:
+                self.limits.refresh(self.conn, [])
+            if self.conn is not None and time.monotonic() - chores > LEDGER_CHORES:
+                chores = time.monotonic()
+                self._chores()
+        if self.conn is not None:
+            self.conn.close()
+
+    def _take(self):
+        """Up to LEDGER_BATCH rows: the first waited for (a second at most)."""
+        try:
+            batch = [self.queue.get(timeout=0.2 if self._stop else 1.0)]
+        except queue.Empty:
+            return []
+        while len(batch) < LEDGER_BATCH:
+            try:
+                batch.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _open(self):
+        self._last_open = time.monotonic()
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", 0o700, exist_ok=True)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            conn = sqlite3.connect(self.path, timeout=LEDGER_BUSY, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(LEDGER_SCHEMA)
+            self.conn = conn
+        except (OSError, sqlite3.Error) as exc:
+            self._failed("cannot open %s: %s" % (self.path, exc))
+
+    def _write(self, batch):
+        if self.conn is None:
+            return self._drop(len(batch), self.error or "no database")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(LEDGER_INSERT, batch)
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            return self._drop(len(batch), "cannot write %s: %s" % (self.path, exc))
+        with self._lock:
+            self.written += len(batch)
+            self.rows += len(batch)           # recounted exactly by _chores
+            self.error = ""
+        if self.limits is not None:
+            self.limits.refresh(self.conn, batch)
+
+    def _rollback(self):
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass                          # no transaction was open
+
+    def _drop(self, n, why):
+        with self._lock:
+            self.dropped += n
+        self._failed(why)
+
+    def _failed(self, why):
+        """Note why rows are lost; say it in the log once a minute at most."""
+        with self._lock:
+            self.error = why
+            loud, self._warned = (time.monotonic() - self._warned > 60.0), (
+                time.monotonic() if time.monotonic() - self._warned > 60.0 else self._warned)
+        if loud:
+            log.warning("usage ledger: %s; rows are dropped until it works again", why)
+
+    def _chores(self):
+        """Prune rows past the retention; count the rows and the bytes on disk."""
+        try:
+            self.conn.execute("DELETE FROM calls WHERE ts < ?",
+                              (time.time() - self.retention * 86400.0,))
+            rows = self.conn.execute("SELECT count(*) FROM calls").fetchone()[0]
+        except sqlite3.Error as exc:
+            return self._failed("cannot prune %s: %s" % (self.path, exc))
+        size = sum(os.path.getsize(p) for p in (self.path, self.path + "-wal")
+                   if os.path.exists(p))
+        with self._lock:
+            self.rows, self.size = rows, size
+
+
+def month_start(now=None):
+    """The epoch seconds at which the current month (UTC) began."""
+    t = time.gmtime(time.time() if now is None else now)
+    return calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))
+
+
+def next_month(now=None):
+    t = time.gmtime(time.time() if now is None else now)
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return calendar.timegm((year, month, 1, 0, 0, 0))
+
+
+class KeyLimits:
+    """Each client key's calls in the last minute and spend this month, against its
+    limits (issue #24).  This process counts its own calls at once; the ledger's writer
+    adds what the other workers of the host wrote (refresh), so limits hold across
+    `--workers N`.  Without a ledger, the counts are this process's since it started."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.recent = {}            # name -> deque of this process's admission times
+        self.pending = {}           # name -> USD of rows not yet in the ledger
+        self.month = {}             # name -> USD this month in the ledger (every worker)
+        self.others = {}            # name -> other workers' calls in the last minute
+        self.since, self.last_rowid = month_start(), 0
+
+    def admit(self, key, now=None):
+        """Count a call of `key` (a ClientKey) or refuse it: HTTPError 429 naming the
+        limit, with retry-after."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._roll(now)
+            recent = self.recent.setdefault(key.name, collections.deque())
+            while recent and recent[0] <= now - 60.0:
+                recent.popleft()
+            calls = len(recent) + self.others.get(key.name, 0)
+            spent = self.month.get(key.name, 0.0) + self.pending.get(key.name, 0.0)
+            if key.requests_per_minute and calls >= key.requests_per_minute:
+                wait = int(recent[0] + 60.0 - now) + 1 if recent else 60
+                raise limit_refused(key, "is over its rate of %d requests per minute"
+                                    % key.requests_per_minute, wait)
+            if key.monthly_budget_usd and spent >= key.monthly_budget_usd:
+                raise limit_refused(key, "is over its monthly budget of $%.2f ($%.2f spent "
+                                    "this month)" % (key.monthly_budget_usd, spent),
+                                    int(next_month(now) - now) + 1)
+            recent.append(now)
+
+    def spend(self, name, usd):
+        with self._lock:
+            self.pending[name] = self.pending.get(name, 0.0) + usd
+
+    def spent(self, name):
+        with self._lock:
+            return self.month.get(name, 0.0) + self.pending.get(name, 0.0)
+
+    def _roll(self, now):
+        if now >= next_month(self.since):
+            self.since, self.last_rowid = month_start(now), 0
+            self.month, self.pending = {}, {}
+
+    def refresh(self, conn, written):
+        """In the ledger's writer, after `written` (this process's rows) went in: the
+        month's spend from the ledger (only the rows since the last look), the other
+        workers' calls of the last minute.  Errors leave the counts as they were."""
+        key_at, cost_at = LEDGER_COLUMNS.index("key"), LEDGER_COLUMNS.index("cost_usd")
+        try:
+            rows = conn.execute(
+                "SELECT key, COALESCE(SUM(cost_usd), 0), MAX(rowid) FROM calls WHERE "
+                "rowid > ? AND ts >= ? GROUP BY key", (self.last_rowid, self.since)).fetchall()
+            others = conn.execute(
+                "SELECT key, COUNT(*) FROM calls WHERE ts > ? AND pid != ? GROUP BY key",
+                (time.time() - 60.0, os.getpid())).fetchall()
+        except sqlite3.Error:
+            return
+        with self._lock:
+            for name, usd, top in rows:
+                self.month[name] = self.month.get(name, 0.0) + usd
+                self.last_rowid = max(self.last_rowid, top)
+            for row in written:
+                name = row[key_at]
+                self.pending[name] = max(0.0, self.pending.get(name, 0.0) - row[cost_at])
+            self.others = dict(others)
+
+
+def limit_refused(key, what, retry_after):
+    """Anthropic's rate_limit_error for a key over one of its limits."""
+    return HTTPError(429, "rate_limit_error", "ccproxy: client key %s %s" % (key.name, what),
+                     (("retry-after", str(max(1, retry_after))),))
+
+
+def route_names(config, route, reason):
+    """The names a client key's `routes` may give for the route a call took: its name,
+    its place (routes[N]), its scenario, "default" for the default route (or for no
+    routes at all), "pick" for a PROVIDER,MODEL pick."""
+    if route is None:
+        return {"default"}
+    if reason == "pick":
+        return {"pick"}
+    names = {route.name, route.when} - {""}
+    if route in config.routes:
+        names.add("routes[%d]" % config.routes.index(route))
+    if route.match in ("", "default") and not route.when:
+        names.add("default")
+    return names
+
+
+#: ccproxy usage --by: the column (an SQL expression) each grouping reads.
+USAGE_GROUPS = {"day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+                "model": "COALESCE(NULLIF(upstream_model, ''), model)",
+                "provider": "provider", "session": "session", "key": "key", "route": "route"}
+USAGE_SUMS = ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
+              "cache_creation_input_tokens", "cost_usd")
+
+
+def usage_report(path, since, by):
+    """{"since", "by", "rows", "total"} of the ledger at `path` from `since` (epoch
+    seconds), grouped `by` one of USAGE_GROUPS; read-only, so it works while the daemon
+    runs or is stopped.  UsageError when there is no ledger to read."""
+    if sqlite3 is None:
+        raise UsageError("this Python has no sqlite3 module: there is no usage ledger")
+    if not path or not os.path.exists(path):
+        raise UsageError("no usage recorded yet: %s does not exist" % (
+            path or "no usage_db is set"))
+    sql = ("SELECT %s AS grp, COUNT(*), SUM(input_tokens), SUM(output_tokens), "
+           "SUM(cache_read_tokens), SUM(cache_write_tokens), SUM(cost_usd) FROM calls "
+           "WHERE ts >= ? GROUP BY grp" % USAGE_GROUPS[by])
+    try:
+        conn = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(path), uri=True,
+                               timeout=5.0)
+        try:
+            found = conn.execute(sql, (since,)).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise UsageError("cannot read %s: %s" % (path, exc)) from None
+    rows = [dict(zip(("group",) + USAGE_SUMS, (r[0] or "-",) + tuple(r[1:6]) + (
+        round(r[6] or 0.0, 6),))) for r in found]
+    rows = [dict(r, **{k: r[k] or 0 for k in USAGE_SUMS}) for r in rows]
+    rows.sort(key=lambda r: r["group"] if by == "day" else (-r["cost_usd"], -r["requests"]))
+    total = {k: sum(r[k] for r in rows) for k in USAGE_SUMS}
+    total["cost_usd"] = round(total["cost_usd"], 6)
+    return {"since": iso_time(since), "by": by, "rows": rows, "total": total}
+
+
+def parse_since(text, now=None):
+    """--since 7d, 12h, 30m or a date (2026-12-01, UTC) -> epoch seconds; ValueError."""
+    now = time.time() if now is None else now
+    m = re.match(r"^(\d+)([dhm])$", text.strip())
+    if m:
+        return now - int(m.group(1)) * {"d": 86400, "h": 3600, "m": 60}[m.group(2)]
+    return calendar.timegm(time.strptime(text.strip(), "%Y-%m-%d"))
 
 
 # ---- Background threads and the workers' directory -----------------------------------
@@ -6022,6 +6589,9 @@ class Service:
         self.record = {}             # the runtime record (runtime_record), once serving
         self.build = build_info()
         self.api_key_digest = key_digest(config.api_key)
+        self.keys = key_ring(config)
+        self.limits = KeyLimits()
+        self.ledger = None           # open_ledger(): the usage ledger, when it is kept
         self._idle = threading.Condition()
         self.in_flight = self.requests_served = 0
         self.waiting = set()         # keep-alive connections idle between requests
@@ -6082,11 +6652,38 @@ class Service:
         ConfigError, and nothing changed, when the result would be unsafe."""
         self.config, changed = reloaded_config(self.config, config)
         self.api_key_digest = key_digest(config.api_key)
+        self.keys = key_ring(config)
         self.loaded_at = time.time()
         self.reloads += 1
         self.last_reload_error = None
         self.upstreams.contexts.clear()      # new connections read the CA files again
         return changed
+
+    def open_ledger(self):
+        """Start the usage ledger's writer where the config keeps one (see
+        docs/operating.md §10); without sqlite3 in this Python, say so once and serve."""
+        config = self.config
+        if not (config.usage and config.usage_db):
+            return
+        if sqlite3 is None:
+            log.warning("usage ledger off: this Python has no sqlite3 module")
+            return
+        self.ledger = Ledger(config.usage_db, config.usage_retention_days,
+                             self.limits).start()
+
+    def account(self, record):
+        """A Messages call that reached an upstream: its ledger row, its cost on its
+        client key, its key's metrics (issue #24)."""
+        if not record.provider or record.upstream_status is None or record.route != "messages":
+            return
+        row = ledger_row(self.config, record, time.time())
+        cost = row[LEDGER_COLUMNS.index("cost_usd")]
+        if self.ledger is not None:
+            self.ledger.record(row)
+        if record.key:
+            self.limits.spend(record.key, cost)
+        self.metrics.add_key_usage(record.key or "-", row[LEDGER_COLUMNS.index(
+            "upstream_model")] or record.model or "-", record.usage or (), cost)
 
     def record_upstream(self, provider, status, latency, headers=None):
         """One upstream attempt: provider health, its circuit, and the metrics."""
@@ -6123,7 +6720,22 @@ class Service:
             upstream_connections=self.upstreams.connections_opened(), in_flight=in_flight,
             reloads=self.reloads, provider_stats=self.windows.into(
                 self.stats.snapshot(), self.config),
-            metrics=self.metrics.snapshot())
+            metrics=self.metrics.snapshot(), usage=self.usage_state(),
+            ledger_written=self.ledger.written if self.ledger else 0,
+            ledger_dropped=self.ledger.dropped if self.ledger else 0)
+
+    def usage_state(self):
+        """The ledger's state and each client key's spend this month, for /status."""
+        state = self.ledger.state() if self.ledger else {
+            "enabled": False, "path": self.config.usage_db or None, "why": (
+                "usage is off" if not self.config.usage else "no sqlite3 module in this "
+                "Python" if sqlite3 is None else "no state directory (set usage_db)"
+                if not self.config.usage_db else "not started")}
+        state["keys"] = [{"name": k.name, "month_cost_usd": round(self.limits.spent(
+            k.name), 4), "monthly_budget_usd": k.monthly_budget_usd or None,
+            "requests_per_minute": k.requests_per_minute or None,
+            "routes": list(k.routes) or None} for k in self.config.client_keys]
+        return state
 
 
 # ---- HTTP: endpoints, request heads, framing -----------------------------------------
@@ -6137,6 +6749,7 @@ LOCAL_ENDPOINTS = {
     "/health/detailed": ("detailed", ("GET",), "local"),
     "/status": ("status", ("GET",), "local"),
     "/metrics": ("metrics", ("GET",), "local"),
+    "/usage": ("usage", ("GET",), "local"),
     "/": ("hello", ("GET",), "none"),
     "/api/hello": ("hello", ("GET",), "none"),
 }
@@ -6338,18 +6951,20 @@ class AccessRecord:
     (method, path, status, route, model), by its Exchange (provider, upstream model and
     status, attempts, first byte, tokens).  Handler._log_access writes it once."""
 
-    FIELDS = ("request_id", "client", "method", "path", "status", "route", "rule", "reason",
-              "provider", "model", "upstream_model", "upstream_status", "attempts",
+    FIELDS = ("request_id", "client", "key", "method", "path", "status", "route", "rule",
+              "reason", "provider", "model", "upstream_model", "upstream_status", "attempts",
               "latency_ms", "ttfb_ms", "input_tokens", "output_tokens", "error")
-    __slots__ = FIELDS + ("stream_ttfb",)       # seconds to a stream's first byte
+    # stream_ttfb: seconds to a stream's first byte; usage: usage_split of the reply;
+    # session: Claude Code's session id (the ledger's, not the log's).
+    __slots__ = FIELDS + ("stream_ttfb", "usage", "session")
 
     def __init__(self, request_id, client):
         self.request_id, self.client = request_id, client
-        self.method = self.path = self.status = self.route = self.provider = None
+        self.key = self.method = self.path = self.status = self.route = self.provider = None
         self.rule = self.reason = None
         self.model = self.upstream_model = self.upstream_status = self.attempts = None
         self.latency_ms = self.ttfb_ms = self.input_tokens = self.output_tokens = None
-        self.error = self.stream_ttfb = None
+        self.error = self.stream_ttfb = self.usage = self.session = None
 
     def update(self, **values):
         for name, value in values.items():
@@ -6623,7 +7238,7 @@ class Exchange:
 
     def _note_tokens(self, usage):
         self.access.update(input_tokens=usage.get("input_tokens"),
-                           output_tokens=usage.get("output_tokens"))
+                           output_tokens=usage.get("output_tokens"), usage=usage_split(usage))
 
     def _translate_stream(self, client, resp, tr):
         """S0 (§3.4): wait for the first upstream event.  An error before it becomes a
@@ -6750,7 +7365,8 @@ class Exchange:
         finally:
             client.release(resp) if ending is not None else client.discard(resp)
             self.access.update(input_tokens=scanner.input_tokens,
-                               output_tokens=scanner.output_tokens)
+                               output_tokens=scanner.output_tokens,
+                               usage=usage_split(scanner.usage))
         # The connection went back to the pool before the client gets the last bytes:
         # a client that sends its next call at once finds it there (seen under load).
         if ending:
@@ -7228,7 +7844,8 @@ class BedrockDialect(AnthropicDialect):
         finally:
             client.release(resp) if done else client.discard(resp)
             call.access.update(input_tokens=scanner.input_tokens,
-                               output_tokens=scanner.output_tokens)
+                               output_tokens=scanner.output_tokens,
+                               usage=usage_split(scanner.usage))
         if chunked:
             call._write(b"0\r\n\r\n")
 
@@ -7544,15 +8161,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         service = self.server.service
         if auth == "none" or (auth == "local" and is_loopback_host(self.client_address[0])):
             return
-        if auth == "client" and not service.config.api_key:
+        if auth == "client" and not service.config.requires_key():
             return
         # Only the socket peer counts as loopback: X-Forwarded-For never grants anything
         # (Sonarr CVE-2026-30975, gin CVE-2020-28483).
-        if service.config.api_key and key_matches(self.headers, service.api_key_digest):
+        owner = key_owner(self.headers, service.keys) if service.keys else None
+        if owner:
+            self.access.key = owner
             return
         raise HTTPError(401, "authentication_error", "invalid x-api-key"
-                        if service.config.api_key else "this endpoint answers loopback "
-                        "clients only (no api_key is configured)",
+                        if service.config.requires_key() else "this endpoint answers "
+                        "loopback clients only (no api_key is configured)",
                         (("x-should-retry", "false"),))
 
     def parse_request(self):
@@ -7692,6 +8311,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             fields = dict(record.items())
             log.info(access_record(fields), extra={"access": fields})
         self._observe(record)
+        self.server.service.account(record)
 
     def _observe(self, record):
         """Metrics for the request just answered (labels from fixed sets only)."""
@@ -7756,6 +8376,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(200, [("Content-Type", METRICS_CONTENT_TYPE),
                          ("Cache-Control", "no-store")], text.encode())
 
+    def _ep_usage(self, query):
+        """The ledger's totals as `ccproxy usage --json` prints them (?since=&by=)."""
+        args = urllib.parse.parse_qs(query or "")
+        since, by = args.get("since", ["30d"])[-1], args.get("by", ["day"])[-1]
+        try:
+            start = parse_since(since)
+        except ValueError:
+            raise HTTPError(400, "invalid_request_error", "since: 7d, 12h, 30m or a date "
+                            "such as 2026-12-01, got %s" % _shown(since)[:40]) from None
+        if by not in USAGE_GROUPS:
+            raise HTTPError(400, "invalid_request_error", "by: one of %s" % ", ".join(
+                USAGE_GROUPS))
+        try:
+            doc = usage_report(self.server.service.config.usage_db, start, by)
+        except UsageError as exc:
+            raise HTTPError(404, "not_found_error", str(exc)) from None
+        self._send_json(200, doc)
+
     def _ep_hello(self, query):
         self._send_json(200, {"service": "ccproxy", "version": __version__})
 
@@ -7779,13 +8417,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(400, "invalid_request_error", "model: a model name is required")
         if not isinstance(body.get("messages"), list):
             raise HTTPError(400, "invalid_request_error", "messages: a list is required")
-        self.access.model = model
-        plan = self._plan(model, body)
+        self.access.update(model=model, session=session_id(self.headers, body))
+        route, reason, plan = self._plan(model, body)
         if endpoint == "count_tokens" and not dialect_of(plan[0][0]).counts_tokens:
             return self._count_tokens(plan[0][0], body)
         if (dialect_of(plan[0][0]).translated and search_only(body) and
                 not quirks_for(plan[0][0])["web_search"]):
             return self._search_unavailable(plan[0][0], body)
+        if endpoint == "messages":
+            self._admit(route, reason)
         # Handed over in a holder that forward() empties as it goes, so a long stream
         # does not keep a 50 KB body (100 KB parsed) alive (see _take_body).
         request = {"raw": raw, "body": body}
@@ -7803,7 +8443,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
             name = route.name or "routes[%d]" % config.routes.index(route)
             self.access.update(rule=name, reason=reason)
             service.metrics.observe_route(name, reason)
-        return plan_route(config, model, route)
+        return route, reason, plan_route(config, model, route)
+
+    def _admit(self, route, reason):
+        """A named client key's limits (docs/operating.md §10): the routes it may take,
+        its rate and its monthly budget."""
+        service = self.server.service
+        key = service.config.client_key(self.access.key)
+        if key is None:
+            return
+        taken = route_names(service.config, route, reason)
+        if key.routes and not taken & set(key.routes):
+            raise HTTPError(403, "permission_error", "ccproxy: client key %s may take the "
+                            "routes %s; this call took %s" % (key.name, ", ".join(
+                                key.routes), " / ".join(sorted(taken))),
+                            (("x-should-retry", "false"),))
+        service.limits.admit(key)
 
     def _search_unavailable(self, provider, body):
         """Claude Code's WebSearch call on a route that cannot search: answered here."""
@@ -7989,6 +8644,8 @@ def runtime_record(config, pid_path, port, log_file):
                 status_port=config.status_port or None, pid_file=os.path.abspath(pid_path),
                 config=config.source or None,
                 log_file=os.path.abspath(log_file) if log_file else None,
+                usage_db=os.path.abspath(config.usage_db) if config.usage and
+                config.usage_db else None,
                 workers=config.workers, fingerprint=config.fingerprint,
                 settings=settings_fingerprint(config), written=iso_time(time.time()))
 
@@ -8184,6 +8841,7 @@ class Daemon:
         if self.config.probe_interval:
             threading.Thread(target=self._probe_loop, name="probe", daemon=True).start()
         threading.Thread(target=self._learn_windows, name="windows", daemon=True).start()
+        self.service.open_ledger()
         self._publish()
         self.service.ready = True
         # The sockets listen since bind: a connect succeeds from here on (daemon(7)).
@@ -8306,6 +8964,8 @@ class Daemon:
         if abandoned:
             log.warning("drain timeout (%gs): %d request(s) abandoned",
                         service.config.drain_timeout, abandoned)
+        if service.ledger is not None:
+            service.ledger.close()       # the queued rows are written before exit
         log.info("stopped (served %d requests)", service.requests_served)
         self._report("stopped")
         self.close()
@@ -8613,6 +9273,15 @@ def _parser():
                    help="validate the config, probe each provider, say what is wrong")
     sub.add_parser("env", parents=[common],
                    help='print the exports for Claude Code: eval "$(ccproxy.py env)"')
+    usage = sub.add_parser("usage", parents=[common],
+                           help="tokens and estimated cost from the usage ledger")
+    usage.add_argument("--since", default="30d", help="7d, 12h, 30m or a date such as "
+                       "2026-12-01 (UTC; default 30d)")
+    usage.add_argument("--by", default="day", choices=list(USAGE_GROUPS),
+                       help="group rows by (default day)")
+    form = usage.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print JSON")
+    form.add_argument("--csv", action="store_true", help="print CSV")
     init = sub.add_parser("init", help="write a starting config file (never over one)")
     init.add_argument("-c", "--config", help="where (default: where ccproxy looks without -c)")
     init.add_argument("--provider", default="anthropic", choices=sorted(STARTER_FIELDS),
@@ -9382,6 +10051,56 @@ def write_new_file(path, data, mode):
         os.close(fd)
 
 
+def cmd_usage(args, environ):
+    """Print the ledger's totals; it reads the database itself, so it works with the
+    daemon stopped (the running daemon's own database, where one runs)."""
+    target = find_target(args, environ)
+    path = (target.record or {}).get("usage_db") or target.config.usage_db
+    try:
+        since = parse_since(args.since)
+    except ValueError:
+        raise ConfigError("--since: 7d, 12h, 30m or a date such as 2026-12-01, got %s"
+                          % _shown(args.since)) from None
+    doc = usage_report(path, since, args.by)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    elif args.csv:
+        print(usage_csv(doc), end="")
+    else:
+        print(usage_text(doc, path))
+    return EXIT_OK
+
+
+def usage_csv(doc):
+    """The report as CSV: a header, a line per group, then the total."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow((doc["by"],) + USAGE_SUMS)
+    for row in doc["rows"] + [dict(doc["total"], group="total")]:
+        writer.writerow([row["group"]] + [row[k] for k in USAGE_SUMS])
+    return out.getvalue()
+
+
+def usage_text(doc, path):
+    """The report as an aligned table, ccusage's way: a line per group, the total."""
+    heads = (doc["by"].upper(), "REQUESTS", "INPUT", "OUTPUT", "CACHE READ", "CACHE WRITE",
+             "COST (USD)")
+    lines = [[str(r["group"])] + ["{:,}".format(r[k]) for k in USAGE_SUMS[:-1]] +
+             ["%.4f" % r["cost_usd"]] for r in doc["rows"] + [dict(doc["total"], group="total")]]
+    widths = [max(len(x) for x in col) for col in zip(heads, *lines)]
+    return "\n".join(["usage since %s (%s)" % (doc["since"], path),
+                      _table_line(heads, widths)] +
+                     [_table_line(cells, widths) for cells in lines] +
+                     ["costs are estimates (prices of %s; set prices in the config to "
+                      "override)" % PRICES_TAKEN])
+
+
+def _table_line(cells, widths):
+    """The first cell to the left, the numbers to the right."""
+    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths)))
+
+
 def cmd_version(args, environ):
     """Print the version and the build stamp."""
     info = build_info()
@@ -9391,7 +10110,7 @@ def cmd_version(args, environ):
 
 COMMANDS = {"run": cmd_run, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
             "reload": cmd_reload, "status": cmd_status, "check": cmd_check, "env": cmd_env,
-            "init": cmd_init, "version": cmd_version}
+            "init": cmd_init, "usage": cmd_usage, "version": cmd_version}
 
 
 def main(argv=None, environ=None):

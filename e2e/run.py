@@ -106,7 +106,8 @@ class Ccproxy:
         self.dir = tempfile.mkdtemp(prefix="ccproxy-e2e-")
         self.env = dict(os.environ, CCPROXY_PORT=str(self.port),
                         CCPROXY_PID_FILE=os.path.join(self.dir, "ccproxy.pid"),
-                        CCPROXY_LOG_FILE=os.path.join(self.dir, "ccproxy.log"), **env)
+                        CCPROXY_LOG_FILE=os.path.join(self.dir, "ccproxy.log"),
+                        CCPROXY_USAGE_DB=os.path.join(self.dir, "usage.db"), **env)
         self.env.setdefault("CCPROXY_CONFIG", "")      # no default config file either
         if "CCPROXY_API_KEY" not in env:
             self.env.pop("CCPROXY_API_KEY", None)
