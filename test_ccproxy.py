@@ -6,6 +6,7 @@ loopback.  Tests that read ../shared (captured Claude Code bodies) skip when it 
 """
 import argparse
 import base64
+import calendar
 import contextlib
 import dataclasses
 import errno
@@ -26,7 +27,9 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -3942,6 +3945,329 @@ class TestResponsesAPI(unittest.TestCase):
                          "https://api.openai.com/v1/responses")
 
 
+# ---- Usage: the ledger, costs and client keys (issue #24) ------------------------------
+
+CACHED_USAGE = {"input_tokens": 50, "output_tokens": 7, "cache_read_input_tokens": 900,
+                "cache_creation_input_tokens": 40}
+
+
+def usage_upstream(h, body):
+    """Anthropic's and OpenAI's shapes, streamed or not, each with known usage."""
+    doc = json.loads(body or b"{}")
+    if h.path.endswith("/chat/completions"):
+        usage = {"prompt_tokens": 300, "completion_tokens": 20,
+                 "prompt_tokens_details": {"cached_tokens": 100}}
+        if doc.get("stream"):
+            return sse_behave(chunk({"content": "hi"}) + chunk(finish="stop") + chunk(
+                usage=usage, choices=False) + "data: [DONE]\n\n")(h, body)
+        return h.reply(200, reply({"role": "assistant", "content": "hi"}, usage=usage))
+    message = dict(MESSAGE_JSON, usage=CACHED_USAGE)
+    if not doc.get("stream"):
+        return h.reply(200, message)
+    h.start_stream()
+    for frame in [sse("message_start", {"type": "message_start", "message": dict(
+            message, content=[], stop_reason=None)})] + STREAM[1:]:
+        h.chunk(frame)
+    h.chunk(b"")
+
+
+def ledger_proxy(url, directory, **kw):
+    """Proxy with the ledger on, a pass-through and an OpenAI provider behind `url`."""
+    cfg = config(data={"providers": [
+        {"name": "anth", "type": "anthropic", "base_url": url, "api_key": "sk-up"},
+        {"name": "oa", "type": "openai-compatible", "base_url": url + "/v1",
+         "model": "gpt-4o", "price": {"input": 2.5, "output": 10, "cache_read": 1.25}}],
+        "routes": [{"match": "*haiku*", "provider": "oa"}, {"match": "default",
+                                                          "provider": "anth"}]},
+        environ={}, usage_db=os.path.join(directory, "usage.db"), **kw)
+    px = Proxy(cfg)
+    px.service.open_ledger()
+    return px
+
+
+def drained(px, timeout=TIMEOUT):
+    """Wait until the ledger wrote (or dropped) every row offered so far."""
+    wait_for(px.service.ledger.settled, timeout=timeout)
+
+
+class TestUsage(unittest.TestCase):
+    """Issue #24: what the ledger keeps, what it costs, and the keys' limits."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def test_prices_and_costs(self):
+        cfg = config(data={"prices": {"gpt-5*": {"input": 1, "output": 2}},
+                           "providers": [{"name": "local", "type": "ollama", "model": "m",
+                                          "price": {"input": 0, "output": 0}}]},
+                     environ={})
+        rows = [("claude-opus-5-5", (4, 20, 0.2, 5)), ("claude-opus-4-6", (5, 25, 0.5, 6.25)),
+                ("claude-opus-4-1-20250805", (15, 75, 1.5, 18.75)),
+                ("claude-sonnet-5-5", (2, 10, 0.1, 2.5)),
+                ("claude-sonnet-4-5-20250929", (3, 15, 0.3, 3.75)),
+                ("anthropic/claude-sonnet-4.5", (3, 15, 0.3, 3.75)),
+                ("claude-haiku-5-5", (0.1, 0.5, 0.01, 0.125)),
+                ("claude-haiku-4-5-20251001", (1, 5, 0.1, 1.25)),
+                ("gpt-4.1", (2, 8, 0.5, 2)), ("gpt-4o-mini", (0.15, 0.6, 0.075, 0.15)),
+                ("o3", (2, 8, 0.5, 2)), ("deepseek-chat", (0.28, 0.42, 0.028, 0.28)),
+                ("gemini-2.5-pro", (1.25, 10, 0.125, 1.25)), ("my-own-model", (0, 0, 0, 0)),
+                ("gpt-5-codex", (1.0, 2.0, 0.1, 1.25))]             # the config's pattern
+        for model, price in rows:
+            self.assertEqual(tuple(ccproxy.price_of(cfg, None, model)), price, model)
+        self.assertEqual(ccproxy.price_of(cfg, cfg.providers[0], "claude-opus-5-5"),
+                         (0, 0, 0, 0))
+        self.assertAlmostEqual(ccproxy.call_cost((4, 20, 0.2, 5), (1000, 100, 10000, 200)),
+                               (4000 + 2000 + 2000 + 1000) / 1e6)
+        with self.assertRaisesRegex(ccproxy.ConfigError, r"prices\[\"x\"\]\.output"):
+            config(data={"prices": {"x": {"input": 1, "output": -1}}}, environ={})
+
+    def test_pure_parts(self):
+        now = calendar.timegm((2026, 12, 7, 12, 0, 0))
+        self.assertEqual(ccproxy.parse_since("7d", now), now - 7 * 86400)
+        self.assertEqual(ccproxy.parse_since("12h", now), now - 12 * 3600)
+        self.assertEqual(ccproxy.parse_since("2026-12-01"), calendar.timegm((2026, 12, 1, 0, 0, 0)))
+        for bad in ("yesterday", "7", "-1d"):
+            with self.assertRaises(ValueError):
+                ccproxy.parse_since(bad, now)
+        self.assertEqual(ccproxy.month_start(now), calendar.timegm((2026, 12, 1, 0, 0, 0)))
+        self.assertEqual(ccproxy.next_month(now), calendar.timegm((2027, 1, 1, 0, 0, 0)))
+        self.assertEqual(ccproxy.usage_split(CACHED_USAGE), (50, 7, 900, 40))
+        self.assertEqual(ccproxy.usage_split({"input_tokens": "x"}), (0, 0, 0, 0))
+        cfg = routes_config([{"name": "p", "type": "openai-compatible",
+                              "base_url": "http://127.0.0.1:9"}],
+                            [{"when": "background", "provider": "p"},
+                             {"name": "big", "match": "*opus*", "provider": "p"},
+                             {"match": "default", "provider": "p"}])
+        for route, reason, names in ((cfg.routes[0], "background", {"background", "routes[0]"}),
+                                     (cfg.routes[1], "model", {"big", "routes[1]"}),
+                                     (cfg.routes[2], "default", {"default", "routes[2]"}),
+                                     (None, None, {"default"})):
+            self.assertEqual(ccproxy.route_names(cfg, route, reason), names)
+        self.assertEqual(ccproxy.default_usage_db({"STATE_DIRECTORY": "/var/lib/ccproxy"}),
+                         "/var/lib/ccproxy/usage.db")
+        self.assertEqual(ccproxy.default_usage_db({"HOME": "/home/u"}),
+                         "/home/u/.local/state/ccproxy/usage.db")
+        self.assertEqual(ccproxy.default_usage_db({}), "")
+
+    def test_client_keys_config(self):
+        env = {"ALICE_KEY": "sk-alice", "BOB_KEY": "sk-bob"}
+        cfg = config(data={"client_keys": [
+            {"name": "alice", "key_env": "ALICE_KEY", "monthly_budget_usd": 50,
+             "requests_per_minute": 60, "routes": ["default"]},
+            {"name": "bob", "key_env": "BOB_KEY"}]}, environ=env)
+        self.assertEqual([(k.name, k.monthly_budget_usd, k.requests_per_minute, k.routes)
+                          for k in cfg.client_keys],
+                         [("alice", 50.0, 60, ("default",)), ("bob", 0.0, 0, ())])
+        self.assertTrue(cfg.requires_key())
+        self.assertNotIn("sk-alice", repr(cfg) + json.dumps(
+            ccproxy.detailed_health_document(ccproxy.Service(cfg).snapshot()), default=str))
+        self.assertNotIn("sk-alice", cfg.fingerprint)
+        rows = [([{"name": "a", "key_env": "NOPE"}], r"client_keys\[0\] \(a\): NOPE is not set"),
+                ([{"name": "a"}], "give one of key_env and key_file"),
+                ([{"name": "a", "key_env": "ALICE_KEY", "key_file": "f"}], "give one of"),
+                ([{"name": "a b", "key_env": "ALICE_KEY"}], r"client_keys\[0\]\.name"),
+                ([{"name": "a", "key_env": "ALICE_KEY"}, {"name": "a", "key_env": "BOB_KEY"}],
+                 "share the name of a"),
+                ([{"name": "a", "key_env": "ALICE_KEY"}, {"name": "b", "key_env": "ALICE_KEY"}],
+                 "share the key of a"),
+                ([{"name": "a", "key_env": "ALICE_KEY", "monthly_budget_usd": "5"}],
+                 "monthly_budget_usd must be a number"),
+                ([{"name": "a", "key_env": "ALICE_KEY", "routes": "default"}],
+                 "routes must be a list"),
+                ([{"name": "a", "key_env": "ALICE_KEY", "rpm": 5}], "unknown key")]
+        for keys, message in rows:
+            with self.assertRaisesRegex(ccproxy.ConfigError, message):
+                config(data={"client_keys": keys}, environ=env)
+        with self.assertRaisesRegex(ccproxy.ConfigError, "api_key is not set"):
+            config(data={"host": "0.0.0.0"}, environ=env)
+        config(data={"host": "0.0.0.0", "client_keys": [{"name": "a", "key_env": "ALICE_KEY"}]},
+               environ=env)                # named keys guard a public listener too
+
+    def test_ledger_sums_what_the_upstreams_said(self):
+        """Streamed and whole, pass-through and translated: the ledger's tokens are the
+        upstream's usage, its costs the prices'."""
+        with FakeUpstream(usage_upstream) as up, ledger_proxy(up.url, self.tmp.name) as px:
+            headers = {"x-claude-code-session-id": "sess-1"}
+            for model in ("claude-sonnet-5-5", "claude-haiku-5-5"):
+                for stream in (False, True):
+                    resp, out = px.call("POST", "/v1/messages", dict(
+                        BODY, model=model, stream=stream), headers)
+                    self.assertEqual(resp.status, 200, out)
+            px.call("POST", "/v1/messages/count_tokens", BODY)        # not a Messages call
+            drained(px)
+            path = px.service.config.usage_db
+            by_model = ccproxy.usage_report(path, 0, "model")
+            status = json.loads(px.call("GET", "/status")[1])["usage"]
+        rows = {r["group"]: r for r in by_model["rows"]}
+        anth = rows["claude-sonnet-5-5"]
+        self.assertEqual((anth["requests"], anth["input_tokens"], anth["output_tokens"],
+                          anth["cache_read_input_tokens"], anth["cache_creation_input_tokens"]),
+                         (2, 100, 8, 1800, 80))   # whole: 7 out; stream: message_delta's 1
+        self.assertAlmostEqual(anth["cost_usd"], ccproxy.call_cost(
+            (2, 10, 0.1, 2.5), (100, 8, 1800, 80)), places=6)
+        oa = rows["gpt-4o"]
+        self.assertEqual((oa["requests"], oa["input_tokens"], oa["output_tokens"],
+                          oa["cache_read_input_tokens"]), (2, 400, 40, 200))
+        self.assertAlmostEqual(oa["cost_usd"], ccproxy.call_cost((2.5, 10, 1.25, 3.125),
+                                                                 (400, 40, 200, 0)), places=6)
+        self.assertEqual(by_model["total"]["requests"], 4)
+        session = ccproxy.usage_report(path, 0, "session")["rows"]
+        self.assertEqual([(r["group"], r["requests"]) for r in session], [("sess-1", 4)])
+        self.assertEqual((status["enabled"], status["written"], status["dropped"]),
+                         (True, 4, 0))
+        with sqlite3.connect(path) as db:          # never a prompt, a completion or a key
+            dump = "\n".join(db.iterdump())
+        for secret in ("sk-up", "hi\"", "Hello"):
+            self.assertNotIn(secret, dump)
+
+    def test_a_locked_or_read_only_ledger_drops_rows_and_serving_goes_on(self):
+        with FakeUpstream(usage_upstream) as up, ledger_proxy(up.url, self.tmp.name) as px:
+            ledger = px.service.ledger
+            px.call("POST", "/v1/messages", BODY)
+            wait_for(lambda: ledger.written == 1)
+            other = sqlite3.connect(ledger.path, timeout=0, isolation_level=None)
+            other.execute("BEGIN EXCLUSIVE")                 # another process holds it
+            try:
+                for _ in range(3):
+                    self.assertEqual(px.call("POST", "/v1/messages", BODY)[0].status, 200)
+                wait_for(lambda: ledger.dropped >= 3, timeout=10)
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            self.assertIn("locked", ledger.state()["error"])
+            px.call("POST", "/v1/messages", BODY)
+            wait_for(lambda: ledger.written == 2, timeout=10)      # it works again
+            ledger.conn.execute("PRAGMA query_only = 1")          # read-only from now on
+            self.assertEqual(px.call("POST", "/v1/messages", BODY)[0].status, 200)
+            wait_for(lambda: ledger.dropped == 4, timeout=10)
+            metrics = px.call("GET", "/metrics")[1].decode()
+        self.assertIn("ccproxy_usage_rows_dropped_total 4", metrics)
+        self.assertIn("ccproxy_usage_rows_written_total 2", metrics)
+        broken = os.path.join(self.tmp.name, "a-file")
+        open(broken, "w").close()
+        with FakeUpstream(usage_upstream) as up, ledger_proxy(up.url, self.tmp.name) as px:
+            px.service.ledger.close()
+            px.service.ledger = ccproxy.Ledger(os.path.join(broken, "usage.db"), 90).start()
+            self.assertEqual(px.call("POST", "/v1/messages", BODY)[0].status, 200)
+            wait_for(lambda: px.service.ledger.dropped == 1, timeout=10)
+            self.assertIn("cannot open", px.service.ledger.state()["error"])
+            px.service.ledger.close()
+
+    def test_retention_prunes_and_close_writes_what_is_queued(self):
+        path = os.path.join(self.tmp.name, "u.db")
+        ledger = ccproxy.Ledger(path, 1).start()
+        row = lambda ts: (ts, 1, "s", "", "", "", "p", "m", "m", 1, 1, 0, 0, "200", 5, 9, 0.5)  # noqa
+        for ts in (time.time() - 3 * 86400, time.time()):
+            ledger.record(row(ts))
+        ledger.close()
+        self.assertEqual(ledger.written, 2)
+        ledger = ccproxy.Ledger(path, 1)
+        ledger._open()
+        ledger._chores()
+        self.assertEqual(ledger.rows, 1)
+        ledger.conn.close()
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+    def keyed_proxy(self, up, **kw):
+        env = {"ALICE_KEY": "sk-alice", "BOB_KEY": "sk-bob", "CI_KEY": "sk-ci"}
+        cfg = config(data={"providers": [{"name": "anth", "base_url": up.url,
+                                          "api_key": "sk-up"}],
+                           "routes": [{"name": "fast", "match": "*haiku*", "provider": "anth"},
+                                      {"match": "default", "provider": "anth"}],
+                           "client_keys": [
+                               {"name": "alice", "key_env": "ALICE_KEY",
+                                "monthly_budget_usd": 0.0001},
+                               {"name": "bob", "key_env": "BOB_KEY", "requests_per_minute": 2},
+                               {"name": "ci", "key_env": "CI_KEY", "routes": ["fast"]}]},
+                     environ=env, usage_db=os.path.join(self.tmp.name, "usage.db"), **kw)
+        px = Proxy(cfg)
+        px.service.open_ledger()
+        return px
+
+    def test_client_key_limits(self):
+        with FakeUpstream(usage_upstream) as up, self.keyed_proxy(up) as px, \
+                self.assertLogs("ccproxy", "INFO") as logs:
+            def call(key, **body):
+                resp, out = px.call("POST", "/v1/messages", dict(BODY, **body),
+                                    {"authorization": "Bearer " + key})
+                return resp, json.loads(out)
+            self.assertEqual(call("sk-alice")[0].status, 200)        # spends past $0.0001
+            resp, doc = call("sk-alice")
+            self.assertEqual((resp.status, doc["error"]["type"]), (429, "rate_limit_error"))
+            self.assertIn("alice is over its monthly budget of $0.00", doc["error"]["message"])
+            self.assertGreater(int(resp.getheader("retry-after")), 60)
+            self.assertEqual([call("sk-bob")[0].status for _ in range(3)], [200, 200, 429])
+            resp, doc = call("sk-bob")
+            self.assertIn("bob is over its rate of 2 requests per minute",
+                          doc["error"]["message"])
+            self.assertLessEqual(int(resp.getheader("retry-after")), 61)
+            resp, doc = call("sk-ci")
+            self.assertEqual((resp.status, doc["error"]["type"]), (403, "permission_error"))
+            self.assertIn("ci may take the routes fast; this call took default",
+                          doc["error"]["message"])
+            self.assertEqual(call("sk-ci", model="claude-haiku-5-5")[0].status, 200)
+            self.assertEqual(call("sk-nobody")[0].status, 401)
+            drained(px)
+            by_key = ccproxy.usage_report(px.service.config.usage_db, 0, "key")
+            status = json.loads(px.call("GET", "/status")[1])["usage"]["keys"]
+            metrics = px.call("GET", "/metrics")[1].decode()
+        self.assertEqual({r["group"]: r["requests"] for r in by_key["rows"]},
+                         {"alice": 1, "bob": 2, "ci": 1})
+        alice = next(k for k in status if k["name"] == "alice")
+        self.assertGreater(alice["month_cost_usd"], 0)
+        self.assertEqual(alice["monthly_budget_usd"], 0.0001)
+        self.assertIn('ccproxy_key_tokens_total{key="bob",model="claude-sonnet-5-5",'
+                      'type="output"} 14', metrics)
+        text = "\n".join(logs.output)
+        self.assertIn("key=alice", text)
+        for secret in ("sk-alice", "sk-bob", "sk-ci", "sk-nobody"):
+            self.assertNotIn(secret, text + metrics + json.dumps(status))
+
+    def test_usage_endpoint_and_command(self):
+        with FakeUpstream(usage_upstream) as up, ledger_proxy(up.url, self.tmp.name) as px:
+            px.call("POST", "/v1/messages", BODY)
+            drained(px)
+            resp, out = px.call("GET", "/usage?since=1d&by=provider")
+            doc = json.loads(out)
+            self.assertEqual((resp.status, set(doc)), (200, {"since", "by", "rows", "total"}))
+            self.assertEqual([(r["group"], r["requests"]) for r in doc["rows"]], [("anth", 1)])
+            for query in ("since=soon", "by=colour"):
+                self.assertEqual(px.call("GET", "/usage?" + query)[0].status, 400, query)
+            path = px.service.config.usage_db
+        env = dict(os.environ, CCPROXY_CONFIG="", CCPROXY_USAGE_DB=path, HOME=self.tmp.name,
+                   CCPROXY_PID_FILE=os.path.join(self.tmp.name, "none.pid"),
+                   CCPROXY_PORT=str(free_port()))
+        run = lambda *a: subprocess.run([sys.executable, SCRIPT, "usage"] + list(a), env=env,  # noqa
+                                        capture_output=True, text=True, timeout=TIMEOUT)
+        out = run("--json", "--by", "model")
+        self.assertEqual(json.loads(out.stdout)["total"]["requests"], 1, out.stderr)
+        csv_lines = run("--csv").stdout.splitlines()
+        self.assertEqual(csv_lines[0], "day,requests,input_tokens,output_tokens,"
+                         "cache_read_input_tokens,cache_creation_input_tokens,cost_usd")
+        self.assertTrue(csv_lines[-1].startswith("total,1,50,7,900,40,"))
+        text = run().stdout
+        self.assertIn("costs are estimates", text)
+        self.assertRegex(text, r"total\s+1\s+50\s+7\s+900\s+40")
+        missing = subprocess.run([sys.executable, SCRIPT, "usage"], env=dict(
+            env, CCPROXY_USAGE_DB=os.path.join(self.tmp.name, "none.db")),
+            capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(missing.returncode, 1)
+        self.assertIn("no usage recorded yet", missing.stderr)
+
+    def test_no_sqlite3_serves_without_a_ledger(self):
+        with unittest.mock.patch.object(ccproxy, "sqlite3", None), FakeUpstream(usage_upstream) as up, \
+                self.assertLogs("ccproxy", "WARNING") as logs:
+            px = ledger_proxy(up.url, self.tmp.name)
+            with px:
+                self.assertEqual(px.call("POST", "/v1/messages", BODY)[0].status, 200)
+                usage = json.loads(px.call("GET", "/status")[1])["usage"]
+        self.assertIsNone(px.service.ledger)
+        self.assertEqual((usage["enabled"], usage["why"]), (False, "no sqlite3 module in "
+                                                                   "this Python"))
+        self.assertIn("usage ledger off: this Python has no sqlite3 module", logs.output[0])
+
+
 class TestContextWindows(unittest.TestCase):
     """Issue #21: each translated call sized to its upstream model's window."""
 
@@ -6179,6 +6505,45 @@ class TestWorkers(LifecycleCase):
         self.assertEqual(self.cli("stop", "-c", path).returncode, 0)
         self.assertEqual(self.cli("status", "-c", path).returncode, 3)
         wait_for(lambda: not any(running(pid) for pid in live + [supervisor]))
+
+
+class TestUsageLifecycle(LifecycleCase):
+    """Issue #24: the ledger with the real commands: two workers, a restart, a stop."""
+
+    def post(self, stream):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
+        try:
+            conn.request("POST", "/v1/messages", json.dumps(dict(BODY, stream=stream)))
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        finally:
+            conn.close()
+
+    def test_the_ledger_across_workers_and_a_restart(self):
+        with FakeUpstream(usage_upstream) as up:
+            path = self.write_config({"providers": [{"name": "anth", "base_url": up.url,
+                                                     "api_key": "sk-up"}], "workers": 2})
+            out = self.cli("start", "-c", path)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            statuses = [self.post(i % 2 == 1) for i in range(20)]
+            out = self.cli("restart", "-c", path)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            statuses += [self.post(i % 2 == 1) for i in range(10)]
+            self.assertEqual(self.cli("stop", "-c", path).returncode, 0)
+        self.assertEqual(statuses, [200] * 30)
+        out = self.cli("usage", "--json", "-c", path)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        total = json.loads(out.stdout)["total"]
+        # Whole replies report 7 output tokens, streams 1 (their message_delta).
+        self.assertEqual((total["requests"], total["input_tokens"], total["output_tokens"],
+                          total["cache_read_input_tokens"],
+                          total["cache_creation_input_tokens"]), (30, 1500, 15 * 7 + 15,
+                                                                  27000, 1200))
+        db = os.path.join(self.dir, ".local", "state", "ccproxy", "usage.db")
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            writers = conn.execute("SELECT COUNT(DISTINCT pid) FROM calls").fetchone()[0]
+        self.assertGreaterEqual(writers, 3)     # two workers, then at least one more
 
 
 class TestDrainAndSignals(LifecycleCase):

@@ -203,6 +203,8 @@ def start_ccproxy(tmp, config_path, extra_env=None, script=os.path.join(ROOT, "c
     env = dict(os.environ, CCPROXY_PORT=str(port), CCPROXY_LOG_LEVEL="warning",
                CCPROXY_PID_FILE=os.path.join(tmp, "ccproxy-%d.pid" % port),
                CCPROXY_MAX_CONNECTIONS="12000")
+    # The usage ledger in the run's own directory (CCPROXY_USAGE=0 measures without).
+    env.setdefault("CCPROXY_USAGE_DB", os.path.join(tmp, "usage-%d.db" % port))
     env.update(extra_env or {})                      # which may set any of these
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, script, "run", "-c", config_path], env=env,
