@@ -5785,8 +5785,8 @@ class KeyLimits:
                 raise limit_refused(key, "is over its rate of %d requests per minute"
                                     % key.requests_per_minute, wait)
             if key.monthly_budget_usd and spent >= key.monthly_budget_usd:
-                raise limit_refused(key, "is over its monthly budget of $%.2f ($%.2f spent "
-                                    "this month)" % (key.monthly_budget_usd, spent),
+                raise limit_refused(key, "is over its monthly budget of %s (%s spent this "
+                                    "month)" % (usd(key.monthly_budget_usd), usd(spent)),
                                     int(next_month(now) - now) + 1)
             recent.append(now)
 
@@ -5825,6 +5825,11 @@ class KeyLimits:
                 name = row[key_at]
                 self.pending[name] = max(0.0, self.pending.get(name, 0.0) - row[cost_at])
             self.others = dict(others)
+
+
+def usd(amount):
+    """$50.00, or $0.0012 for amounts under a dollar."""
+    return "$%.2f" % amount if amount >= 1 else "$%.4f" % amount
 
 
 def has_limits(config):

@@ -4195,7 +4195,8 @@ class TestUsage(unittest.TestCase):
             self.assertEqual(call("sk-alice")[0].status, 200)        # spends past $0.0001
             resp, doc = call("sk-alice")
             self.assertEqual((resp.status, doc["error"]["type"]), (429, "rate_limit_error"))
-            self.assertIn("alice is over its monthly budget of $0.00", doc["error"]["message"])
+            self.assertRegex(doc["error"]["message"], r"alice is over its monthly budget of "
+                                                      r"\$0\.0001 \(\$0\.0\d+ spent this month\)")
             self.assertGreater(int(resp.getheader("retry-after")), 60)
             self.assertEqual([call("sk-bob")[0].status for _ in range(3)], [200, 200, 429])
             resp, doc = call("sk-bob")

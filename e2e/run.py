@@ -146,6 +146,14 @@ class Ccproxy:
             return f.read()
 
 
+def config_file(doc):
+    """`doc` as a config file in a directory of its own; its path."""
+    path = os.path.join(tempfile.mkdtemp(prefix="cc-config-"), "config.json")
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    return path
+
+
 def openai_env(fake, ptype="openai"):
     return {"CCPROXY_PROVIDER": ptype, "CCPROXY_BASE_URL": fake.url,
             "CCPROXY_UPSTREAM_API_KEY": "sk-upstream", "CCPROXY_MODEL": "fake-model"}
@@ -595,6 +603,42 @@ def cli_failure_scenarios(claude, skip):
         check(len(fake.requests) >= 2, "%d upstream calls" % len(fake.requests))
 
 
+def cli_usage_scenarios(claude, skip):
+    """Issue #24: a named client key's calls in the ledger, and its budget enforced."""
+    @scenario("claude-cli with a named client key: its call in `ccproxy usage`, then "
+              "told it is over its budget", skip)
+    def _():
+        fake = FakeOpenAI("text").start()
+        path = config_file({"providers": [{"name": "oa", "type": "openai-compatible",
+                                           "base_url": fake.url, "model": "gpt-4o"}],
+                            "client_keys": [{"name": "alice", "key_env": "ALICE_KEY",
+                                             "monthly_budget_usd": 0.001}]})
+        key = {"ANTHROPIC_AUTH_TOKEN": "sk-alice-e2e"}
+        with Ccproxy({"CCPROXY_CONFIG": path, "ALICE_KEY": key["ANTHROPIC_AUTH_TOKEN"]}) as proxy:
+            first = run_claude(claude, proxy, "say hi", extra_env=key)
+            second = run_claude(claude, proxy, "say hi", extra_env=key)
+            rows = usage_rows(proxy)
+        check(first[0] == 0, "first call: %s" % first[2][-300:])
+        check(second[0] != 0 and "over its monthly budget" in second[2],
+              "second call: %s" % second[2][-300:])
+        check([(r["group"], r["requests"]) for r in rows] == [("alice", 1)],
+              "ccproxy usage: %s" % rows)
+
+
+def usage_rows(proxy, deadline=10.0):
+    """`ccproxy usage --by key --json`'s rows, once the ledger has some (it writes in
+    half-second batches)."""
+    until = time.monotonic() + deadline
+    while True:
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "ccproxy.py"), "usage",
+                              "--by", "key", "--json"], env=proxy.env, text=True,
+                             capture_output=True, timeout=30)
+        rows = json.loads(out.stdout).get("rows", []) if out.returncode == 0 else []
+        if rows or time.monotonic() > until:
+            return rows
+        time.sleep(0.2)
+
+
 def cli_anthropic_scenarios(claude, skip):
     @scenario("claude-cli anthropic pass-through text", skip)
     def _():
@@ -725,14 +769,11 @@ def interactive_scenarios(claude, skip):
               "route's window (issue #21)", skip)
     def _():
         fake = FakeOpenAI("text").start()
-        tmp = tempfile.mkdtemp(prefix="cc-models-")
-        path = os.path.join(tmp, "config.json")
-        with open(path, "w") as f:
-            json.dump({"providers": [{"name": "local", "type": "openai-compatible",
-                                      "base_url": fake.url, "model": "qwen3-coder",
-                                      "context_window": 131072}],
-                       "routes": [{"match": "claude-local-qwen", "provider": "local"},
-                                  {"match": "default", "provider": "local"}]}, f)
+        path = config_file({"providers": [{"name": "local", "type": "openai-compatible",
+                                           "base_url": fake.url, "model": "qwen3-coder",
+                                           "context_window": 131072}],
+                            "routes": [{"match": "claude-local-qwen", "provider": "local"},
+                                       {"match": "default", "provider": "local"}]})
         with Ccproxy({"CCPROXY_CONFIG": path}) as proxy:
             env = dict(proxy.cli_env(), CCPROXY_CONFIG=path)
             text = interactive_turn(claude, env, "/model", "qwen3-coder on local")
@@ -993,6 +1034,7 @@ def main(argv):
     cli_search_scenarios(claude, skip_cli)
     cli_failure_scenarios(claude, skip_cli)
     cli_anthropic_scenarios(claude, skip_cli)
+    cli_usage_scenarios(claude, skip_cli)
     interactive_scenarios(claude, skip_cli)
     sdk_scenarios(python, skip_sdk)
     readme_curl_scenarios()
