@@ -103,6 +103,7 @@ import fnmatch
 import functools
 import hashlib
 import hmac
+import html
 import http.client
 import http.server
 import importlib.util
@@ -187,6 +188,7 @@ FIRST_EVENT_WAIT = 10.0           # a translated stream commits (head, message_s
 STOP_AND_RELOAD = frozenset((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 CIRCUIT_THRESHOLD = 3             # consecutive failures that open a provider's circuit
 CIRCUIT_COOLDOWN = 30.0           # seconds it stays open before one trial call
+MINUTES = 60                      # the status page's history, per provider and minute
 #: Histogram buckets (seconds): whole requests run from milliseconds to many minutes.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 120.0, 300.0, 600.0)
@@ -1288,9 +1290,17 @@ def key_digest(key):
 def presented_keys(headers):
     """The keys a client presents: its x-api-key (Claude Code's ANTHROPIC_API_KEY) and
     its Authorization Bearer token (ANTHROPIC_AUTH_TOKEN), "" for each it lacks.  With
-    both variables set, Claude Code sends both headers."""
+    both variables set, Claude Code sends both headers.  A browser sends the key as
+    its Basic password (the status page, docs/operating.md §11)."""
     auth = headers.get("authorization") or ""
     scheme, _, token = auth.strip().partition(" ")
+    if scheme.lower() == "basic":        # a browser's (RFC 7617): any user, the key
+        try:
+            token = base64.b64decode(token.strip(), validate=True).decode(
+                "utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            token = ""
+        scheme = "bearer"
     return ((headers.get("x-api-key") or "").strip(),
             token.strip() if scheme.lower() == "bearer" else "")
 
@@ -1938,11 +1948,45 @@ def provider_items(config, stats, now):
             "rate_limit_remaining": s.get("rate_limit_remaining"),
             "requests": s.get("requests", 0), "errors": s.get("errors", 0),
             "circuit": "open" if s.get("circuit_open_until", 0) > now else "closed",
+            "last_error": s.get("last_error"), "last_error_at": iso_time(s.get("last_error_at")),
         })
         window, output, source = route_limits(config, p, p.model, s.get("learned_window", 0))
         items[-1].update(context_window=window or None, context_window_source=source or None,
                          max_output=output or None)
     return items
+
+
+def percentile_ms(state, buckets, q):
+    """The q-quantile, in ms, of a histogram's (counts, sum, count), interpolated in its
+    bucket as Prometheus's histogram_quantile does; None without observations."""
+    counts, _, count = state
+    if not count:
+        return None
+    target, seen, low = q * count, 0, 0.0
+    for bound, n in zip(buckets, counts):
+        if n and seen + n >= target:
+            return int(round((low + (bound - low) * (target - seen) / n) * 1000))
+        seen, low = seen + n, bound
+    return int(round(low * 1000))
+
+
+def latency_fields(metrics, name):
+    """A provider's p50 and p95 upstream latency and time to first byte, in ms."""
+    out = {}
+    for field, family, buckets in (("latency_ms", "latency", DURATION_BUCKETS),
+                                   ("ttfb_ms", "ttfb", TTFB_BUCKETS)):
+        state = metrics.get(family, {}).get(name)
+        for q in (50, 95):
+            out["%s_p%d" % (field, q)] = percentile_ms(state, buckets, q / 100.0) if (
+                state) else None
+    return out
+
+
+def minute_series(metrics, name, now):
+    """A provider's last hour: (calls, errors) for each of the last MINUTES minutes."""
+    minutes, last = metrics.get("minutes", {}), int(now // 60)
+    return [(minutes.get((name, m, "calls"), 0), minutes.get((name, m, "errors"), 0))
+            for m in range(last - MINUTES + 1, last + 1)]
 
 
 def providers_document(items):
@@ -1988,6 +2032,8 @@ def status_document(snap):
     """The /status document (docs/operating.md §4) from a Snapshot of the service."""
     config, now = snap.config, snap.now
     items = provider_items(config, snap.provider_stats, now)
+    for item in items:
+        item.update(latency_fields(snap.metrics, item["name"]))
     health = overall_health([i["status"] for i in items])
     record = snap.record or {}
     doc = {
@@ -2189,30 +2235,283 @@ def usage_families(snap):
     ]
 
 
+# ---- The status page (docs/operating.md §11) -------------------------------------------
+
+PAGE_REFRESH = 5                 # seconds between the page's refreshes
+#: The page's style and script, inline (an air-gapped host fetches nothing); the
+#: Content-Security-Policy allows exactly these by their hashes.
+PAGE_CSS = """
+:root{color-scheme:light dark;--bg:#fff;--fg:#1f2328;--muted:#656d76;--line:#d0d7de;
+--card:#f6f8fa;--ok:#1a7f37;--warn:#9a6700;--bad:#cf222e}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--fg:#e6edf3;--muted:#8d96a0;
+--line:#30363d;--card:#161b22;--ok:#3fb950;--warn:#d29922;--bad:#f85149}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);
+font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",sans-serif}
+main{max-width:1280px;margin:0 auto;padding:16px}
+h1{font-size:20px;margin:0 0 4px}h1 small{color:var(--muted);font-weight:normal}
+h2{font-size:16px;margin:24px 0 8px}
+.meta{color:var(--muted);margin:0}.meta b{color:var(--fg);font-weight:600}
+.wrap{overflow-x:auto;border:1px solid var(--line);border-radius:6px}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:6px 10px;border-bottom:1px solid var(--line);
+vertical-align:top;white-space:nowrap}
+th{background:var(--card);font-weight:600}tr:last-child td{border-bottom:0}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+td.w{white-space:normal;min-width:10em;max-width:28em}
+.dot{display:inline-block;width:9px;height:9px;border-radius:50%;margin-right:6px;
+background:var(--muted)}
+.ok .dot{background:var(--ok)}.warn .dot{background:var(--warn)}.bad .dot{background:var(--bad)}
+.ok{color:var(--ok)}.warn{color:var(--warn)}.bad{color:var(--bad)}
+.banner{border:1px solid var(--bad);border-left-width:6px;border-radius:6px;
+padding:10px 14px;margin:12px 0;background:var(--card)}
+.banner.warn{border-color:var(--warn)}.banner p{margin:4px 0}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px}
+.spark rect{fill:var(--muted)}.spark rect.e{fill:var(--bad)}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:16px}
+.muted,footer{color:var(--muted)}footer{margin-top:24px}footer a{color:inherit}
+@media (max-width:640px){main{padding:10px}.opt{display:none}}
+@media (prefers-reduced-motion:reduce){*{transition:none!important;animation:none!important}}
+"""
+PAGE_JS = """(function(){var t=%d;function r(){fetch("ui?fragment=1",{cache:"no-store"})
+.then(function(x){return x.ok?x.text():null}).then(function(h){if(h!==null){
+document.getElementById("page").innerHTML=h}}).catch(function(){})
+.then(function(){setTimeout(r,t)})}setTimeout(r,t)})();""" % (PAGE_REFRESH * 1000)
+
+
+def _csp_hash(text):
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
+PAGE_HEADERS = (
+    ("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store"),
+    ("Content-Security-Policy", "default-src 'none'; style-src %s; script-src %s; "
+     "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+     "frame-ancestors 'none'" % (_csp_hash(PAGE_CSS), _csp_hash(PAGE_JS))),
+    ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"))
+
+
+def wants_html(headers):
+    """A browser's request: it asks for text/html (curl and scripts do not)."""
+    return "text/html" in (headers.get("accept") or "") if headers is not None else False
+
+
+def render_page(doc, trends, usage, fragment=False):
+    """The status page from /status's document, each provider's last hour (`trends`:
+    name -> [(calls, errors)] a minute) and the ledger's summaries (`usage`, None when
+    there is no ledger).  Rendered here, so it reads right with JavaScript off; with it
+    on, it fetches its fragment again every PAGE_REFRESH seconds."""
+    main = "".join((page_header(doc), page_banner(doc), page_providers(doc, trends),
+                    page_routes(doc), page_usage(usage), page_footer(doc)))
+    if fragment:
+        return main
+    return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
+            "<meta name=viewport content=\"width=device-width,initial-scale=1\">"
+            "<title>ccproxy: %s</title><link rel=icon href=\"data:,\"><style>%s</style>"
+            "</head><body><main id=page>%s</main><script>%s</script></body></html>" % (
+                _h(doc.get("health", "")), PAGE_CSS, main, PAGE_JS))
+
+
+def _h(value):
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _tone(word):
+    """ok, warn or bad for a health or status word."""
+    if word in ("healthy", "connected", "unknown", "ok", "closed", "running"):
+        return "ok"
+    return "warn" if word in ("degraded", "rate_limited", "draining") else "bad"
+
+
+def page_header(doc):
+    workers = doc.get("workers")
+    bits = ["<b class=%s><span class=dot></span>%s</b>" % (_tone(doc["health"]),
+                                                          _h(doc["health"])),
+            _h(doc["status"]), "up " + _h(doc["uptime"]), "pid %s" % _h(doc["pid"]),
+            "%s requests served" % _h(doc["requests_served"]),
+            "%d workers" % len(workers) if workers else "1 process",
+            "config " + _h(doc["config"]["source"] or "built-in defaults")]
+    return ("<h1>ccproxy <small>%s on port %s</small></h1><p class=meta>%s</p>" % (
+        _h(doc["version"]), _h(doc["port"]), " · ".join(bits)))
+
+
+def page_problems(doc):
+    """What is wrong, in words: (tone, sentence) each."""
+    out = []
+    for p in doc["providers"]["items"]:
+        if p["status"] in ("disconnected", "auth_failed", "unconfigured") or (
+                p["circuit"] == "open"):
+            out.append(("bad", "Provider %s is %s%s%s." % (
+                p["name"], p["status"].replace("_", " "), ", its circuit open" if p[
+                    "circuit"] == "open" else "", ": " + p["last_error"] if p.get(
+                        "last_error") and p["status"] != "unconfigured" else "")))
+        elif p["status"] == "rate_limited":
+            out.append(("warn", "Provider %s is rate limited." % p["name"]))
+    if doc["config"].get("last_reload_error"):
+        out.append(("bad", "The last reload failed (the running config stays): %s"
+                    % doc["config"]["last_reload_error"]))
+    usage = doc.get("usage") or {}
+    if usage.get("dropped") and usage.get("error"):
+        out.append(("warn", "The usage ledger is dropping rows: %s" % usage["error"]))
+    if doc["status"] == "draining":
+        out.append(("warn", "ccproxy is stopping: it finishes running calls, takes no new "
+                    "ones."))
+    return out
+
+
+def page_banner(doc):
+    problems = page_problems(doc)
+    if not problems:
+        return ""
+    tone = "bad" if any(t == "bad" for t, _ in problems) else "warn"
+    return "<div class=\"banner %s\" role=alert>%s<p>Run <code>ccproxy check</code> on " \
+           "the host: it says what is wrong and how to fix it.</p></div>" % (
+               tone, "".join("<p class=%s>%s</p>" % (t, _h(text)) for t, text in problems))
+
+
+def sparkline(series):
+    """The last hour as SVG bars: calls a minute, errors in red on top."""
+    top = max([c for c, _ in series] + [1])
+    bars = []
+    for i, (calls, errors) in enumerate(series):
+        h, e = 20.0 * calls / top, 20.0 * min(errors, calls) / top
+        if h:
+            bars.append("<rect x=%d y=%.1f width=2 height=%.1f></rect>" % (i * 2, 20 - h, h))
+        if e:
+            bars.append("<rect class=e x=%d y=%.1f width=2 height=%.1f></rect>" % (
+                i * 2, 20 - h, e))
+    label = "%d calls in the last hour, %d failed" % (sum(c for c, _ in series),
+                                                      sum(e for _, e in series))
+    return ("<svg class=spark width=120 height=20 viewBox=\"0 0 120 20\" role=img "
+            "aria-label=\"%s\"><title>%s</title>%s</svg>" % (label, label, "".join(bars)))
+
+
+def _ms(p50, p95):
+    return "–" if p50 is None else "%s / %s ms" % (p50, p95)
+
+
+def page_providers(doc, trends):
+    rows = []
+    for p in doc["providers"]["items"]:
+        circuit = "<br><span class=bad>circuit open</span>" if p["circuit"] == "open" else ""
+        rows.append("<tr><td><b>%s</b><br><span class=muted>%s · %s</span></td>"
+                    "<td class=%s><span class=dot></span>%s%s</td>"
+                    "<td class=w>%s</td><td class=n>%s</td><td class=\"n opt\">%s</td>"
+                    "<td class=\"n opt\">%s</td><td class=\"n opt\">%s</td><td>%s</td></tr>" % (
+                        _h(p["name"]), _h(p["type"]), _h(p["model"] or "client's model"),
+                        _tone(p["status"]), _h(p["status"].replace("_", " ")), circuit,
+                        _h(p.get("last_error") or "–"),
+                        _ms(p.get("latency_ms_p50"), p.get("latency_ms_p95")),
+                        _ms(p.get("ttfb_ms_p50"), p.get("ttfb_ms_p95")),
+                        _h(p.get("tokens_per_second") or "–"),
+                        _h(p.get("rate_limit_remaining") if p.get("rate_limit_remaining")
+                           is not None else "–"),
+                        sparkline(trends.get(p["name"]) or [(0, 0)] * MINUTES)))
+    return ("<h2>Providers</h2><div class=wrap><table><thead><tr><th>Provider</th>"
+            "<th>Health</th><th>Last error</th><th class=n>Latency<br>p50 / p95</th>"
+            "<th class=\"n opt\">First byte<br>p50 / p95</th><th class=\"n opt\">"
+            "Tokens/s</th><th class=\"n opt\">Rate limit<br>left</th><th>Last hour</th></tr>"
+            "</thead><tbody>%s</tbody></table></div>" % "".join(rows))
+
+
+def page_routes(doc):
+    routes = doc.get("routes") or []
+    if not routes:
+        return ("<h2>Routes</h2><p class=muted>No routes: every call goes to %s.</p>"
+                % _h(doc["providers"]["active"][0] if doc["providers"]["active"] else "-"))
+    rows = "".join(
+        "<tr><td><b>%s</b></td><td>%s</td><td>%s</td><td class=w>%s</td></tr>" % (
+            _h(r["name"]), _h(" + ".join(x for x in (r.get("when"), r.get("match")) if x)),
+            _h("%s%s" % (r.get("provider", ""), " · " + r["model"] if r.get("model")
+                         else "")),
+            _h(", ".join("%s %d" % kv for kv in sorted(r["calls"].items())) or "none yet"))
+        for r in routes)
+    return ("<h2>Routes</h2><div class=wrap><table><thead><tr><th>Route</th><th>Takes</th>"
+            "<th>Goes to</th><th>Calls, by why</th></tr></thead><tbody>%s</tbody></table>"
+            "</div>" % rows)
+
+
+def usage_table(title, report, first="Model"):
+    rows = "".join("<tr><td>%s</td><td class=n>%s</td><td class=\"n opt\">%s</td>"
+                   "<td class=\"n opt\">%s</td><td class=n>$%.4f</td></tr>" % (
+                       _h(r["group"] if len(str(r["group"])) < 40 else str(r["group"])[:37]
+                          + "…"), "{:,}".format(r["requests"]),
+                       "{:,}".format(r["input_tokens"] + r["cache_read_input_tokens"] +
+                                     r["cache_creation_input_tokens"]),
+                       "{:,}".format(r["output_tokens"]), r["cost_usd"])
+                   for r in report["rows"][:8])
+    total = report["total"]
+    return ("<div><h3>%s</h3><div class=wrap><table><thead><tr><th>%s</th><th class=n>"
+            "Calls</th><th class=\"n opt\">Input</th><th class=\"n opt\">Output</th>"
+            "<th class=n>Cost (est.)</th></tr></thead><tbody>%s<tr><td><b>total</b></td>"
+            "<td class=n><b>%s</b></td><td class=\"n opt\"></td><td class=\"n opt\"></td>"
+            "<td class=n><b>$%.4f</b></td></tr></tbody></table></div></div>" % (
+                _h(title), _h(first), rows or "", "{:,}".format(total["requests"]),
+                total["cost_usd"]))
+
+
+def page_usage(usage):
+    if not usage or usage.get("off"):
+        why = ((usage or {}).get("off") or "usage is off").capitalize()
+        return ("<h2>Usage</h2><p class=muted>%s (the usage ledger: "
+                "docs/operating.md §10).</p>" % _h(why))
+    return ("<h2>Usage</h2><div class=grid>%s%s%s</div><p class=muted>Costs are estimates "
+            "from a price table (docs/operating.md §10).</p>" % (
+                usage_table("Today", usage["today"]), usage_table("This month",
+                                                                  usage["month"]),
+                usage_table("Busiest sessions this month", usage["sessions"], "Session")))
+
+
+def page_footer(doc):
+    return ("<footer>Updated %s · refreshes every %d s with JavaScript on · "
+            "<a href=status>/status</a> · <a href=metrics>/metrics</a> · "
+            "<a href=usage>/usage</a></footer>" % (_h(doc["timestamp"]), PAGE_REFRESH))
+
+
+PAGE_USAGE_TTL = 30.0            # seconds the page reuses the ledger's summaries
+
+
+def page_usage_data(config, now):
+    """The ledger's summaries for the page: today and this month by model, the month's
+    busiest sessions; {"off": why} without them."""
+    if not (config.usage and config.usage_db):
+        return {"off": "usage is off" if not config.usage else "no usage_db is set"}
+    t = time.gmtime(now)
+    today = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0))
+    try:
+        return {"today": usage_report(config.usage_db, today, "model"),
+                "month": usage_report(config.usage_db, month_start(now), "model"),
+                "sessions": usage_report(config.usage_db, month_start(now), "session")}
+    except UsageError as exc:
+        return {"off": str(exc)}
+
+
 # ---- Workers: one service out of several processes' reports --------------------------
 
 #: The counter families of a Metrics snapshot, keyed by label tuples.
-COUNTERS = ("requests", "upstream", "tokens", "routed", "key_tokens", "key_cost")
+COUNTERS = ("requests", "upstream", "tokens", "routed", "key_tokens", "key_cost",
+            "minutes")
+HISTOGRAMS = ("duration", "ttfb", "latency")
 
 
 def export_metrics(m):
     """A Metrics snapshot as JSON-able lists (tuple keys do not survive JSON)."""
     out = {name: [list(k) + [n] for k, n in m.get(name, {}).items()] for name in COUNTERS}
-    out.update(duration=[[k] + list(v) for k, v in m["duration"].items()],
-               ttfb=[[k] + list(v) for k, v in m["ttfb"].items()])
+    out.update({name: [[k] + list(v) for k, v in m.get(name, {}).items()]
+                for name in HISTOGRAMS})
     return out
 
 
 def merge_metrics(exports):
     """The sum of several workers' exported metrics, as one Metrics snapshot: counters
     and histogram buckets add up (prometheus_client's multiprocess mode does the same)."""
-    out = dict({name: {} for name in COUNTERS}, duration={}, ttfb={})
+    out = {name: {} for name in COUNTERS + HISTOGRAMS}
     for e in exports:
         for name in COUNTERS:
             for row in e.get(name, []):
                 key = tuple(row[:-1])
                 out[name][key] = out[name].get(key, 0) + row[-1]
-        for name in ("duration", "ttfb"):
+        for name in HISTOGRAMS:
             for key, counts, total, count in e.get(name, []):
                 old = out[name].get(key, ([0] * len(counts), 0.0, 0))
                 out[name][key] = ([x + y for x, y in zip(old[0], counts)], old[1] + total,
@@ -5228,6 +5527,20 @@ def window_lines(window):
 
 # ---- Registries ----------------------------------------------------------------------
 
+def plain_error(status):
+    """An upstream attempt's failure in plain words, for /status and the status page."""
+    words = {"connect": "could not connect", "timeout": "timed out",
+             "reset": "the connection was cut", "misdirected": "answered with a page that "
+             "is no API reply (a proxy, a captive portal, a wrong base_url?)"}
+    if isinstance(status, str):
+        return words.get(status, status)
+    if status == 429:
+        return "rate limited (HTTP 429)"
+    if status in (401, 403):
+        return "refused the key (HTTP %d)" % status
+    return "server error (HTTP %d)" % status if status >= 500 else "HTTP %d" % status
+
+
 class ProviderStats:
     """Per-provider health from real traffic and probes, behind one lock.
 
@@ -5251,6 +5564,8 @@ class ProviderStats:
                 s["requests"] += 1
                 s["errors"] += word != "connected"
             s.update(last_check=now, response_time_ms=int(latency * 1000), status=word)
+            if word != "connected":
+                s.update(last_error=plain_error(status), last_error_at=now)
             self._circuit(s, word, now)
             if status == 429:
                 s["rate_limited_until"] = now + int(retry_after_seconds(headers) or "30")
@@ -5333,7 +5648,8 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests, self.upstream, self.tokens, self.routed = {}, {}, {}, {}
         self.key_tokens, self.key_cost, self.models = {}, {}, set()
-        self.duration, self.ttfb = {}, {}
+        self.duration, self.ttfb, self.latency = {}, {}, {}
+        self.minutes, self._pruned = {}, 0       # (provider, minute, kind) -> count
 
     def observe_route(self, rule, reason):
         """A call the routes sent somewhere (labels from the configured route names)."""
@@ -5348,10 +5664,22 @@ class Metrics:
             if ttfb is not None and provider:
                 _histogram(self.ttfb, provider, TTFB_BUCKETS).observe(ttfb)
 
-    def observe_upstream(self, provider, status):
-        key = (provider, upstream_outcome(status))
+    def observe_upstream(self, provider, status, latency=None):
+        """One upstream attempt: its outcome, its latency (the status page's p50 and
+        p95) and its minute (the page's last hour, MINUTES minutes kept)."""
+        outcome = upstream_outcome(status)
+        key, minute = (provider, outcome), int(time.time() // 60)
         with self._lock:
             self.upstream[key] = self.upstream.get(key, 0) + 1
+            if latency is not None:
+                _histogram(self.latency, provider, DURATION_BUCKETS).observe(latency)
+            for kind in ("calls", "errors") if outcome != "ok" else ("calls",):
+                self.minutes[(provider, minute, kind)] = self.minutes.get(
+                    (provider, minute, kind), 0) + 1
+            if minute != self._pruned:
+                self._pruned = minute
+                self.minutes = {k: n for k, n in self.minutes.items()
+                                if k[1] > minute - MINUTES}
 
     def add_tokens(self, provider, input_tokens, output_tokens):
         with self._lock:
@@ -5379,7 +5707,9 @@ class Metrics:
                     "tokens": dict(self.tokens), "routed": dict(self.routed),
                     "key_tokens": dict(self.key_tokens), "key_cost": dict(self.key_cost),
                     "duration": {k: h.state() for k, h in self.duration.items()},
-                    "ttfb": {k: h.state() for k, h in self.ttfb.items()}}
+                    "ttfb": {k: h.state() for k, h in self.ttfb.items()},
+                    "latency": {k: h.state() for k, h in self.latency.items()},
+                    "minutes": dict(self.minutes)}
 
 
 class Calibration:
@@ -6629,6 +6959,7 @@ class Service:
         self.limits = KeyLimits()
         self.limits.active = has_limits(config)
         self.ledger = None           # open_ledger(): the usage ledger, when it is kept
+        self._page_usage = None      # (when, page_usage_data) for the status page
         self._idle = threading.Condition()
         self.in_flight = self.requests_served = 0
         self.waiting = set()         # keep-alive connections idle between requests
@@ -6712,8 +7043,9 @@ class Service:
     def account(self, record):
         """A Messages call that reached an upstream: its ledger row, its cost on its
         client key, its key's metrics (issue #24)."""
-        if not record.provider or record.upstream_status is None or record.route != "messages":
-            return
+        if not record.provider or not isinstance(record.upstream_status, int) or (
+                record.route != "messages"):
+            return                   # no upstream answered (not reached, or refused here)
         row = ledger_row(self.config, record, time.time())
         cost = row[LEDGER_COLUMNS.index("cost_usd")]
         if self.ledger is not None:
@@ -6726,7 +7058,7 @@ class Service:
     def record_upstream(self, provider, status, latency, headers=None):
         """One upstream attempt: provider health, its circuit, and the metrics."""
         self.stats.record(provider, status, latency, headers)
-        self.metrics.observe_upstream(provider, status)
+        self.metrics.observe_upstream(provider, status, latency)
 
     def report(self, worker_id, state):
         """This worker's report for the shared state directory."""
@@ -6762,6 +7094,14 @@ class Service:
             ledger_written=self.ledger.written if self.ledger else 0,
             ledger_dropped=self.ledger.dropped if self.ledger else 0)
 
+    def page_usage(self, now):
+        """page_usage_data, kept PAGE_USAGE_TTL seconds: the page refreshes every few
+        seconds, and a month of a busy ledger takes a while to sum."""
+        cached = self._page_usage
+        if cached is None or now - cached[0] > PAGE_USAGE_TTL:
+            cached = self._page_usage = (now, page_usage_data(self.config, now))
+        return cached[1]
+
     def usage_state(self):
         """The ledger's state and each client key's spend this month, for /status."""
         state = self.ledger.state() if self.ledger else {
@@ -6788,6 +7128,7 @@ LOCAL_ENDPOINTS = {
     "/status": ("status", ("GET",), "local"),
     "/metrics": ("metrics", ("GET",), "local"),
     "/usage": ("usage", ("GET",), "local"),
+    "/ui": ("ui", ("GET",), "local"),
     "/": ("hello", ("GET",), "none"),
     "/api/hello": ("hello", ("GET",), "none"),
 }
@@ -8175,6 +8516,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _precheck(self, path):
         """Everything decided before the body is read: endpoint, method, auth, size."""
         endpoint = resolve_endpoint(path, self.status_only)
+        if path == "/" and wants_html(self.headers):
+            endpoint = LOCAL_ENDPOINTS["/ui"]      # a browser gets the status page
         if endpoint is None:
             raise HTTPError(404, "not_found_error", "no endpoint %s %s" % (
                 self.command, escape_log(path)[:200]))
@@ -8190,12 +8533,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             % (self.command, path), (("allow", ", ".join(allowed)),))
         # Auth and size are decided from the head alone (docs/security.md §3): a refused
         # request never makes us read, or wait for, a body of tens of MB.
-        self._check_auth(auth)
+        self._check_auth(auth, challenge=name == "ui")
         if self.command == "POST":
             self.length = body_length(self.headers, self.server.service.config.max_body_bytes)
         return endpoint
 
-    def _check_auth(self, auth):
+    def _check_auth(self, auth, challenge=False):
+        """Loopback, or a client key (x-api-key, Bearer, or a browser's Basic password);
+        `challenge`: a page, whose 401 asks a browser for the key (RFC 7617)."""
         service = self.server.service
         if auth == "none" or (auth == "local" and is_loopback_host(self.client_address[0])):
             return
@@ -8210,7 +8555,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         raise HTTPError(401, "authentication_error", "invalid x-api-key"
                         if service.config.requires_key() else "this endpoint answers "
                         "loopback clients only (no api_key is configured)",
-                        (("x-should-retry", "false"),))
+                        (("x-should-retry", "false"),) + ((
+                            ("WWW-Authenticate", 'Basic realm="ccproxy", charset="UTF-8"'),)
+                            if challenge else ()))
 
     def parse_request(self):
         """BaseHTTPRequestHandler.parse_request with read_head() for the email package:
@@ -8431,6 +8778,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except UsageError as exc:
             raise HTTPError(404, "not_found_error", str(exc)) from None
         self._send_json(200, doc)
+
+    def _ep_ui(self, query):
+        """The status page for people (docs/operating.md §11); ?fragment=1 is its body,
+        which the page fetches to refresh itself."""
+        service = self.server.service
+        snap = service.whole_service()
+        trends = {p.name: minute_series(snap.metrics, p.name, snap.now)
+                  for p in snap.config.providers}
+        page = render_page(status_document(snap), trends, service.page_usage(snap.now),
+                           fragment="fragment=1" in (query or ""))
+        self._send(200, list(PAGE_HEADERS), page.encode())
 
     def _ep_hello(self, query):
         self._send_json(200, {"service": "ccproxy", "version": __version__})

@@ -4269,6 +4269,144 @@ class TestUsage(unittest.TestCase):
         self.assertIn("usage ledger off: this Python has no sqlite3 module", logs.output[0])
 
 
+# ---- The status page (issue #25) -------------------------------------------------------
+
+def page_snapshot(stats=None, **kw):
+    """A Snapshot with two providers, a route, and the provider stats given."""
+    cfg = config(data={"providers": [
+        {"name": "main", "type": "openai-compatible", "base_url": "http://127.0.0.1:9/v1",
+         "model": "qwen3"},
+        {"name": "backup", "type": "openai-compatible", "base_url": "http://127.0.0.1:9/v1"}],
+        "routes": [{"name": "bg", "when": "background", "provider": "backup"},
+                   {"match": "default", "provider": "main"}]}, environ={},
+                 source="/etc/ccproxy/<odd>.json")
+    metrics = ccproxy.Metrics()
+    for latency in (0.1, 0.2, 0.3, 2.0):
+        metrics.observe_upstream("main", 200, latency)
+    metrics.observe_upstream("main", 503, 0.05)
+    metrics.observe_route("bg", "background")
+    fields = dict(config=cfg, now=time.time(), started=time.time() - 7300, pid=42, port=3456,
+                  ready=True, loaded_at=time.time(), build={"version": "x", "commit": "c",
+                                                            "date": "d"},
+                  provider_stats=stats or {}, metrics=metrics.snapshot(), reloads=0,
+                  requests_served=5, reload_failures=0, in_flight=0)
+    fields.update(kw)
+    return ccproxy.Snapshot(**fields)
+
+
+def page_of(snap, usage=None):
+    doc = ccproxy.status_document(snap)
+    trends = {p.name: ccproxy.minute_series(snap.metrics, p.name, snap.now)
+              for p in snap.config.providers}
+    return ccproxy.render_page(doc, trends, usage)
+
+
+class TestStatusPage(unittest.TestCase):
+    """Issue #25: the page for people, rendered on the server from /status's data."""
+
+    def test_healthy_degraded_unhealthy_and_no_ledger(self):
+        now = time.time()
+        healthy = page_of(page_snapshot({"main": {"status": "connected", "requests": 4,
+                                                  "tokens_per_second": 41.5}}))
+        self.assertNotIn("role=alert", healthy)
+        self.assertIn("<b class=ok><span class=dot></span>healthy</b>", healthy)
+        self.assertIn("2h 1m", healthy)
+        self.assertIn("&lt;odd&gt;.json", healthy)            # escaped, never markup
+        self.assertIn("<b>bg</b>", healthy)
+        self.assertIn("background 1", healthy)
+        self.assertIn("41.5", healthy)
+        self.assertRegex(healthy, r"\d+ / \d+ ms")            # p50 / p95 from the histogram
+        self.assertIn('aria-label="5 calls in the last hour, 1 failed"', healthy)
+        self.assertIn("Usage is off", healthy)
+        degraded = page_of(page_snapshot({"main": {
+            "status": "rate_limited", "rate_limited_until": now + 60,
+            "rate_limit_remaining": 0, "last_error": "rate limited (HTTP 429)"}}))
+        self.assertIn("banner warn", degraded)
+        self.assertIn("Provider main is rate limited.", degraded)
+        unhealthy = page_of(page_snapshot({
+            "main": {"status": "disconnected", "circuit_open_until": now + 30,
+                     "last_error": "server error (HTTP 503)"},
+            "backup": {"status": "auth_failed", "last_error": "refused the key (HTTP 401)"}},
+            last_reload_error="config: routes[0].when must be one of …"))
+        self.assertIn("banner bad", unhealthy)
+        for text in ("Provider main is disconnected, its circuit open: server error (HTTP "
+                     "503).", "Provider backup is auth failed: refused the key (HTTP 401).",
+                     "The last reload failed", "circuit open", "<code>ccproxy check</code>"):
+            self.assertIn(text, unhealthy)
+        self.assertIn("<b class=bad><span class=dot></span>unhealthy</b>", unhealthy)
+
+    def test_usage_tables_and_the_fragment(self):
+        report = {"since": "x", "by": "model", "rows": [dict(
+            group="claude-opus-5-5", requests=3, input_tokens=100, output_tokens=20,
+            cache_read_input_tokens=900, cache_creation_input_tokens=0, cost_usd=0.0123)],
+            "total": dict(requests=3, input_tokens=100, output_tokens=20,
+                          cache_read_input_tokens=900, cache_creation_input_tokens=0,
+                          cost_usd=0.0123)}
+        usage = {"today": report, "month": report, "sessions": dict(report, by="session")}
+        page = page_of(page_snapshot(), usage)
+        for text in ("Today", "This month", "Busiest sessions this month", "claude-opus-5-5",
+                     "$0.0123", "1,000"):
+            self.assertIn(text, page)
+        doc = ccproxy.status_document(page_snapshot())
+        fragment = ccproxy.render_page(doc, {}, usage, fragment=True)
+        self.assertFalse(fragment.startswith("<!doctype"))
+        self.assertNotIn("<script", fragment)
+        whole = ccproxy.render_page(doc, {}, usage)
+        self.assertIn(fragment, whole)
+        # Nothing from anywhere: no URL with a scheme or a host, no external resource.
+        self.assertNotRegex(whole, r"(?i)(https?:)?//[a-z0-9]|@import|url\(")
+
+    def test_served_with_auth_as_status_is(self):
+        cfg = config(api_key="sk-page-key", host="0.0.0.0")
+        service = ccproxy.Service(cfg)
+        service.ready = True
+        def get(path, headers=(), peer="203.0.113.5"):   # noqa
+            handler = SocketlessHandler(request_bytes("GET", path, headers), service, peer)
+            with self.assertLogs("ccproxy", "INFO"):
+                return parse_response(handler.run())
+        html_accept = ("Accept", "text/html,application/xhtml+xml")
+        basic = lambda user, key: ("Authorization", "Basic " + base64.b64encode(  # noqa
+            ("%s:%s" % (user, key)).encode()).decode())
+        status, headers, body = get("/", (html_accept,))
+        self.assertEqual(status, 401)
+        self.assertEqual(headers["WWW-Authenticate"], 'Basic realm="ccproxy", charset="UTF-8"')
+        self.assertNotIn(b"sk-page-key", body)
+        self.assertEqual(get("/ui", (basic("me", "wrong"),))[0], 401)
+        status, headers, body = get("/ui", (basic("anyone", "sk-page-key"),))
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "text/html; charset=utf-8")
+        self.assertIn("default-src 'none'", headers["Content-Security-Policy"])
+        self.assertNotIn(b"sk-page-key", body)
+        self.assertEqual(get("/", (html_accept, basic("", "sk-page-key")))[0], 200)
+        self.assertEqual(get("/", (html_accept,), peer="127.0.0.1")[0], 200)   # loopback
+        status, headers, body = get("/", peer="203.0.113.5")    # curl: what it got before
+        self.assertEqual((status, json.loads(body)["service"]), (200, "ccproxy"))
+        self.assertEqual(get("/status", (basic("x", "sk-page-key"),))[0], 200)
+        # The CSP's hashes are those of the page's own style and script.
+        self.assertIn(ccproxy._csp_hash(ccproxy.PAGE_CSS), headers.get(
+            "Content-Security-Policy", "") or dict(ccproxy.PAGE_HEADERS)[
+                "Content-Security-Policy"])
+
+    def test_percentiles_and_minutes(self):
+        h = ccproxy.Histogram(ccproxy.DURATION_BUCKETS)
+        for v in [0.02] * 50 + [0.2] * 45 + [3.0] * 5:
+            h.observe(v)
+        state = h.state()
+        self.assertEqual(ccproxy.percentile_ms(state, ccproxy.DURATION_BUCKETS, 0.5), 25)
+        self.assertLessEqual(ccproxy.percentile_ms(state, ccproxy.DURATION_BUCKETS, 0.95),
+                             250)
+        self.assertIsNone(ccproxy.percentile_ms(([0] * 16, 0.0, 0), ccproxy.DURATION_BUCKETS,
+                                                0.5))
+        m = ccproxy.Metrics()
+        m.observe_upstream("p", 200, 0.1)
+        m.observe_upstream("p", "connect", 0.1)
+        series = ccproxy.minute_series(m.snapshot(), "p", time.time())
+        self.assertEqual((len(series), series[-1]), (60, (2, 1)))
+        merged = ccproxy.merge_metrics([ccproxy.export_metrics(m.snapshot())] * 2)
+        self.assertEqual(ccproxy.minute_series(merged, "p", time.time())[-1], (4, 2))
+        self.assertEqual(merged["latency"]["p"][2], 4)
+
+
 class TestContextWindows(unittest.TestCase):
     """Issue #21: each translated call sized to its upstream model's window."""
 
@@ -6228,7 +6366,8 @@ class TestLifecycleSubprocess(LifecycleCase):
     def test_reload_good_and_bad_config(self):
         upstream = "http://127.0.0.1:%d" % free_port()
         path = self.write_config({"providers": [{"name": "a", "base_url": upstream}]})
-        self.assertEqual(self.cli("start", "-c", path).returncode, 0)
+        out = self.cli("start", "-c", path)
+        self.assertEqual(out.returncode, 0, out.stderr)
         before = self.get("/status")[1]["config"]
         self.write_config({"providers": [{"name": "b", "base_url": upstream}]})
         out = self.cli("reload", "-c", path)

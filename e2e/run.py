@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.parse
 import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,16 +61,27 @@ def install_claude():
 
 def install_nginx():
     """nginx for the load-balancer scenario, from Debian's packages when missing."""
-    if shutil.which("nginx"):
-        return shutil.which("nginx"), ""
+    return install_debian("nginx", "nginx-light")
+
+
+def install_chromium():
+    """Headless Chromium for the status page's scenario (Debian's chromium)."""
+    return install_debian("chromium", "chromium")
+
+
+def install_debian(command, package):
+    """(path of `command`, "") installing Debian's `package` when it is missing and this
+    is root with apt-get; else (None, why)."""
+    if shutil.which(command):
+        return shutil.which(command), ""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return None, "nginx is not installed (and cannot be installed without root/apt)"
+        return None, "%s is not installed (and cannot be installed without root/apt)" % command
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], capture_output=True,
-                   timeout=600, env=env)
-    return (shutil.which("nginx"), "") if shutil.which("nginx") else (
-        None, "apt-get install nginx-light failed")
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], capture_output=True,
+                   timeout=900, env=env)
+    return (shutil.which(command), "") if shutil.which(command) else (
+        None, "apt-get install %s failed" % package)
 
 
 def install_sdk():
@@ -1003,6 +1015,98 @@ def _load_and_restart(port, restart_env, clients=32, seconds=8.0):
     check(counts["ok"] > 100, "only %d requests completed" % counts["ok"])
 
 
+#: Chromium without its own traffic (updates, sync, dictionaries): what the net log then
+#: holds is the page's.
+CHROMIUM_QUIET = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--disable-default-apps", "--disable-extensions",
+                  "--disable-domain-reliability", "--disable-client-side-phishing-detection",
+                  "--disable-features=Translate,OptimizationHints,MediaRouter,SpellCheck",
+                  "--enable-logging=stderr", "--v=0")
+
+
+def status_page_scenario(chromium, skip):
+    """Issue #25: the page in a real browser, with one provider failing."""
+    @scenario("the status page in headless Chromium: nothing fetched from elsewhere, no "
+              "console error, the failing provider shown, refreshed in place", skip)
+    def _():
+        good = FakeOpenAI("text").start()
+        path = config_file({"providers": [
+            {"name": "good", "type": "openai-compatible", "base_url": good.url,
+             "model": "fake-model"},
+            {"name": "broken", "type": "openai-compatible",
+             "base_url": "http://127.0.0.1:%d/v1" % free_port(), "model": "fake-model"}],
+            "routes": [{"name": "fast", "match": "*haiku*", "provider": "broken"},
+                       {"match": "default", "provider": "good"}]})
+        with Ccproxy({"CCPROXY_CONFIG": path}) as proxy:
+            for model in ("claude-sonnet-5-5", "claude-haiku-5-5") * 2:
+                post_json(proxy.url + "/v1/messages", {"model": model, "max_tokens": 8,
+                                                       "messages": [{"role": "user",
+                                                                     "content": "hi"}]})
+            served = get_json(proxy.url + "/status")["requests_served"]
+            dom, console, urls = run_chromium(chromium, proxy.url + "/")
+            screenshot(chromium, proxy.url + "/ui")
+        check(not console, "console: %s" % console[:3])
+        check(urls and all(u.startswith(proxy.url + "/") for u in urls), "fetched: %s" % urls)
+        check("Provider broken is disconnected" in dom and "could not connect" in dom,
+              "the failing provider: %s" % dom[:600])
+        now = int(re.search(r"(\d+) requests served", dom).group(1))
+        check(now >= served + 2 and proxy.url + "/ui?fragment=1" in urls,
+              "not refreshed: %d requests served on the page, %d before it" % (now, served))
+
+
+def run_chromium(chromium, url):
+    """(the DOM after one refresh, console lines, every URL it fetched)."""
+    netlog = os.path.join(tempfile.mkdtemp(prefix="cc-chromium-"), "net.json")
+    out = subprocess.run([chromium] + list(CHROMIUM_QUIET) + [
+        "--virtual-time-budget=8000", "--log-net-log=" + netlog, "--dump-dom", url],
+        capture_output=True, text=True, timeout=120)
+    console = [line for line in out.stderr.splitlines() if ":CONSOLE" in line]
+    return out.stdout, console, page_requests(netlog, url)
+
+
+def page_requests(netlog, url):
+    """The URLs the page fetched, from Chromium's net log: the requests made for its
+    site (network_isolation_key), not the browser's own (updates and the like, which
+    the sandbox's network namespace keeps off the network anyway)."""
+    with open(netlog) as f:
+        log = json.load(f)
+    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    site = "%s://%s" % (urllib.parse.urlsplit(url).scheme, urllib.parse.urlsplit(url).hostname)
+    return sorted({e["params"]["url"] for e in log.get("events", [])
+                   if e.get("type") == start and str(e.get("params", {}).get(
+                       "network_isolation_key", "")).startswith(site)})
+
+
+def screenshot(chromium, url):
+    """The page as a person sees it, kept as an artefact in .cache/e2e/."""
+    os.makedirs(CACHE, exist_ok=True)
+    subprocess.run([chromium] + list(CHROMIUM_QUIET) + [
+        "--window-size=1280,900", "--screenshot=" + os.path.join(CACHE, "status-page.png"),
+        url], capture_output=True, timeout=120)
+
+
+def post_json(url, doc):
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("POST", parts.path, json.dumps(doc), {"content-type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def get_json(url):
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("GET", parts.path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
 def in_sandbox():
     return os.environ.get("CCPROXY_E2E_NETNS") == "1"
 
@@ -1012,9 +1116,11 @@ def main(argv):
         claude, why_cli = install_claude()
         python, why_sdk = install_sdk()
         nginx, why_nginx = install_nginx()
+        chromium, why_chromium = install_chromium()
         env = dict(os.environ, E2E_CLAUDE=claude or "", E2E_WHY_CLI=why_cli,
                    E2E_PYTHON=python or "", E2E_WHY_SDK=why_sdk, E2E_NGINX=nginx or "",
-                   E2E_WHY_NGINX=why_nginx)
+                   E2E_WHY_NGINX=why_nginx, E2E_CHROMIUM=chromium or "",
+                   E2E_WHY_CHROMIUM=why_chromium)
         inner = [sys.executable, os.path.abspath(__file__), "--inside"]
         if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
             env["CCPROXY_E2E_NETNS"] = "1"
@@ -1040,6 +1146,8 @@ def main(argv):
     readme_curl_scenarios()
     nginx = os.environ.get("E2E_NGINX")
     load_balancer_scenario(nginx, "" if nginx else os.environ.get("E2E_WHY_NGINX"))
+    chromium = os.environ.get("E2E_CHROMIUM")
+    status_page_scenario(chromium, "" if chromium else os.environ.get("E2E_WHY_CHROMIUM"))
     passed, failed, skipped = (RESULTS.count(k) for k in ("pass", "fail", "skip"))
     print("e2e: %.0f s" % (time.monotonic() - started))
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
