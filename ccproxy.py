@@ -5977,6 +5977,7 @@ class Ledger:
 
     def _run(self):
         chores = 0.0
+        self._open()                       # the file exists from the start
         while not (self._stop and self.queue.empty()):
             batch = self._take()
             if self.conn is None and time.monotonic() - self._last_open > 10.0:
@@ -7624,8 +7625,7 @@ class Exchange:
         plain HTTP error (so 429 + retry-after works); the event commits the stream, and
         so does a wait past FIRST_EVENT_WAIT (the Pinger writes the head then: a model
         that thinks for minutes must not leave the client, or a proxy, without one)."""
-        parser = SSEParser(self.service.config.max_event_bytes)
-        st = tr.dialect.stream_translator(tr)
+        parser, st = SSEParser(self.service.config.max_event_bytes), tr.dialect.stream_translator(tr)
         resp.headers = None       # read already; a long stream need not keep them
         chunked = self.handler.request_version == "HTTP/1.1"
         self.handler.close_connection = self.handler.close_connection or not chunked
@@ -8814,23 +8814,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not isinstance(body.get("messages"), list):
             raise HTTPError(400, "invalid_request_error", "messages: a list is required")
         self.access.update(model=model, session=session_id(self.headers, body))
-        route, reason, plan = self._plan(model, body)
+        plan = self._plan(model, body, endpoint)
         if endpoint == "count_tokens" and not dialect_of(plan[0][0]).counts_tokens:
             return self._count_tokens(plan[0][0], body)
         if (dialect_of(plan[0][0]).translated and search_only(body) and
                 not quirks_for(plan[0][0])["web_search"]):
             return self._search_unavailable(plan[0][0], body)
-        if endpoint == "messages":
-            self._admit(route, reason)
         # Handed over in a holder that forward() empties as it goes, so a long stream
         # does not keep a 50 KB body (100 KB parsed) alive (see _take_body).
         request = {"raw": raw, "body": body}
         del raw, body
         Exchange(self).forward(plan, endpoint, query, "POST", request)
 
-    def _plan(self, model, body):
+    def _plan(self, model, body, endpoint):
         """The call's plan: its route (by scenario, name or the user's pick), logged and
-        counted with why (docs/operating.md §6)."""
+        counted with why (docs/operating.md §6), and a Messages call admitted by its
+        client key's limits (a frame of its own: _proxy's stays small, see
+        TestStreamThreadBudget)."""
         service = self.server.service
         config = service.config
         route, reason = choose_route(config, model, body, self.headers) if (
@@ -8839,7 +8839,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             name = route.name or "routes[%d]" % config.routes.index(route)
             self.access.update(rule=name, reason=reason)
             service.metrics.observe_route(name, reason)
-        return route, reason, plan_route(config, model, route)
+        if endpoint == "messages":
+            self._admit(route, reason)
+        return plan_route(config, model, route)
 
     def _admit(self, route, reason):
         """A named client key's limits (docs/operating.md §10): the routes it may take,

@@ -231,6 +231,8 @@ class Proxy:
         self.server.shutdown()
         self.server.server_close()
         self.service.upstreams.close()
+        if self.service.ledger is not None:
+            self.service.ledger.close()
         self.thread.join(TIMEOUT)
 
     def conn(self):
@@ -3695,6 +3697,13 @@ def responses_fake(scenario="tool"):
     return e2e_module("fake_responses").FakeResponses(scenario)
 
 
+def responses_shapes(scenario="tool"):
+    """The fake's answers and checks without its server (closed at once)."""
+    fake = responses_fake(scenario)
+    fake.server.server_close()
+    return fake
+
+
 def responses_config(url, model="gpt-5-codex", ptype="openai-responses"):
     return config(providers=(ccproxy.ProviderConfig(
         name="oai", type=ptype, base_url=url, api_key="sk-up", model=model),))
@@ -3721,7 +3730,7 @@ class TestResponsesAPI(unittest.TestCase):
 
     def fake_stream(self, scenario="tool", body=None):
         """The fake's own event sequence for one call, as the real API orders it."""
-        fake = responses_fake(scenario)
+        fake = responses_shapes(scenario)
         body = body or {"model": "gpt-5-codex", "input": [], "tools": [{"name": "Bash"}]}
         events = [{"type": "response.created", "response": {}}]
         for index, item in enumerate(fake.output(body, 1)):
@@ -3802,7 +3811,7 @@ class TestResponsesAPI(unittest.TestCase):
                                                 json.loads(items[1]["arguments"]),
                                                 separators=(",", ":"))})
         self.assertEqual(body["input"][3]["type"], "function_call_output")
-        self.assertEqual(responses_fake().refuse(body), "")
+        self.assertEqual(responses_shapes().refuse(body), "")
         # Another provider's thinking (or another route's) is never sent as reasoning.
         for sig in (ccproxy.thinking_signature("oai", "x"), "EqQBCkYIBxgCKkA",
                     ccproxy.reasoning_signature("other", items[0])):
@@ -3856,7 +3865,7 @@ class TestResponsesAPI(unittest.TestCase):
 
     def test_whole_reply_and_done_only_servers(self):
         tr = translation("openai-responses", "gpt-5-codex")
-        fake = responses_fake("tool")
+        fake = responses_shapes("tool")
         body = {"model": "gpt-5-codex", "input": [], "tools": [{"name": "Bash"}]}
         message = ccproxy.responses_to_anthropic(fake.response(body, 1, fake.output(body, 1)),
                                                  tr)
@@ -3985,9 +3994,11 @@ def ledger_proxy(url, directory, **kw):
     return px
 
 
-def drained(px, timeout=TIMEOUT):
-    """Wait until the ledger wrote (or dropped) every row offered so far."""
-    wait_for(px.service.ledger.settled, timeout=timeout)
+def drained(px, rows, timeout=TIMEOUT):
+    """Wait until the ledger was offered `rows` rows (the handler offers a call's row
+    after its client has the answer) and wrote or dropped them all."""
+    ledger = px.service.ledger
+    wait_for(lambda: ledger.offered >= rows and ledger.settled(), timeout=timeout)
 
 
 class TestUsage(unittest.TestCase):
@@ -4095,7 +4106,7 @@ class TestUsage(unittest.TestCase):
                         BODY, model=model, stream=stream), headers)
                     self.assertEqual(resp.status, 200, out)
             px.call("POST", "/v1/messages/count_tokens", BODY)        # not a Messages call
-            drained(px)
+            drained(px, 4)
             path = px.service.config.usage_db
             by_model = ccproxy.usage_report(path, 0, "model")
             status = json.loads(px.call("GET", "/status")[1])["usage"]
@@ -4116,8 +4127,8 @@ class TestUsage(unittest.TestCase):
         self.assertEqual([(r["group"], r["requests"]) for r in session], [("sess-1", 4)])
         self.assertEqual((status["enabled"], status["written"], status["dropped"]),
                          (True, 4, 0))
-        with sqlite3.connect(path) as db:          # never a prompt, a completion or a key
-            dump = "\n".join(db.iterdump())
+        with contextlib.closing(sqlite3.connect(path)) as db:   # never a prompt, a
+            dump = "\n".join(db.iterdump())                     # completion or a key
         for secret in ("sk-up", "hi\"", "Hello"):
             self.assertNotIn(secret, dump)
 
@@ -4193,6 +4204,8 @@ class TestUsage(unittest.TestCase):
                                     {"authorization": "Bearer " + key})
                 return resp, json.loads(out)
             self.assertEqual(call("sk-alice")[0].status, 200)        # spends past $0.0001
+            # The call's cost counts once it is accounted, just after its answer went.
+            wait_for(lambda: px.service.limits.spent("alice") > 0)
             resp, doc = call("sk-alice")
             self.assertEqual((resp.status, doc["error"]["type"]), (429, "rate_limit_error"))
             self.assertRegex(doc["error"]["message"], r"alice is over its monthly budget of "
@@ -4209,7 +4222,7 @@ class TestUsage(unittest.TestCase):
                           doc["error"]["message"])
             self.assertEqual(call("sk-ci", model="claude-haiku-5-5")[0].status, 200)
             self.assertEqual(call("sk-nobody")[0].status, 401)
-            drained(px)
+            drained(px, 4)
             by_key = ccproxy.usage_report(px.service.config.usage_db, 0, "key")
             status = json.loads(px.call("GET", "/status")[1])["usage"]["keys"]
             metrics = px.call("GET", "/metrics")[1].decode()
@@ -4228,10 +4241,10 @@ class TestUsage(unittest.TestCase):
     def test_usage_endpoint_and_command(self):
         with FakeUpstream(usage_upstream) as up, ledger_proxy(up.url, self.tmp.name) as px:
             px.call("POST", "/v1/messages", BODY)
-            drained(px)
+            drained(px, 1)
             resp, out = px.call("GET", "/usage?since=1d&by=provider")
             doc = json.loads(out)
-            self.assertEqual((resp.status, set(doc)), (200, {"since", "by", "rows", "total"}))
+            self.assertEqual((resp.status, set(doc)), (200, {"since", "by", "rows", "total"}), doc)
             self.assertEqual([(r["group"], r["requests"]) for r in doc["rows"]], [("anth", 1)])
             for query in ("since=soon", "by=colour"):
                 self.assertEqual(px.call("GET", "/usage?" + query)[0].status, 400, query)
