@@ -540,6 +540,7 @@ class Config:
     usage_retention_days: int = DEFAULT_USAGE_RETENTION_DAYS
     client_keys: tuple = ()           # ClientKey, beside the single api_key
     prices: tuple = ()                # (model pattern, (input, output, cache read, write))
+    record: tuple = ()                # (dir, mode, redact, max files, max MB); () = off
     providers: tuple = ()
     routes: tuple = ()
     fallback: tuple = ()
@@ -602,7 +603,8 @@ PROVIDER_ENV = (
     ("model", "CCPROXY_MODEL"),
     ("big_model", "CCPROXY_BIG_MODEL"), ("small_model", "CCPROXY_SMALL_MODEL"),
 )
-FILE_ONLY_KEYS = ("providers", "routes", "fallback", "client_keys", "prices")
+FILE_ONLY_KEYS = ("providers", "routes", "fallback", "client_keys", "prices", "record")
+RECORD_KEYS = ("dir", "mode", "redact", "max_files", "max_mb")
 KEY_FIELDS = ("api_key", "api_key_env", "api_key_file")
 PROVIDER_KEYS = ("name", "type", "base_url") + KEY_FIELDS + (
     "model", "big_model", "small_model", "connect_timeout", "read_timeout", "ca_bundle",
@@ -1020,7 +1022,8 @@ def build_config(data, environ, cli, source="", read_key=read_key_file):
     config = Config(providers=providers, routes=routes, fallback=tuple(fallback),
                     source=source, client_keys=_client_keys(data.get("client_keys", []),
                                                             environ, read_key),
-                    prices=_prices("prices", data.get("prices", {})), **values)
+                    prices=_prices("prices", data.get("prices", {})),
+                    record=_record(data.get("record"), cli.get("record")), **values)
     _check_exposure(config)
     if config.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigError("workers > 1 needs SO_REUSEPORT, which this system lacks")
@@ -1093,6 +1096,24 @@ def _prices(where, raw):
         raise ConfigError("%s must be an object of model patterns" % where)
     return tuple((str(k).lower(), _price("%s[%s]" % (where, _shown(k)), v))
                  for k, v in raw.items())
+
+
+def _record(raw, cli_dir=None):
+    """The recordings' settings (docs/operating.md §12): `record` in the file, or
+    --record DIR (every call, keys redacted)."""
+    if raw is None and not cli_dir:
+        return ()
+    raw = dict(raw or {}, **({"dir": cli_dir} if cli_dir else {}))
+    _known_object("record", raw, RECORD_KEYS)
+    directory, mode, redact = raw.get("dir"), raw.get("mode", "all"), raw.get("redact", "keys")
+    if not isinstance(directory, str) or not directory:
+        raise ConfigError("record.dir must be a directory")
+    if mode not in RECORD_MODES or redact not in RECORD_REDACTIONS:
+        raise ConfigError("record.mode must be all or errors, record.redact keys or content")
+    sizes = [raw.get("max_files", 1000), raw.get("max_mb", 256)]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+        raise ConfigError("record.max_files and record.max_mb must be whole numbers > 0")
+    return (os.path.abspath(directory), mode, redact) + tuple(sizes)
 
 
 def default_usage_db(environ):
@@ -1760,12 +1781,15 @@ class UsageScanner:
 
     LIMIT = 1 << 20                   # a longer line is no usage line: skipped unread
 
-    def __init__(self):
+    def __init__(self, tape=None):
         self.tail, self.input_tokens, self.output_tokens = b"", None, None
         self.skipping = False             # inside a line longer than LIMIT
         self.usage = {}                   # the Anthropic usage fields seen, newest wins
+        self.tape = tape                  # the call's recording (it sees every read)
 
     def feed(self, data):
+        if self.tape is not None:
+            self.tape.read(data)
         if self.skipping:
             end = data.find(b"\n")
             if end < 0:
@@ -3726,12 +3750,15 @@ class SSEParser:
     A line that has not ended yet is kept in pieces, copied once when it ends: copied
     again with each chunk, one 100 MB line pinned a core for minutes (issue #17)."""
 
-    def __init__(self, limit=DEFAULT_MAX_EVENT_BYTES):
+    def __init__(self, limit=DEFAULT_MAX_EVENT_BYTES, tape=None):
         self.partial, self.data, self.limit = [], [], limit
         self.partial_size = 0             # bytes of the line not ended yet
         self.pending = 0                  # bytes of the event's data lines so far
+        self.tape = tape                  # the call's recording (it sees every read)
 
     def feed(self, chunk):
+        if self.tape is not None:
+            self.tape.read(chunk)
         out = []
         if b"\n" not in chunk:
             self._keep(chunk)
@@ -6961,6 +6988,7 @@ class Service:
         self.limits.active = has_limits(config)
         self.ledger = None           # open_ledger(): the usage ledger, when it is kept
         self._page_usage = None      # (when, page_usage_data) for the status page
+        self.recorder = make_recorder(config)
         self._idle = threading.Condition()
         self.in_flight = self.requests_served = 0
         self.waiting = set()         # keep-alive connections idle between requests
@@ -7023,6 +7051,7 @@ class Service:
         self.api_key_digest = key_digest(config.api_key)
         self.keys = key_ring(config)
         self.limits.active = has_limits(config)
+        self.recorder = make_recorder(config)
         self.loaded_at = time.time()
         self.reloads += 1
         self.last_reload_error = None
@@ -7336,7 +7365,7 @@ class AccessRecord:
               "latency_ms", "ttfb_ms", "input_tokens", "output_tokens", "error")
     # stream_ttfb: seconds to a stream's first byte; usage: usage_split of the reply;
     # session: Claude Code's session id (the ledger's, not the log's).
-    __slots__ = FIELDS + ("stream_ttfb", "usage", "session")
+    __slots__ = FIELDS + ("stream_ttfb", "usage", "session", "tape")
 
     def __init__(self, request_id, client):
         self.request_id, self.client = request_id, client
@@ -7344,7 +7373,7 @@ class AccessRecord:
         self.rule = self.reason = None
         self.model = self.upstream_model = self.upstream_status = self.attempts = None
         self.latency_ms = self.ttfb_ms = self.input_tokens = self.output_tokens = None
-        self.error = self.stream_ttfb = self.usage = self.session = None
+        self.error = self.stream_ttfb = self.usage = self.session = self.tape = None
 
     def update(self, **values):
         for name, value in values.items():
@@ -7484,6 +7513,8 @@ class Exchange:
             body = resp.read(1 << 20)
         except (OSError, http.client.HTTPException):
             body = b""
+        if self.access.tape is not None:
+            self.access.tape.read(body)
         limit = limit_error(body)
         if limit and limit["window"]:
             self.service.windows.learn(provider.name, model, limit["window"])
@@ -7517,8 +7548,10 @@ class Exchange:
     def _attempt(self, provider, method, url, data, headers, last):
         """Open one upstream call: (client, response), the response None when it failed
         and the next provider should be tried."""
-        service = self.service
+        service, tape = self.service, self.access.tape
         client = service.upstreams.client(provider)
+        if tape is not None:
+            tape.attempt(provider, url, headers, data)
         started = time.monotonic()
         try:
             resp = client.open(method, url, data, headers)
@@ -7532,6 +7565,8 @@ class Exchange:
                 raise HTTPError(status, etype, message, headers) from exc
             return client, None
         latency = time.monotonic() - started
+        if tape is not None:
+            tape.answer(resp.status, resp.headers)
         misdirected = misdirected_reply(resp.status, resp.headers)
         service.record_upstream(provider.name, "misdirected" if misdirected else resp.status,
                                 latency, resp.headers)
@@ -7555,6 +7590,8 @@ class Exchange:
                 body = resp.read(1 << 20)
             except (OSError, http.client.HTTPException):
                 body = b""
+            if self.access.tape is not None:
+                self.access.tape.read(body)
         client.release(resp) if resp.isclosed() else client.discard(resp)
         if fallback_worthy(resp.status) and not last:
             log.warning("%s attempt provider=%s status=%d, trying the next provider",
@@ -7592,6 +7629,8 @@ class Exchange:
             raise HTTPError(500, "api_error", "upstream reply larger than %d bytes "
                             "(max_reply_bytes)" % limit, (("x-should-retry", "false"),))
         client.release(resp)
+        if self.access.tape is not None:
+            self.access.tape.read(data)
         return data
 
     # -- translated replies -------------------------------------------------------
@@ -7625,7 +7664,8 @@ class Exchange:
         plain HTTP error (so 429 + retry-after works); the event commits the stream, and
         so does a wait past FIRST_EVENT_WAIT (the Pinger writes the head then: a model
         that thinks for minutes must not leave the client, or a proxy, without one)."""
-        parser, st = SSEParser(self.service.config.max_event_bytes), tr.dialect.stream_translator(tr)
+        parser = SSEParser(self.service.config.max_event_bytes, self.access.tape)
+        st = tr.dialect.stream_translator(tr)
         resp.headers = None       # read already; a long stream need not keep them
         chunked = self.handler.request_version == "HTTP/1.1"
         self.handler.close_connection = self.handler.close_connection or not chunked
@@ -7645,6 +7685,8 @@ class Exchange:
             self._learn(tr, st.usage)
             if st.usage:
                 self._note_tokens(anthropic_usage(st.usage, tr.estimate, 1))
+            if st.repairs and parser.tape is not None:
+                parser.tape.flags.add("repaired_tool_input")
         if chunked:
             self._write(b"0\r\n\r\n")
 
@@ -7738,7 +7780,7 @@ class Exchange:
         renamer = SSEModelRenamer(rename) if rename else None
         self._write(self.handler._head(resp.status, headers, (framing,)))
         self.access.stream_ttfb = time.monotonic() - self.handler.t0
-        ending, scanner = None, UsageScanner()
+        ending, scanner = None, UsageScanner(self.access.tape)
         try:
             ending = self._pump(resp, renamer, chunked, scanner)
         finally:
@@ -8658,6 +8700,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _write(self, data):
         self.sent = True
+        if self.access is not None and self.access.tape is not None:
+            self.access.tape.wrote(data)
         self.wfile.write(data)
 
     def _send(self, status, headers=(), body=b"", close=False):
@@ -8697,6 +8741,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.info(access_record(fields), extra={"access": fields})
         self._observe(record)
         self.server.service.account(record)
+        if record.tape is not None:
+            self.server.service.recorder.finish(record, record.tape)
 
     def _observe(self, record):
         """Metrics for the request just answered (labels from fixed sets only)."""
@@ -8807,6 +8853,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Read and check the call's body, then hand it to the call's Exchange."""
         raw = decode_body(self._read_body(), self.headers.get("content-encoding"),
                           self.server.service.config.max_body_bytes)
+        if self.server.service.recorder is not None:
+            self.access.tape = Tape(self.command, self.path, self.headers, raw)
         body = parse_json_object(raw, self.server.service.members)
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -8878,6 +8926,436 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class StatusHandler(Handler):
     """The optional second listener: /status*, /health* only (APISIX status server)."""
     status_only = True
+
+
+# ---- Recordings: a call as it went on the wire (docs/operating.md §12) ----------------
+
+#: Headers whose values are credentials: never written to a recording.
+SECRET_HEADERS = frozenset((
+    "authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization",
+    "cookie", "set-cookie", "x-amz-security-token", "x-amz-content-sha256"))
+#: What looks like a key wherever it appears (OpenAI's and Anthropic's sk-, Google's AIza,
+#: AWS access key ids, GitHub and Slack tokens, a bearer token in text).
+KEY_LIKE = re.compile(rb"sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}|AKIA[0-9A-Z]{16}|"
+                      rb"gh[pousr]_[A-Za-z0-9]{20,}|xox[abpr]-[A-Za-z0-9\-]{8,}|"
+                      rb"(?<=[Bb]earer )[A-Za-z0-9_\-.~+/=]{8,}")
+#: URL query parameters that carry credentials (Gemini's key=, signed URLs).
+SECRET_PARAMS = re.compile(r"(?i)([?&](?:key|api[-_]?key|token|access_token|sig|"
+                           r"signature|x-amz-[a-z-]+)=)[^&]*")
+#: Under "redact": "content", the string values kept (structure, not prose): the rest
+#: become same-length placeholders.
+STRUCTURE_KEYS = frozenset((b"type", b"role", b"id", b"tool_use_id", b"call_id", b"name",
+                            b"model", b"stop_reason", b"finish_reason", b"object",
+                            b"status", b"media_type", b"code", b"event", b"effort"))
+#: String values that hold JSON text (a tool call's arguments, streamed or whole): their
+#: numbers and true/false/null stay too, so the JSON stays JSON.
+JSON_TEXT_KEYS = frozenset((b"arguments", b"partial_json"))
+_JSON_WORDS = re.compile(rb"\b(?:true|false|null)\b")
+RECORD_MAX_BYTES = 8 << 20        # a call's bytes kept for its recording; past it, cut
+RECORD_MODES = ("all", "errors")
+RECORD_REDACTIONS = ("keys", "content")
+
+
+class Tape:
+    """One proxied call on the wire as it happens (issue #26): the client's request,
+    each upstream attempt (its request, its answer's every read with its time), and
+    what ccproxy wrote back.  Kept in memory until the call ends; Recorder writes it."""
+
+    __slots__ = ("t0", "client", "attempts", "writes", "size", "flags")
+
+    def __init__(self, method, path, headers, body):
+        self.t0, self.size, self.flags = time.monotonic(), len(body), set()
+        self.client = {"method": method, "path": path, "headers": list(headers.items()),
+                       "body": body}
+        self.attempts, self.writes = [], []
+
+    def attempt(self, provider, url, headers, body):
+        self.attempts.append({"provider": recorded_provider(provider), "url": url,
+                              "headers": list(headers), "body": body or b"",
+                              "status": None, "reply_headers": [], "reads": []})
+
+    def answer(self, status, headers):
+        if self.attempts:
+            self.attempts[-1].update(status=status, reply_headers=list(headers.items()))
+
+    def read(self, data):
+        if self.attempts and self.size < RECORD_MAX_BYTES:
+            self.size += len(data)
+            self.attempts[-1]["reads"].append((time.monotonic() - self.t0, data))
+
+    def wrote(self, data):
+        if self.size < RECORD_MAX_BYTES:
+            self.size += len(data)
+            self.writes.append((time.monotonic() - self.t0, data))
+
+
+def recorded_provider(provider):
+    """What a replay needs of a provider: its type and translation settings, never its
+    key, its headers or where it is."""
+    return {"name": provider.name, "type": provider.type, "model": provider.model,
+            "big_model": provider.big_model, "small_model": provider.small_model,
+            "api_version": provider.api_version, "quirks": dict(provider.quirks),
+            "context_window": provider.context_window}
+
+
+def redact_bytes(data, secrets, content):
+    """`data` with every configured secret and whatever looks like a key replaced by
+    asterisks of the same length, and with `content`, prose replaced too
+    (redact_content): the length of each read stays, so its boundaries do."""
+    for secret in secrets:
+        data = data.replace(secret, b"*" * len(secret))
+    data = KEY_LIKE.sub(lambda m: b"*" * len(m.group()), data)
+    return redact_content(data) if content else data
+
+
+def redact_content(data):
+    """JSON string values that are not structure (STRUCTURE_KEYS) with their letters,
+    digits and other text as "x", byte for byte; keys, escapes and JSON punctuation
+    stay, so a stream's shape and a tool call's JSON stay reproducible.  Text outside
+    strings (SSE field names, numbers) stays too."""
+    out, stack, pending, i, n = bytearray(data), [], None, 0, len(data)
+    while i < n:
+        c = data[i]
+        if c == 0x22:                                   # a string
+            j = _string_end(data, i + 1)
+            k = j + 1
+            while k < n and data[k] in b" \t\r\n":
+                k += 1
+            if k < n and data[k] == 0x3A:               # a key
+                pending = data[i + 1:j]
+            else:
+                owner = pending if pending is not None else (stack[-1] if stack else None)
+                if owner not in STRUCTURE_KEYS:
+                    _blank(out, i + 1, j, owner in JSON_TEXT_KEYS)
+                pending = None
+            i = j + 1
+            continue
+        if c in b"{[":
+            stack.append(pending)
+            pending = None
+        elif c in b"}]" and stack:
+            stack.pop()
+        elif c not in b" \t\r\n:,":
+            pending = None                              # a number or a literal
+        i += 1
+    return bytes(out)
+
+
+def _string_end(data, i):
+    """The index of the quote that ends the string whose content starts at `i`."""
+    n = len(data)
+    while i < n and data[i] != 0x22:
+        i += 2 if data[i] == 0x5C else 1
+    return min(i, n)
+
+
+def _blank(out, start, end, json_text=False):
+    """Text between `start` and `end` as x, escapes and JSON punctuation kept (and in
+    JSON text, numbers and true/false/null)."""
+    keep = bytearray(end - start)
+    if json_text:
+        for m in _JSON_WORDS.finditer(bytes(out[start:end])):
+            keep[m.start():m.end()] = b"\x01" * (m.end() - m.start())
+    i = start
+    while i < end:
+        if out[i] == 0x5C:                              # an escape: \\n, \\", \\uXXXX
+            i += 6 if i + 1 < end and out[i + 1] == 0x75 else 2
+            continue
+        if out[i] not in b"{}[]:, \t\r\n" and not keep[i - start] and not (
+                json_text and out[i] in b"0123456789.-+"):
+            out[i] = 0x78
+        i += 1
+
+
+def recorded_url(url, secrets=()):
+    """A URL without userinfo and without credential parameters."""
+    url = SECRET_PARAMS.sub(lambda m: m.group(1) + "[redacted]", url)
+    for secret in secrets:
+        url = url.replace(secret.decode("utf-8", "replace"), "[redacted]")
+    return re.sub(r"//[^/@]*@", "//", url)
+
+
+def redact_headers(headers, secrets=()):
+    return [[k, "[redacted]" if k.lower() in SECRET_HEADERS else redact_bytes(
+        v.encode("utf-8", "surrogateescape"), secrets, False).decode(
+            "utf-8", "surrogateescape")] for k, v in headers]
+
+
+def tape_bytes(data):
+    """Bytes as a recording holds them: text where they are UTF-8, else base64."""
+    try:
+        return {"text": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"b64": base64.b64encode(data).decode("ascii")}
+
+
+def tape_data(doc):
+    return doc["text"].encode("utf-8") if "text" in doc else base64.b64decode(doc["b64"])
+
+
+def redact_reads(reads, secrets, content):
+    """Each read redacted as one text, then cut again at the same boundaries."""
+    whole = redact_bytes(b"".join(d for _, d in reads), secrets, content)
+    out, at = [], 0
+    for t, data in reads:
+        out.append([round(t, 6), tape_bytes(whole[at:at + len(data)])])
+        at += len(data)
+    return out
+
+
+def recording_lines(tape, meta, secrets, content):
+    """The recording of one call, as JSON lines (docs/operating.md §12)."""
+    client = tape.client
+    lines = [dict(meta, ccproxy_recording=1, version=__version__,
+                  redact="content" if content else "keys"),
+             {"client_request": {"method": client["method"], "path": recorded_url(
+                 client["path"], secrets), "headers": redact_headers(client["headers"],
+                                                                     secrets),
+                 "body": tape_bytes(redact_bytes(client["body"], secrets, content))}}]
+    for a in tape.attempts:
+        lines.append({"attempt": {
+            "provider": a["provider"], "url": recorded_url(a["url"], secrets),
+            "headers": redact_headers(a["headers"], secrets),
+            "body": tape_bytes(redact_bytes(a["body"], secrets, content)),
+            "status": a["status"], "reply_headers": redact_headers(a["reply_headers"],
+                                                                   secrets),
+            "reads": redact_reads(a["reads"], secrets, content)}})
+    lines.append({"client_response": {"writes": redact_reads(tape.writes, secrets,
+                                                             content)}})
+    return [json.dumps(line, ensure_ascii=False) for line in lines]
+
+
+def make_recorder(config):
+    """The config's Recorder, or None; it redacts every key the config holds."""
+    if not config.record:
+        return None
+    directory, mode, redact, max_files, max_mb = config.record
+    secrets = [config.api_key] + [p.api_key for p in config.providers] + [
+        k.key for k in config.client_keys]
+    return Recorder(directory, mode, redact, secrets, max_files, max_mb << 20)
+
+
+class Recorder:
+    """Writes the tapes of finished calls (all, or those that ended badly) as files of
+    one call each, in `dir`, at most `max_files` and `max_bytes` of them: the oldest go
+    first.  Writing happens after the call answered; a failure to write is logged."""
+
+    def __init__(self, directory, mode, redact, secrets, max_files=1000,
+                 max_bytes=256 << 20):
+        self.dir, self.mode, self.content = directory, mode, redact == "content"
+        self.secrets = sorted({s.encode("utf-8", "surrogatepass") for s in secrets if s},
+                              key=len, reverse=True)
+        self.max_files, self.max_bytes, self._lock = max_files, max_bytes, threading.Lock()
+
+    def keeps(self, record, tape):
+        """Whether this call is recorded: every call, or (errors) one that ended in an
+        error, with a repaired tool call, or with a stream cut or fixed."""
+        if self.mode == "all":
+            return True
+        status = record.status if isinstance(record.status, int) else 500
+        return status >= 400 or bool(tape.flags) or record.upstream_status in (
+            "stream_error",) or bool(record.error)
+
+    def finish(self, record, tape):
+        if not self.keeps(record, tape):
+            return None
+        meta = {"request_id": record.request_id, "time": iso_time(time.time()),
+                "route": record.route, "status": record.status,
+                "upstream_status": record.upstream_status, "error": record.error,
+                "flags": sorted(tape.flags)}
+        path = os.path.join(self.dir, "%s-%s.jsonl" % (time.strftime(
+            "%Y%m%dT%H%M%S", time.gmtime()), record.request_id))
+        try:
+            text = "\n".join(recording_lines(tape, meta, self.secrets, self.content)) + "\n"
+            with self._lock:
+                os.makedirs(self.dir, 0o700, exist_ok=True)
+                write_new_file(path, text.encode("utf-8"), 0o600)
+                self._rotate()
+        except OSError as exc:
+            log.warning("recording %s: cannot write %s: %s", record.request_id, path, exc)
+            return None
+        return path
+
+    def _rotate(self):
+        """Oldest recordings out, past max_files or max_bytes."""
+        names = sorted(n for n in os.listdir(self.dir) if n.endswith(".jsonl"))
+        sizes = [os.path.getsize(os.path.join(self.dir, n)) for n in names]
+        while names and (len(names) > self.max_files or sum(sizes) > self.max_bytes):
+            os.unlink(os.path.join(self.dir, names.pop(0)))
+            sizes.pop(0)
+
+
+def load_recording(path):
+    """A recording's lines as {"meta", "client_request", "attempts", "client_response"}."""
+    out = {"attempts": []}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                raise UsageError("%s:%d: not a JSON line" % (path, number)) from None
+            if "ccproxy_recording" in doc:
+                out["meta"] = doc
+            elif "attempt" in doc:
+                out["attempts"].append(doc["attempt"])
+            else:
+                out.update(doc)
+    if "meta" not in out or "client_request" not in out:
+        raise UsageError("%s is not a ccproxy recording" % path)
+    return out
+
+
+class ReplayUpstream(http.server.BaseHTTPRequestHandler):
+    """A fake upstream that answers each call with the next recorded answer of its
+    provider: the same status and headers, the body in the recorded reads (a chunk
+    each), at the recorded pace with `timing`."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        answers, timing = self.server.answers, self.server.timing
+        attempt = answers.pop(0) if answers else {"status": 500, "reply_headers": [],
+                                                  "reads": []}
+        self.send_response(attempt["status"] or 500)
+        for name, value in attempt["reply_headers"]:
+            if name.lower() not in HOP_BY_HOP | {"content-length", "date", "server"}:
+                self.send_header(name, value)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        last = 0.0
+        for t, data in attempt["reads"]:
+            data = tape_data(data)
+            if timing and t > last:
+                time.sleep(min(t - last, 30.0))
+            last = t
+            if data:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    do_POST = do_GET = _answer
+
+
+class ReplayServer(http.server.ThreadingHTTPServer):
+    """The fake upstreams' server: quiet when ccproxy drops a kept-alive connection."""
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass
+
+
+def replay_config(recording, upstreams):
+    """The config that replays a recording: each recorded provider (its type, model
+    and quirks) at its fake upstream, or at a closed port where no answer came."""
+    providers, seen = [], []
+    for a in recording["attempts"]:
+        p = dict(a["provider"])
+        if p["name"] in seen:
+            continue
+        seen.append(p["name"])
+        p = {k: v for k, v in p.items() if v not in ("", 0, {}, None)}
+        p.update(base_url=upstreams.get(p["name"], "http://127.0.0.1:9") + "/v1",
+                 api_key="replay-key")
+        providers.append(p)
+    return build_config({"providers": providers, "fallback": seen, "usage": False,
+                         "port": 3456}, {}, {})
+
+
+def replay(recording, timing=False):
+    """(status, headers, body) the recorded client request gets from this build, fed
+    the recorded upstream answers."""
+    servers, upstreams = [], {}
+    for a in recording["attempts"]:
+        name = a["provider"]["name"]
+        if a["status"] is None:
+            continue
+        if name not in upstreams:
+            server = ReplayServer(("127.0.0.1", 0), ReplayUpstream)
+            server.answers, server.timing = [], timing
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+            servers.append(server)
+            upstreams[name] = "http://127.0.0.1:%d" % server.server_address[1]
+            server.name = name
+        next(s for s in servers if s.name == name).answers.append(a)
+    try:
+        return _replay_call(recording, replay_config(recording, upstreams))
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+def _replay_call(recording, config):
+    service = Service(config)
+    service.ready = True
+    server = Server(("127.0.0.1", 0), Handler, service)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    request = recording["client_request"]
+    headers = {k: v for k, v in request["headers"] if k.lower() not in SECRET_HEADERS | {
+        "host", "content-length", "connection", "transfer-encoding", "content-encoding"}}
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=120)
+        conn.request(request["method"], request["path"], tape_data(request["body"]), headers)
+        resp = conn.getresponse()
+        result = resp.status, dict(resp.getheaders()), resp.read()
+        conn.close()
+        return result
+    finally:
+        server.shutdown()
+        server.server_close()
+        service.upstreams.close()
+
+
+def recorded_reply(recording):
+    """(status, headers, body) ccproxy sent then, parsed from the recorded bytes."""
+    raw = b"".join(tape_data(d) for _, d in recording["client_response"]["writes"])
+    resp = http.client.HTTPResponse(_Bytes(raw), method=recording["client_request"]["method"])
+    resp.begin()
+    return resp.status, dict(resp.getheaders()), resp.read()
+
+
+class _Bytes:
+    """What http.client.HTTPResponse reads a recorded response from."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def makefile(self, mode, buffering=None):
+        return io.BufferedReader(io.BytesIO(self.data))
+
+
+#: Parts of a reply that differ between two runs of the same build: ids ccproxy mints,
+#: and the pings it writes while a stream is quiet.
+REPLAY_NOISE = (
+    (re.compile(rb"\b(msg|req_ccp|toolu|srvtoolu)_[0-9a-f]{24}\b"), rb"\1_<id>"),
+    (re.compile(rb"event: ping\r?\ndata: \{\"type\": \"ping\"\}\r?\n\r?\n"), b""))
+
+
+def comparable(body):
+    for pattern, replacement in REPLAY_NOISE:
+        body = pattern.sub(replacement, body)
+    return body
+
+
+def replay_diff(then, now, content=False):
+    """The differences between what the client got then and now (status and body,
+    noise aside), as unified-diff lines; [] when they are the same.  `content`: the
+    recording's prose was redacted, so now's is too before they are compared (what
+    ccproxy writes itself, an error's message, was redacted then)."""
+    now_body = redact_content(now[2]) if content else now[2]
+    a = [("status %s" % then[0]).encode()] + comparable(then[2]).split(b"\n")
+    b = [("status %s" % now[0]).encode()] + comparable(now_body).split(b"\n")
+    if a == b:
+        return []
+    import difflib            # here: only when there is a difference to show
+    return list(difflib.unified_diff([x.decode("utf-8", "replace") for x in a],
+                                     [x.decode("utf-8", "replace") for x in b],
+                                     "then", "now", lineterm=""))
 
 
 # ---- Lifecycle -----------------------------------------------------------------------
@@ -9653,6 +10131,8 @@ def _parser():
     common.add_argument("--workers", help="processes sharing the port (default 1)")
     common.add_argument("--allow-remote", dest="allow_remote", action="store_const",
                         const=True, help="bind beyond loopback without CCPROXY_API_KEY")
+    common.add_argument("--record", metavar="DIR", help="record every call to DIR, keys "
+                        "redacted (docs/operating.md §12)")
     parser = argparse.ArgumentParser(
         prog="ccproxy.py", description="Proxy daemon for Claude Code and Anthropic "
         "Messages API clients.")
@@ -9671,6 +10151,17 @@ def _parser():
                    help="validate the config, probe each provider, say what is wrong")
     sub.add_parser("env", parents=[common],
                    help='print the exports for Claude Code: eval "$(ccproxy.py env)"')
+    _ledger_commands(sub, common)
+    init = sub.add_parser("init", help="write a starting config file (never over one)")
+    init.add_argument("-c", "--config", help="where (default: where ccproxy looks without -c)")
+    init.add_argument("--provider", default="anthropic", choices=sorted(STARTER_FIELDS),
+                      help="provider type (default anthropic)")
+    sub.add_parser("version", help="print version and build")
+    return parser
+
+
+def _ledger_commands(sub, common):
+    """`usage` and `replay`: reading what the daemon kept (the ledger, recordings)."""
     usage = sub.add_parser("usage", parents=[common],
                            help="tokens and estimated cost from the usage ledger")
     usage.add_argument("--since", default="30d", help="7d, 12h, 30m or a date such as "
@@ -9680,17 +10171,16 @@ def _parser():
     form = usage.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="print JSON")
     form.add_argument("--csv", action="store_true", help="print CSV")
-    init = sub.add_parser("init", help="write a starting config file (never over one)")
-    init.add_argument("-c", "--config", help="where (default: where ccproxy looks without -c)")
-    init.add_argument("--provider", default="anthropic", choices=sorted(STARTER_FIELDS),
-                      help="provider type (default anthropic)")
-    sub.add_parser("version", help="print version and build")
-    return parser
+    replay = sub.add_parser("replay", help="feed a recording's upstream answers through "
+                            "this build; print what the client gets, and what changed")
+    replay.add_argument("file", help="a recording (docs/operating.md §12)")
+    replay.add_argument("--timing", action="store_true", help="keep the recorded pacing")
 
 
 def _cli_options(args):
     return {k: getattr(args, k, None) for k in
-            ("host", "port", "pid_file", "log_file", "log_level", "allow_remote", "workers")}
+            ("host", "port", "pid_file", "log_file", "log_level", "allow_remote", "workers",
+             "record")}
 
 
 def _load(args, environ):
@@ -10499,6 +10989,24 @@ def _table_line(cells, widths):
                      for i, (c, w) in enumerate(zip(cells, widths)))
 
 
+def cmd_replay(args, environ):
+    """Replay a recording through this build: the client's answer now, and its
+    differences from the one recorded (exit 1 when there are some)."""
+    try:
+        recording = load_recording(args.file)
+    except OSError as exc:
+        raise UsageError("cannot read %s: %s" % (args.file, exc.strerror)) from None
+    now = replay(recording, timing=args.timing)
+    sys.stdout.write("status %d\n%s" % (now[0], now[2].decode("utf-8", "replace")))
+    diff = replay_diff(recorded_reply(recording), now,
+                       recording["meta"].get("redact") == "content")
+    if diff:
+        print("\n".join(["", "ccproxy: the client gets something else now:"] + diff))
+        return EXIT_FAIL
+    print("\nccproxy: the same as recorded (ids and pings aside)", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_version(args, environ):
     """Print the version and the build stamp."""
     info = build_info()
@@ -10508,7 +11016,8 @@ def cmd_version(args, environ):
 
 COMMANDS = {"run": cmd_run, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
             "reload": cmd_reload, "status": cmd_status, "check": cmd_check, "env": cmd_env,
-            "init": cmd_init, "usage": cmd_usage, "version": cmd_version}
+            "init": cmd_init, "usage": cmd_usage, "replay": cmd_replay,
+            "version": cmd_version}
 
 
 def main(argv=None, environ=None):

@@ -4420,6 +4420,163 @@ class TestStatusPage(unittest.TestCase):
         self.assertEqual(merged["latency"]["p"][2], 4)
 
 
+# ---- Recordings and replay (issue #26) ---------------------------------------------------
+
+TOOL_STREAM = "".join([
+    chunk({"role": "assistant", "content": "Let me look."}),
+    chunk({"tool_calls": [tc(0, "call_1", "Bash", '{"comm')]}),
+    chunk({"tool_calls": [tc(0, args='and": "ls -la"}')]}),
+    chunk(finish="tool_calls"), chunk(usage={"prompt_tokens": 90, "completion_tokens": 9},
+                                      choices=False), "data: [DONE]\n\n"])
+CUT_STREAM = "".join([chunk({"content": "Hel"}), chunk({"content": "lo"}),
+                      'data: {"error": {"message": "Upstream overloaded", "code": 503}}\n\n'])
+
+
+def recording_proxy(url, directory, ptype="openai", mode="all", redact="keys", **kw):
+    provider = dict({"name": "up", "type": ptype, "base_url": url, "api_key":
+                     "sk-provider-secret-123456", "model": "gpt-4o"}, **kw)
+    return Proxy(config(data={"providers": [provider], "usage": False,
+                              "record": {"dir": directory, "mode": mode, "redact": redact}},
+                        environ={}))
+
+
+def recordings(directory):
+    return sorted(glob.glob(os.path.join(directory, "*.jsonl")))
+
+
+class TestRecordings(unittest.TestCase):
+    """Issue #26: a call as it went on the wire, redacted; replayed through this build."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def test_content_redaction_keeps_the_shape(self):
+        rows = [(b'{"type": "text", "text": "Hello, world"}', b'{"type": "text", "text": '
+                 b'"xxxxx, xxxxx"}'),
+                (b'{"name": "Bash", "arguments": "{\\"command\\": \\"ls -la\\"}"}',
+                 b'{"name": "Bash", "arguments": "{\\"xxxxxxx\\": \\"xx -xx\\"}"}'),
+                (b'data: {"delta": {"text": "caf\xc3\xa9\\n"}, "index": 3}\n\n',
+                 b'data: {"delta": {"text": "xxxxx\\n"}, "index": 3}\n\n'),
+                (b'{"content": ["a", {"type": "image", "media_type": "image/png"}]}',
+                 b'{"content": ["x", {"type": "image", "media_type": "image/png"}]}'),
+                (b'event: message_stop\ndata: {"type": "message_stop"}', None)]
+        for raw, expected in rows:
+            got = ccproxy.redact_content(raw)
+            self.assertEqual(got, expected or raw)
+            self.assertEqual(len(got), len(raw))
+        args = json.loads(ccproxy.redact_content(
+            b'{"arguments": "{\\"a\\": [1.5, true, null, \\"b c\\"]}"}'))
+        self.assertEqual(json.loads(args["arguments"]), {"x": [1.5, True, None, "x x"]})
+
+    def test_record_then_replay_gives_the_same_client_output(self):
+        """A streamed tool call, a stream cut by an error, a pass-through stream."""
+        cases = [("openai", sse_behave(TOOL_STREAM), dict(BODY, stream=True, tools=[
+                     {"name": "Bash", "input_schema": {"type": "object"}}])),
+                 ("openai", sse_behave(CUT_STREAM), dict(BODY, stream=True)),
+                 ("anthropic", lambda h, body: (h.start_stream(), [h.chunk(f) for f in STREAM],
+                                                h.chunk(b"")), dict(BODY, stream=True)),
+                 ("openai", lambda h, body: h.reply(200, reply({"role": "assistant",
+                                                                "content": "hi"})), BODY)]
+        for index, (ptype, behave, body) in enumerate(cases):
+            directory = os.path.join(self.tmp.name, str(index))
+            with FakeUpstream(behave) as up, recording_proxy(
+                    up.url + ("/v1" if ptype == "openai" else ""), directory, ptype) as px:
+                resp, out = px.call("POST", "/v1/messages", body)
+            files = recordings(directory)
+            self.assertEqual(len(files), 1, index)
+            recording = ccproxy.load_recording(files[0])
+            then = ccproxy.recorded_reply(recording)
+            self.assertEqual(then[2], out)                 # what the client really got
+            now = ccproxy.replay(recording)
+            self.assertEqual(ccproxy.replay_diff(then, now), [], index)
+            self.assertEqual(ccproxy.comparable(now[2]), ccproxy.comparable(out))
+        # And a change shows: the same recording, the answer's text altered.
+        recording["attempts"][0]["reads"][0][1]["text"] = recording["attempts"][0]["reads"][
+            0][1]["text"].replace("hi", "ho")
+        diff = ccproxy.replay_diff(then, ccproxy.replay(recording))
+        self.assertTrue(any(line.startswith("+") and "ho" in line for line in diff), diff)
+
+    def test_no_key_reaches_a_recording(self):
+        secrets = ("sk-provider-secret-123456", "sk-client-secret-987654",
+                   "sk-body-secret-5555555555", "AIzaSyD-0123456789abcdefghijklmno",
+                   "AIzaQUERYSECRET0123456789abcdef", "xoxb-12345678-abcdefgh")
+        for redact in ("keys", "content"):
+            directory = os.path.join(self.tmp.name, redact)
+            cfg = config(data={"providers": [{"name": "up", "type": "openai",
+                                              "base_url": "http://127.0.0.1:9/v1",
+                                              "api_key": secrets[0], "model": "gpt-4o"}],
+                               "usage": False, "record": {"dir": directory, "redact": redact}},
+                         environ={}, api_key=secrets[1])
+            def behave(h, body):    # noqa: E306 - the upstream echoes a key back
+                h.reply(200, reply({"role": "assistant", "content": "your key " + secrets[0]}))
+            with FakeUpstream(behave) as up:
+                cfg = dataclasses.replace(cfg, providers=(dataclasses.replace(
+                    cfg.providers[0], base_url=up.url + "/v1"),))
+                with Proxy(cfg) as px:
+                    body = dict(BODY, messages=[user("use %s and %s and %s" % secrets[2:5])],
+                                metadata={"user_id": secrets[5]})
+                    resp, _ = px.call("POST", "/v1/messages?key=" + secrets[4], body,
+                                      {"x-api-key": secrets[1],
+                                       "authorization": "Bearer " + secrets[1]})
+                    self.assertEqual(resp.status, 200)
+            files = recordings(directory)
+            self.assertEqual(len(files), 1)
+            with open(files[0]) as f:
+                text = f.read()
+            for secret in secrets:
+                self.assertNotIn(secret, text, (redact, secret))
+            self.assertEqual(stat.S_IMODE(os.stat(files[0]).st_mode), 0o600)
+        self.assertNotIn("use ", text)                    # content: no prose either
+
+    def test_errors_mode_keeps_only_what_went_wrong(self):
+        calls = []
+        def behave(h, body):        # noqa: E306
+            calls.append(1)
+            if len(calls) == 1:
+                return h.reply(200, reply({"role": "assistant", "content": "hi"}))
+            h.reply(429, {"error": {"message": "Rate limit reached"}}, (("retry-after", "1"),))
+        with FakeUpstream(behave) as up, recording_proxy(up.url + "/v1", self.tmp.name,
+                                                         mode="errors") as px:
+            self.assertEqual(px.call("POST", "/v1/messages", BODY)[0].status, 200)
+            self.assertEqual(recordings(self.tmp.name), [])
+            self.assertEqual(px.call("POST", "/v1/messages", BODY)[0].status, 429)
+        files = recordings(self.tmp.name)
+        self.assertEqual(len(files), 1)
+        meta = ccproxy.load_recording(files[0])["meta"]
+        self.assertEqual((meta["status"], meta["upstream_status"]), (429, 429))
+        with self.assertRaisesRegex(ccproxy.ConfigError, "record.mode"):
+            config(data={"record": {"dir": "/tmp/x", "mode": "some"}}, environ={})
+
+    def test_the_kept_recordings_still_replay_the_same(self):
+        """Every recording under e2e/recordings is a regression test: a bug report's
+        file goes there, and this build must answer as the recording says."""
+        files = sorted(glob.glob(os.path.join(HERE, "e2e", "recordings", "*.jsonl")))
+        self.assertTrue(files)
+        for path in files:
+            with self.subTest(os.path.basename(path)):
+                recording = ccproxy.load_recording(path)
+                self.assertEqual(ccproxy.replay_diff(
+                    ccproxy.recorded_reply(recording), ccproxy.replay(recording),
+                    recording["meta"]["redact"] == "content"), [])
+        out = subprocess.run([sys.executable, SCRIPT, "replay", files[0]], capture_output=True,
+                             text=True, timeout=TIMEOUT)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        self.assertIn("the same as recorded", out.stderr)
+
+
+class TestFileShape(unittest.TestCase):
+
+    def test_no_top_level_name_is_defined_twice(self):
+        """One file holds everything: a second def of a name replaces the first in
+        silence (a recording's redact_url once replaced /status's)."""
+        import ast
+        with open(SCRIPT) as f:
+            tree = ast.parse(f.read())
+        names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        self.assertEqual(sorted({n for n in names if names.count(n) > 1}), [])
+
+
 class TestContextWindows(unittest.TestCase):
     """Issue #21: each translated call sized to its upstream model's window."""
 
