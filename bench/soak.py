@@ -146,6 +146,7 @@ def main(argv=None):
         CCPROXY_PID_FILE=os.path.join(tmp, "ccproxy.pid"),
         CCPROXY_LOG_FILE=os.path.join(tmp, "ccproxy.log"), CCPROXY_LOG_LEVEL="warning",
         CCPROXY_CONFIG="", CCPROXY_WORKERS=str(args.workers),
+        CCPROXY_USAGE_DB=os.path.join(tmp, "usage.db"),
         CCPROXY_MAX_CONNECTIONS=str(args.clients * 2 + 64))
     started = cli("start", env=env)
     if started.returncode:
