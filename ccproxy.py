@@ -2088,6 +2088,13 @@ def status_document(snap):
     return doc
 
 
+def health_document(alive, service):
+    """/health: alive or not, the version and the uptime."""
+    return {"status": "healthy" if alive else "unhealthy", "version": __version__,
+            "uptime_seconds": int(time.time() - service.started),
+            "timestamp": iso_time(time.time())}
+
+
 def detailed_health_document(snap):
     """/health/detailed: components and the effective configuration, no secrets."""
     config = snap.config
@@ -2348,6 +2355,7 @@ def _tone(word):
 
 
 def page_header(doc):
+    """The service line: health, uptime, pid, workers, config."""
     workers = doc.get("workers")
     bits = ["<b class=%s><span class=dot></span>%s</b>" % (_tone(doc["health"]),
                                                           _h(doc["health"])),
@@ -2384,6 +2392,7 @@ def page_problems(doc):
 
 
 def page_banner(doc):
+    """What is wrong, if anything, and what to run."""
     problems = page_problems(doc)
     if not problems:
         return ""
@@ -2415,6 +2424,7 @@ def _ms(p50, p95):
 
 
 def page_providers(doc, trends):
+    """Each provider: health, last error, latency, last hour."""
     rows = []
     for p in doc["providers"]["items"]:
         circuit = "<br><span class=bad>circuit open</span>" if p["circuit"] == "open" else ""
@@ -2439,6 +2449,7 @@ def page_providers(doc, trends):
 
 
 def page_routes(doc):
+    """The routes and the calls each took, by why."""
     routes = doc.get("routes") or []
     if not routes:
         return ("<h2>Routes</h2><p class=muted>No routes: every call goes to %s.</p>"
@@ -2456,6 +2467,7 @@ def page_routes(doc):
 
 
 def usage_table(title, report, first="Model"):
+    """One usage summary as a table, with its total."""
     rows = "".join("<tr><td>%s</td><td class=n>%s</td><td class=\"n opt\">%s</td>"
                    "<td class=\"n opt\">%s</td><td class=n>$%.4f</td></tr>" % (
                        _h(r["group"] if len(str(r["group"])) < 40 else str(r["group"])[:37]
@@ -2475,6 +2487,7 @@ def usage_table(title, report, first="Model"):
 
 
 def page_usage(usage):
+    """The ledger's summaries, or why there are none."""
     if not usage or usage.get("off"):
         why = ((usage or {}).get("off") or "usage is off").capitalize()
         return ("<h2>Usage</h2><p class=muted>%s (the usage ledger: "
@@ -2487,6 +2500,7 @@ def page_usage(usage):
 
 
 def page_footer(doc):
+    """When the page was made, and the machine-readable views."""
     return ("<footer>Updated %s · refreshes every %d s with JavaScript on · "
             "<a href=status>/status</a> · <a href=metrics>/metrics</a> · "
             "<a href=usage>/usage</a></footer>" % (_h(doc["timestamp"]), PAGE_REFRESH))
@@ -6107,6 +6121,7 @@ def month_start(now=None):
 
 
 def next_month(now=None):
+    """The epoch seconds at which the next month (UTC) begins."""
     t = time.gmtime(time.time() if now is None else now)
     year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
     return calendar.timegm((year, month, 1, 0, 0, 0))
@@ -6253,6 +6268,25 @@ def usage_report(path, since, by):
     total = {k: sum(r[k] for r in rows) for k in USAGE_SUMS}
     total["cost_usd"] = round(total["cost_usd"], 6)
     return {"since": iso_time(since), "by": by, "rows": rows, "total": total}
+
+
+def usage_answer(path, query):
+    """GET /usage: the report for ?since= (default 30d) and ?by= (default day);
+    HTTPError 400 for a bad parameter, 404 while there is nothing to read."""
+    args = urllib.parse.parse_qs(query or "")
+    since, by = args.get("since", ["30d"])[-1], args.get("by", ["day"])[-1]
+    try:
+        start = parse_since(since)
+    except ValueError:
+        raise HTTPError(400, "invalid_request_error", "since: 7d, 12h, 30m or a date such "
+                        "as 2026-12-01, got %s" % _shown(since)[:40]) from None
+    if by not in USAGE_GROUPS:
+        raise HTTPError(400, "invalid_request_error", "by: one of %s" % ", ".join(
+            USAGE_GROUPS))
+    try:
+        return usage_report(path, start, by)
+    except UsageError as exc:
+        raise HTTPError(404, "not_found_error", str(exc)) from None
 
 
 def parse_since(text, now=None):
@@ -7070,6 +7104,55 @@ class Service:
         self.ledger = Ledger(config.usage_db, config.usage_retention_days,
                              self.limits).start()
 
+    def not_ready(self):
+        """Why the service is not ready (draining, starting, a worker without the
+        config), or None."""
+        reason = "draining" if self.draining else None if self.ready else "starting"
+        if reason is None and self.cluster is not None:
+            reason = self.whole_service().ready_error    # every worker has the config?
+        return reason
+
+    def authorise(self, auth, peer, headers, challenge=False):
+        """The name of the client key a request presents (None when it needs none):
+        endpoints of auth "local" answer loopback peers, "client" ones anyone when no
+        key is configured; else HTTPError 401 (`challenge`: a page, whose 401 asks a
+        browser for the key as a Basic password, RFC 7617)."""
+        if auth == "none" or (auth == "local" and is_loopback_host(peer)):
+            return None
+        if auth == "client" and not self.config.requires_key():
+            return None
+        # Only the socket peer counts as loopback: X-Forwarded-For never grants anything
+        # (Sonarr CVE-2026-30975, gin CVE-2020-28483).
+        owner = key_owner(headers, self.keys) if self.keys else None
+        if owner:
+            return owner
+        raise HTTPError(401, "authentication_error", "invalid x-api-key"
+                        if self.config.requires_key() else "this endpoint answers "
+                        "loopback clients only (no api_key is configured)",
+                        (("x-should-retry", "false"),) + ((
+                            ("WWW-Authenticate", 'Basic realm="ccproxy", charset="UTF-8"'),)
+                            if challenge else ()))
+
+    def count_tokens(self, provider, body):
+        """count_tokens on a translated route: the estimator, calibrated per route."""
+        tools = self.tools.get(body.get("tools"), quirks_for(provider))
+        return self.calibration.scale(provider.name, estimate_input_tokens(
+            body, tools_size=tools.size))
+
+    def admit(self, name, route, reason):
+        """A named client key's limits (docs/operating.md §10): the routes it may take
+        (HTTPError 403), its rate and its monthly budget (429)."""
+        key = self.config.client_key(name)
+        if key is None:
+            return
+        taken = route_names(self.config, route, reason)
+        if key.routes and not taken & set(key.routes):
+            raise HTTPError(403, "permission_error", "ccproxy: client key %s may take the "
+                            "routes %s; this call took %s" % (key.name, ", ".join(
+                                key.routes), " / ".join(sorted(taken))),
+                            (("x-should-retry", "false"),))
+        self.limits.admit(key)
+
     def account(self, record):
         """A Messages call that reached an upstream: its ledger row, its cost on its
         client key, its key's metrics (issue #24)."""
@@ -7123,6 +7206,14 @@ class Service:
             metrics=self.metrics.snapshot(), usage=self.usage_state(),
             ledger_written=self.ledger.written if self.ledger else 0,
             ledger_dropped=self.ledger.dropped if self.ledger else 0)
+
+    def page(self, fragment=False):
+        """The status page (or its body) of the whole service, now."""
+        snap = self.whole_service()
+        trends = {p.name: minute_series(snap.metrics, p.name, snap.now)
+                  for p in snap.config.providers}
+        return render_page(status_document(snap), trends, self.page_usage(snap.now),
+                           fragment)
 
     def page_usage(self, now):
         """page_usage_data, kept PAGE_USAGE_TTL seconds: the page refreshes every few
@@ -8581,25 +8672,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return endpoint
 
     def _check_auth(self, auth, challenge=False):
-        """Loopback, or a client key (x-api-key, Bearer, or a browser's Basic password);
-        `challenge`: a page, whose 401 asks a browser for the key (RFC 7617)."""
-        service = self.server.service
-        if auth == "none" or (auth == "local" and is_loopback_host(self.client_address[0])):
-            return
-        if auth == "client" and not service.config.requires_key():
-            return
-        # Only the socket peer counts as loopback: X-Forwarded-For never grants anything
-        # (Sonarr CVE-2026-30975, gin CVE-2020-28483).
-        owner = key_owner(self.headers, service.keys) if service.keys else None
-        if owner:
-            self.access.key = owner
-            return
-        raise HTTPError(401, "authentication_error", "invalid x-api-key"
-                        if service.config.requires_key() else "this endpoint answers "
-                        "loopback clients only (no api_key is configured)",
-                        (("x-should-retry", "false"),) + ((
-                            ("WWW-Authenticate", 'Basic realm="ccproxy", charset="UTF-8"'),)
-                            if challenge else ()))
+        """Loopback, or a client key; the key's name goes on the access line."""
+        self.access.key = self.server.service.authorise(auth, self.client_address[0],
+                                                        self.headers, challenge)
 
     def parse_request(self):
         """BaseHTTPRequestHandler.parse_request with read_head() for the email package:
@@ -8776,18 +8851,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- local endpoints --------------------------------------------------------
 
     def _ep_health(self, query):
-        service = self.server.service
-        alive = service.alive()
-        self._send_json(200 if alive else 503, {
-            "status": "healthy" if alive else "unhealthy", "version": __version__,
-            "uptime_seconds": int(time.time() - service.started),
-            "timestamp": iso_time(time.time())})
+        alive = self.server.service.alive()
+        self._send_json(200 if alive else 503, health_document(alive, self.server.service))
 
     def _ep_ready(self, query):
-        service = self.server.service
-        reason = "draining" if service.draining else None if service.ready else "starting"
-        if reason is None and service.cluster is not None:
-            reason = service.whole_service().ready_error    # every worker has the config?
+        reason = self.server.service.not_ready()
         if reason is None:
             return self._send_json(200, {"status": "ok"})
         self._send_json(503, {"status": "error", "error": reason}, (("Retry-After", "1"),))
@@ -8809,31 +8877,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _ep_usage(self, query):
         """The ledger's totals as `ccproxy usage --json` prints them (?since=&by=)."""
-        args = urllib.parse.parse_qs(query or "")
-        since, by = args.get("since", ["30d"])[-1], args.get("by", ["day"])[-1]
-        try:
-            start = parse_since(since)
-        except ValueError:
-            raise HTTPError(400, "invalid_request_error", "since: 7d, 12h, 30m or a date "
-                            "such as 2026-12-01, got %s" % _shown(since)[:40]) from None
-        if by not in USAGE_GROUPS:
-            raise HTTPError(400, "invalid_request_error", "by: one of %s" % ", ".join(
-                USAGE_GROUPS))
-        try:
-            doc = usage_report(self.server.service.config.usage_db, start, by)
-        except UsageError as exc:
-            raise HTTPError(404, "not_found_error", str(exc)) from None
-        self._send_json(200, doc)
+        self._send_json(200, usage_answer(self.server.service.config.usage_db, query))
 
     def _ep_ui(self, query):
         """The status page for people (docs/operating.md §11); ?fragment=1 is its body,
         which the page fetches to refresh itself."""
-        service = self.server.service
-        snap = service.whole_service()
-        trends = {p.name: minute_series(snap.metrics, p.name, snap.now)
-                  for p in snap.config.providers}
-        page = render_page(status_document(snap), trends, service.page_usage(snap.now),
-                           fragment="fragment=1" in (query or ""))
+        page = self.server.service.page(fragment="fragment=1" in (query or ""))
         self._send(200, list(PAGE_HEADERS), page.encode())
 
     def _ep_hello(self, query):
@@ -8863,11 +8912,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(400, "invalid_request_error", "messages: a list is required")
         self.access.update(model=model, session=session_id(self.headers, body))
         plan = self._plan(model, body, endpoint)
-        if endpoint == "count_tokens" and not dialect_of(plan[0][0]).counts_tokens:
-            return self._count_tokens(plan[0][0], body)
-        if (dialect_of(plan[0][0]).translated and search_only(body) and
-                not quirks_for(plan[0][0])["web_search"]):
-            return self._search_unavailable(plan[0][0], body)
+        if self._answered_here(endpoint, plan[0][0], body):
+            return
         # Handed over in a holder that forward() empties as it goes, so a long stream
         # does not keep a 50 KB body (100 KB parsed) alive (see _take_body).
         request = {"raw": raw, "body": body}
@@ -8888,40 +8934,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.access.update(rule=name, reason=reason)
             service.metrics.observe_route(name, reason)
         if endpoint == "messages":
-            self._admit(route, reason)
+            service.admit(self.access.key, route, reason)
         return plan_route(config, model, route)
 
-    def _admit(self, route, reason):
-        """A named client key's limits (docs/operating.md §10): the routes it may take,
-        its rate and its monthly budget."""
-        service = self.server.service
-        key = service.config.client_key(self.access.key)
-        if key is None:
-            return
-        taken = route_names(service.config, route, reason)
-        if key.routes and not taken & set(key.routes):
-            raise HTTPError(403, "permission_error", "ccproxy: client key %s may take the "
-                            "routes %s; this call took %s" % (key.name, ", ".join(
-                                key.routes), " / ".join(sorted(taken))),
-                            (("x-should-retry", "false"),))
-        service.limits.admit(key)
-
-    def _search_unavailable(self, provider, body):
-        """Claude Code's WebSearch call on a route that cannot search: answered here."""
-        message = search_unavailable(body, provider.name, estimate_input_tokens(body))
+    def _answered_here(self, endpoint, provider, body):
+        """True once a call was answered without an upstream call: count_tokens on a
+        translated route (estimated), WebSearch on a route that cannot search."""
+        if endpoint == "count_tokens" and not dialect_of(provider).counts_tokens:
+            doc = {"input_tokens": self.server.service.count_tokens(provider, body)}
+        elif dialect_of(provider).translated and search_only(body) and not quirks_for(
+                provider)["web_search"]:
+            doc = search_unavailable(body, provider.name, estimate_input_tokens(body))
+        else:
+            return False
         self.access.provider = provider.name
-        if body.get("stream") is True:
-            return self._send(200, SSE_HEADERS, synthesize_stream(message))
-        self._send_json(200, message)
-
-    def _count_tokens(self, provider, body):
-        """count_tokens on a translated route: the estimator, calibrated per route."""
-        service = self.server.service
-        tools = service.tools.get(body.get("tools"), quirks_for(provider))
-        estimate = estimate_input_tokens(body, tools_size=tools.size)
-        tokens = service.calibration.scale(provider.name, estimate)
-        self.access.provider = provider.name
-        self._send_json(200, {"input_tokens": tokens})
+        if endpoint == "messages" and body.get("stream") is True:
+            self._send(200, SSE_HEADERS, synthesize_stream(doc))
+        else:
+            self._send_json(200, doc)
+        return True
 
 class StatusHandler(Handler):
     """The optional second listener: /status*, /health* only (APISIX status server)."""
@@ -9076,6 +9107,7 @@ def recorded_url(url, secrets=()):
 
 
 def redact_headers(headers, secrets=()):
+    """Headers as a recording holds them: credentials out."""
     return [[k, "[redacted]" if k.lower() in SECRET_HEADERS else redact_bytes(
         v.encode("utf-8", "surrogateescape"), secrets, False).decode(
             "utf-8", "surrogateescape")] for k, v in headers]
@@ -9090,6 +9122,7 @@ def tape_bytes(data):
 
 
 def tape_data(doc):
+    """A recording's data back to bytes."""
     return doc["text"].encode("utf-8") if "text" in doc else base64.b64decode(doc["b64"])
 
 
@@ -9337,6 +9370,7 @@ REPLAY_NOISE = (
 
 
 def comparable(body):
+    """A reply's body without what differs between runs."""
     for pattern, replacement in REPLAY_NOISE:
         body = pattern.sub(replacement, body)
     return body
