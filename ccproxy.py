@@ -1326,15 +1326,6 @@ def presented_keys(headers):
             token.strip() if scheme.lower() == "bearer" else "")
 
 
-def key_matches(headers, expected_digest):
-    """Constant-time check of the client key against the configured key's digest:
-    either header may carry it (issue #18); both are always compared."""
-    found = False
-    for key in presented_keys(headers):
-        found |= hmac.compare_digest(key_digest(key), expected_digest) and bool(key)
-    return found
-
-
 def key_ring(config):
     """(digest, name) of every key a client may present: the api_key as "default",
     then client_keys by name."""
@@ -1343,8 +1334,9 @@ def key_ring(config):
 
 
 def key_owner(headers, ring):
-    """The name of the key the client presents, or None.  Every presented key is
-    compared with every configured one, in constant time, with no early exit."""
+    """The name of the key the client presents, or None.  Either header may carry it
+    (issue #18); every presented key is compared with every configured one, in
+    constant time, with no early exit."""
     owner = None
     for key in presented_keys(headers):
         digest = key_digest(key)
@@ -7016,7 +7008,6 @@ class Service:
         self.cluster = None          # set in a worker of `run --workers N`
         self.record = {}             # the runtime record (runtime_record), once serving
         self.build = build_info()
-        self.api_key_digest = key_digest(config.api_key)
         self.keys = key_ring(config)
         self.limits = KeyLimits()
         self.limits.active = has_limits(config)
@@ -7082,7 +7073,6 @@ class Service:
         """Swap in a new config; return the names of settings that need a restart.
         ConfigError, and nothing changed, when the result would be unsafe."""
         self.config, changed = reloaded_config(self.config, config)
-        self.api_key_digest = key_digest(config.api_key)
         self.keys = key_ring(config)
         self.limits.active = has_limits(config)
         self.recorder = make_recorder(config)

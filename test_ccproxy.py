@@ -374,7 +374,7 @@ class TestConfig(unittest.TestCase):
         self.assertIs(service.config, running)
         self.assertEqual((service.reloads, service.reload_failures), (0, 1))
         self.assertIn("reload refused", service.last_reload_error)
-        self.assertEqual(service.api_key_digest, ccproxy.key_digest("k"))
+        self.assertEqual(service.keys, [(ccproxy.key_digest("k"), "default")])
         daemon.close()
 
     def test_keys_come_only_from_what_names_them_for_that_host(self):
@@ -602,7 +602,7 @@ class TestPureFunctions(unittest.TestCase):
         self.assertNotIn("CCPROXY_READY_FD", ccproxy.reexec_environ({}, None))
 
     def test_presented_key_and_constant_time_match(self):
-        digest = ccproxy.key_digest("secret")
+        ring = [(ccproxy.key_digest("secret"), "default")]
         for pairs, ok in [([("x-api-key", "secret")], True),
                           ([("Authorization", "Bearer secret")], True),
                           ([("Authorization", "bearer  secret ")], True),
@@ -615,7 +615,8 @@ class TestPureFunctions(unittest.TestCase):
                           ([("x-api-key", "secret"), ("Authorization", "Bearer other")], True),
                           ([("x-api-key", ""), ("Authorization", "Bearer ")], False)]:
             with self.subTest(pairs=pairs):
-                self.assertEqual(ccproxy.key_matches(headers_of(pairs), digest), ok)
+                self.assertEqual(ccproxy.key_owner(headers_of(pairs), ring),
+                                 "default" if ok else None)
 
     def test_hop_by_hop_headers_are_removed_both_ways(self):
         # Go's TestReverseProxyStripHeadersPresentInConnection (golang/go#16875).
