@@ -225,13 +225,14 @@ class ProviderType(collections.namedtuple("ProviderType", "base_url key_vars key
 #: The anthropic type reads no usual variable on purpose: with no key configured the
 #: client's own key is forwarded (the zero-config pass-through), and ANTHROPIC_API_KEY
 #: in the proxy's environment is usually the client's.
+_OPENAI_KEY = (("OPENAI_API_KEY",), ("api.openai.com",))       # key variables, hosts
+_AZURE_KEY = (("AZURE_OPENAI_API_KEY",), ("*.openai.azure.com",
+                                          "*.cognitiveservices.azure.com",
+                                          "*.services.ai.azure.com"))
 PROVIDER_TYPES = {
     "anthropic": ProviderType("https://api.anthropic.com", (), (), False, "anthropic"),
-    "openai": ProviderType("https://api.openai.com/v1", ("OPENAI_API_KEY",),
-                           ("api.openai.com",), True, "openai"),
-    "azure": ProviderType("", ("AZURE_OPENAI_API_KEY",), (
-        "*.openai.azure.com", "*.cognitiveservices.azure.com", "*.services.ai.azure.com"),
-        True, "openai"),
+    "openai": ProviderType("https://api.openai.com/v1", *_OPENAI_KEY, True, "openai"),
+    "azure": ProviderType("", *_AZURE_KEY, True, "openai"),
     "groq": ProviderType("https://api.groq.com/openai/v1", ("GROQ_API_KEY",),
                          ("api.groq.com",), True, "openai"),
     "openrouter": ProviderType("https://openrouter.ai/api/v1", ("OPENROUTER_API_KEY",),
@@ -244,11 +245,9 @@ PROVIDER_TYPES = {
     "ollama": ProviderType("http://127.0.0.1:11434/v1", (), (), False, "openai"),
     # OpenAI's Responses API (issue #23): api.openai.com, Azure's v1 API, or any server
     # that implements it.
-    "openai-responses": ProviderType("https://api.openai.com/v1", ("OPENAI_API_KEY",),
-                                     ("api.openai.com",), True, "responses"),
-    "azure-responses": ProviderType("", ("AZURE_OPENAI_API_KEY",), (
-        "*.openai.azure.com", "*.cognitiveservices.azure.com", "*.services.ai.azure.com"),
-        True, "responses"),
+    "openai-responses": ProviderType("https://api.openai.com/v1", *_OPENAI_KEY, True,
+                                     "responses"),
+    "azure-responses": ProviderType("", *_AZURE_KEY, True, "responses"),
     "openai-compatible": ProviderType("", (), (), False, "openai"),
     # Vendors' Anthropic-compatible endpoints (issue #22), each from its own docs.
     "kimi": ProviderType("https://api.moonshot.ai/anthropic", ("MOONSHOT_API_KEY",),
@@ -333,6 +332,11 @@ _BEDROCK_BETAS = ("interleaved-thinking-2025-05-14,context-1m-2025-08-07,"
                   "context-management-2025-06-27,fine-grained-tool-streaming-2025-05-14,"
                   "token-efficient-tools-2025-02-19,output-128k-2025-02-19")
 _OPENAI_XHIGH = r"^(gpt-5\.1-codex-max|gpt-5\.[2-9]|gpt-5\.\d\d|gpt-[6-9])"
+#: OpenAI's Responses API (issue #23): reasoning kept across turns as encrypted items.
+_RESPONSES = {"mid_system": "inplace", "supports_pdf": True, "reasoning": "reasoning_effort",
+              "reasoning_models": r"^(o\d|gpt-5|codex)", "efforts": "low,medium,high,xhigh",
+              "xhigh_models": _OPENAI_XHIGH, "reasoning_echo": "items",
+              "reasoning_summary": "auto"}
 PROVIDER_QUIRKS = {
     # xhigh: OpenAI's reasoning guide, "supported for all models after gpt-5.1-codex-max".
     "openai": {"token_param": "max_completion_tokens", "mid_system": "inplace",
@@ -382,18 +386,8 @@ PROVIDER_QUIRKS = {
     # DeepSeek ignores anthropic-beta, container and mcp_servers (its compatibility table).
     "deepseek-anthropic": {"auth": "x-api-key", "betas": "", "drop_fields": _VENDOR_DROPS},
     "anthropic-compatible": {"auth": "x-api-key"},
-    # OpenAI's Responses API (issue #23): reasoning kept across turns as encrypted items.
-    "openai-responses": {"mid_system": "inplace", "supports_pdf": True,
-                         "reasoning": "reasoning_effort",
-                         "reasoning_models": r"^(o\d|gpt-5|codex)",
-                         "efforts": "low,medium,high,xhigh", "xhigh_models": _OPENAI_XHIGH,
-                         "reasoning_echo": "items", "reasoning_summary": "auto",
-                         "prompt_cache_key": True},
-    "azure-responses": {"mid_system": "inplace", "supports_pdf": True, "auth": "api-key",
-                        "reasoning": "reasoning_effort",
-                        "reasoning_models": r"^(o\d|gpt-5|codex)",
-                        "efforts": "low,medium,high,xhigh", "xhigh_models": _OPENAI_XHIGH,
-                        "reasoning_echo": "items", "reasoning_summary": "auto"},
+    "openai-responses": dict(_RESPONSES, prompt_cache_key=True),
+    "azure-responses": dict(_RESPONSES, auth="api-key"),
     # Claude on the clouds: auto mode's classifier is Anthropic's own (safeguards).
     "vertex": {"drop_fields": "safeguards"},
     # Bedrock takes the betas its Claude guide lists, in the body (anthropic_beta).
@@ -4968,8 +4962,8 @@ def models_document(config, limits):
     serve, then the configured names, each in Anthropic's ModelInfo shape with the
     window and output limit of the route it lands on.  `limits(provider, model)` gives
     (window, output, source), as Windows.limits does."""
-    names = [n for r in config.routes for n in (r.match,) if "claude" in n and
-             not any(c in n for c in "*?[")] + list(CLAUDE_FAMILY_NAMES)
+    names = [r.match for r in config.routes if "claude" in r.match and
+             not any(c in r.match for c in "*?[")] + list(CLAUDE_FAMILY_NAMES)
     for p in config.providers:
         names.extend(n for n in (p.model, p.big_model, p.small_model) if n)
     names.extend(r.model for r in config.routes if r.model)
@@ -6085,10 +6079,12 @@ class Ledger:
 
     def _failed(self, why):
         """Note why rows are lost; say it in the log once a minute at most."""
+        now = time.monotonic()
         with self._lock:
             self.error = why
-            loud, self._warned = (time.monotonic() - self._warned > 60.0), (
-                time.monotonic() if time.monotonic() - self._warned > 60.0 else self._warned)
+            loud = now - self._warned > 60.0
+            if loud:
+                self._warned = now
         if loud:
             log.warning("usage ledger: %s; rows are dropped until it works again", why)
 
@@ -6253,9 +6249,8 @@ def usage_report(path, since, by):
             conn.close()
     except sqlite3.Error as exc:
         raise UsageError("cannot read %s: %s" % (path, exc)) from None
-    rows = [dict(zip(("group",) + USAGE_SUMS, (r[0] or "-",) + tuple(r[1:6]) + (
-        round(r[6] or 0.0, 6),))) for r in found]
-    rows = [dict(r, **{k: r[k] or 0 for k in USAGE_SUMS}) for r in rows]
+    rows = [dict(zip(("group",) + USAGE_SUMS, (r[0] or "-",) + tuple(n or 0 for n in r[1:6])
+                     + (round(r[6] or 0.0, 6),))) for r in found]
     rows.sort(key=lambda r: r["group"] if by == "day" else (-r["cost_usd"], -r["requests"]))
     total = {k: sum(r[k] for r in rows) for k in USAGE_SUMS}
     total["cost_usd"] = round(total["cost_usd"], 6)
