@@ -1047,17 +1047,9 @@ class SocketlessHandler(ccproxy.Handler):
         return self.wfile.getvalue()
 
 
-class _BytesSocket:
-    def __init__(self, data):
-        self.data = data
-
-    def makefile(self, mode, buffering=None):
-        return io.BufferedReader(io.BytesIO(self.data), buffering or io.DEFAULT_BUFFER_SIZE)
-
-
 def parse_response(raw, method="GET"):
     """(status, headers, body) of one raw HTTP response."""
-    resp = http.client.HTTPResponse(_BytesSocket(raw), method=method)
+    resp = http.client.HTTPResponse(ccproxy._Bytes(raw), method=method)
     resp.begin()
     return resp.status, resp.headers, resp.read()
 
@@ -1846,8 +1838,8 @@ class TestReadHead(unittest.TestCase):
         ]
         for raw, method in [(r, "POST") for r in responses] + [(responses[0], "HEAD")]:
             with self.subTest(raw=raw[:40], method=method):
-                mine = ccproxy._LeanResponse(_BytesSocket(raw), method=method)
-                theirs = http.client.HTTPResponse(_BytesSocket(raw), method=method)
+                mine = ccproxy._LeanResponse(ccproxy._Bytes(raw), method=method)
+                theirs = http.client.HTTPResponse(ccproxy._Bytes(raw), method=method)
                 mine.begin()
                 theirs.begin()
                 for attr in ("status", "reason", "version", "chunked", "length", "will_close"):
@@ -1857,19 +1849,19 @@ class TestReadHead(unittest.TestCase):
         # Unlike http.client (which skips only 100), every interim head is skipped.
         raw = (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 102 Processing\r\n"
                b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
-        mine = ccproxy._LeanResponse(_BytesSocket(raw), method="POST")
+        mine = ccproxy._LeanResponse(ccproxy._Bytes(raw), method="POST")
         mine.begin()
         self.assertEqual((mine.status, mine.headers.items(), mine.read()),
                          (200, [("Content-Length", "2")], b"hi"))
         for raw in (b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
                     b"HTTP/1.1 103 Early Hints\r\n\r\n" * (ccproxy.MAX_INTERIM + 1)):
             with self.subTest(raw=raw[:30]), self.assertRaises(http.client.HTTPException):
-                ccproxy._LeanResponse(_BytesSocket(raw)).begin()
+                ccproxy._LeanResponse(ccproxy._Bytes(raw)).begin()
         for raw, error in [(b"HTTP/2.0 200 OK\r\n\r\n", http.client.UnknownProtocol),
                            (b"", http.client.RemoteDisconnected),
                            (b"SMTP ready\r\n\r\n", http.client.BadStatusLine)]:
             with self.subTest(raw=raw), self.assertRaises(error):
-                ccproxy._LeanResponse(_BytesSocket(raw)).begin()
+                ccproxy._LeanResponse(ccproxy._Bytes(raw)).begin()
 
 
 class TestResolver(unittest.TestCase):
