@@ -5709,6 +5709,176 @@ def surrogate_body(stream=False):
     return text.replace('"name": "T"', '"name": "T\\udc00"').encode()
 
 
+class TestProbe(unittest.TestCase):
+    """`check --probe` (issue #26): the flags a provider needs, from tiny calls."""
+
+    #: (fake's quirk, flags in the config, flags the probe must ask for, what it reads
+    #: with no flag): each fake shows one quirk (e2e/fake_openai.py).
+    CASES = (
+        ("", {}, {}, set()),
+        ("ollama", {}, {}, {"arguments as objects", "calls without index",
+                            "calls without ids"}),
+        ("no-index", {}, {}, {"calls without index", "calls without ids"}),
+        ("zero-index", {}, {}, {"every call on index 0"}),
+        ("repeat-ids", {}, {}, {"repeated ids"}),
+        ("reasons", {"reasoning": "reasoning_effort"}, {}, {"reasoning in reasoning_content"}),
+        ("reasoning-field", {"reasoning": "reasoning_effort"}, {}, {"reasoning in reasoning"}),
+        ("reasons", {}, {"reasoning": "reasoning_effort"}, {"reasoning in reasoning_content"}),
+        ("think", {}, {}, set()),                    # openai-compatible has think_tags
+        ("think", {"think_tags": False}, {"think_tags": True}, set()),
+        ("usage-opt-in", {}, {}, set()),
+        ("usage-opt-in", {"stream_options": False}, {"stream_options": True}, set()),
+        ("completion-tokens", {}, {"token_param": "max_completion_tokens"}, set()),
+        ("no-stream-options", {}, {"stream_options": False}, set()),
+        ("no-required", {}, {"no_required": True}, set()),
+        ("no-named", {}, {"no_named_choice": True}, set()),
+        ("no-parallel-flag", {}, {"no_parallel_flag": True}, set()),
+        ("choice-none-ignored", {}, {"no_choice_none": True}, set()),
+        ("no-vision", {"send_user": True}, {"no_vision": True}, set()),
+        ("stream-drops-tools", {}, {"stream_tools": False}, set()),
+        ("no-effort", {"reasoning": "reasoning_effort"}, {"reasoning": ""}, set()),
+    )
+
+    def probe(self, fake, quirks, name="", probe=True):
+        """Write a config for `fake` with `quirks`, run `check --probe`: (exit code,
+        output, the snippet it printed as a dict or None)."""
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "config.json")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            json.dump({"port": free_port(), "pid_file": os.path.join(folder, "p.pid"),
+                       "providers": [{"name": "local", "type": "openai-compatible",
+                                      "base_url": fake.url, "api_key": "sk-probe-secret-1",
+                                      "model": "fake-model", "context_window": 32768,
+                                      "quirks": quirks}]}, f)
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            code = ccproxy.main(["check", "-c", path] + ["--probe"] * probe + (
+                [name] if name else []), {})
+        text = out.getvalue()
+        self.assertNotIn("sk-probe-secret-1", text)
+        snippet = re.search(r'(?m)^     ("quirks": .*)$', text)
+        return code, text, json.loads("{%s}" % snippet.group(1))["quirks"] if snippet else None
+
+    def test_each_quirk_gets_exactly_its_flags_and_the_printed_config_passes(self):
+        module = e2e_module("fake_openai")
+        for quirk, configured, needed, handled in self.CASES:
+            with self.subTest(quirk=quirk, configured=configured):
+                fake = module.FakeOpenAI(quirk=quirk).start()
+                self.addCleanup(fake.stop)
+                code, text, snippet = self.probe(fake, configured)
+                read = re.search(r"read with no flag: (.*)", text)
+                self.assertEqual(set(read.group(1).split(", ")) if read else set(), handled)
+                if not needed:
+                    self.assertEqual((code, snippet), (ccproxy.EXIT_OK, None), text)
+                    self.assertIn("no quirk flag to add", text)
+                    continue
+                self.assertEqual(code, ccproxy.EXIT_FAIL, text)
+                self.assertEqual(snippet, dict(configured, **needed), text)
+                again, text, left = self.probe(fake, snippet)
+                self.assertEqual((again, left), (ccproxy.EXIT_OK, None), text)
+                self.assertIn("everything works", text)
+
+    def test_plan_said_before_the_first_call_and_tokens_after(self):
+        fake = e2e_module("fake_openai").FakeOpenAI().start()
+        self.addCleanup(fake.stop)
+        code, text, _ = self.probe(fake, {}, "local")
+        plan = text.index("probing with up to 14 tiny calls to fake-model")
+        self.assertLess(plan, text.index("plain text: answered"))
+        self.assertRegex(text, r"the probe made 11 calls: \d+ input and \d+ output tokens")
+        self.assertEqual([r["path"] for r in fake.requests], ["/v1/chat/completions"] * 11)
+        self.assertEqual(code, ccproxy.EXIT_OK)
+
+    def test_without_probe_no_call_is_made_and_unknown_names_are_refused(self):
+        fake = e2e_module("fake_openai").FakeOpenAI().start()
+        self.addCleanup(fake.stop)
+        code, text, _ = self.probe(fake, {}, "nobody")
+        self.assertEqual(code, ccproxy.EXIT_FAIL)
+        self.assertIn("--probe \"nobody\": no such provider (providers: local)", text)
+        code, text, _ = self.probe(fake, {}, probe=False)
+        self.assertEqual(code, ccproxy.EXIT_OK, text)
+        self.assertNotIn("probe", text)
+        self.assertEqual(fake.requests, [])
+
+    def test_only_chat_routes_are_probed(self):
+        provider = ccproxy.ProviderConfig(name="a", type="anthropic",
+                                          base_url="http://127.0.0.1:9", api_key="k")
+        lines = ccproxy.probe_provider(config(providers=(provider,)), provider, None)
+        self.assertEqual(lines, [("note", "not probed: its flags are for OpenAI-style "
+                                  "Chat routes only")])
+        keyless = ccproxy.ProviderConfig(name="g", type="groq", model="m",
+                                         base_url="http://127.0.0.1:9")
+        self.assertEqual(ccproxy.probe_provider(config(providers=(keyless,)), keyless, None),
+                         [("note", "not probed: no key")])
+
+    def test_raw_facts(self):
+        def delta(**d):
+            return {"choices": [{"index": 0, "delta": d}]}
+
+        def start(index, tool_id, **fn):
+            call = {"function": dict({"name": "ping", "arguments": ""}, **fn)}
+            call.update({} if index is None else {"index": index})
+            call.update({} if tool_id is None else {"id": tool_id})
+            return call
+        table = (
+            ([delta(content="hi")], set()),
+            ([delta(content=" <think>x</think>hi")], {"reasoning in <think> tags"}),
+            ([delta(content="hi <think>")], set()),
+            ([delta(reasoning_content="r")], {"reasoning in reasoning_content"}),
+            ([delta(reasoning="r")], {"reasoning in reasoning"}),
+            ([delta(reasoning="")], set()),
+            ([{"choices": [], "usage": {"prompt_tokens": 1}}], {"usage"}),
+            ([{"x_groq": {"usage": {"prompt_tokens": 1}}}], {"usage"}),
+            ([delta(tool_calls=[start(0, "a"), start(1, "b")])], set()),
+            ([delta(tool_calls=[start(0, "a")]), delta(tool_calls=[start(0, "b")])],
+             {"every call on index 0"}),
+            ([delta(tool_calls=[start(0, "a"), start(1, "a")])], {"repeated ids"}),
+            ([delta(tool_calls=[start(None, "a")])], {"calls without index"}),
+            ([delta(tool_calls=[start(0, None)])], {"calls without ids"}),
+            ([delta(tool_calls=[start(0, "a", arguments={"n": 1})])], {"arguments as objects"}),
+            ([delta(tool_calls=["junk", {"function": "x"}]), "junk", {"choices": "x"}],
+             {"calls without index"}),
+        )
+        for docs, facts in table:
+            with self.subTest(docs=docs):
+                self.assertEqual(ccproxy.raw_facts(docs, True), facts)
+        whole = {"choices": [{"message": {"tool_calls": [start(None, "a")]}}]}
+        self.assertEqual(ccproxy.raw_facts([whole], False), set())   # no index: whole
+
+    def test_anthropic_blocks(self):
+        tr = translation("openai-compatible", "m")
+        st = ccproxy.StreamTranslator(tr)
+        chunks = [{"choices": [{"index": 0, "delta": d}]} for d in (
+            {"reasoning_content": "hm"}, {"content": "Hi"}, {"tool_calls": [
+                {"index": 0, "id": "c", "function": {"name": "ping", "arguments": '{"n"'}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]})]
+        chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
+                       "usage": {"prompt_tokens": 7, "completion_tokens": 3}})
+        sse = st.start() + b"".join(st.feed(json.dumps(c)) for c in chunks) + st.feed(
+            "[DONE]") + st.end()
+        blocks, usage, error = ccproxy.anthropic_blocks(sse)
+        self.assertEqual([(b["type"], b.get("thinking") or b.get("text") or b.get("input"))
+                          for b in blocks], [("thinking", "hm"), ("text", "Hi"),
+                                             ("tool_use", {"n": 1})])
+        self.assertEqual((usage["output_tokens"], error), (3, ""))
+        cut = ccproxy.anthropic_blocks(st.start() + ccproxy.StreamTranslator(tr).end())
+        self.assertIn("ended early", cut[2])
+
+    def test_snippet_keeps_the_configured_flags(self):
+        for configured, fixes, want in (
+                ((), {"no_required": True}, '"quirks": {"no_required": true}'),
+                ((("send_user", True),), {"no_vision": True},
+                 '"quirks": {"no_vision": true, "send_user": true}'),
+                ((("stream_options", False),), {"stream_options": True},
+                 '"quirks": {"stream_options": true}')):
+            self.assertEqual(ccproxy.probe_snippet(configured, fixes), want)
+
+    def test_refused(self):
+        for status, want in ((400, True), (422, True), (401, False), (403, False),
+                             (404, False), (429, False), (500, False), ("timeout", False),
+                             (200, False)):
+            self.assertEqual(ccproxy._refused(status), want, status)
+
+
 class TestHostileInput(unittest.TestCase):
     """Issue #17: inputs that reached a 500, each now answered as Anthropic does."""
 

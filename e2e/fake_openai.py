@@ -25,6 +25,19 @@ Provider quirks (translation.md §6) switch on with --quirk:
               servers number calls so)
   no-index    calls with neither index nor id: the name in a call's first delta only
   text-beside text in the same chunk as the rest of a call's arguments
+  repeat-ids  every call with the same id (Groq)
+  think       reasoning as <think>…</think> before the text (vLLM, Ollama, llama.cpp)
+  reasons     reasoning_content when asked with reasoning_effort, else none;
+  reasoning-field  the same in "reasoning" (OpenRouter, vLLM's newer servers)
+  usage-opt-in     usage in a stream only with stream_options.include_usage (OpenAI)
+  stream-drops-tools  a streamed answer loses its tool calls (Ollama before 0.8)
+  choice-none-ignored tool_choice "none" is ignored
+and these answer 400, in the wording of a server that refuses it: completion-tokens
+(max_tokens), no-stream-options, no-required, no-named, no-parallel-flag,
+no-vision (image_url parts), no-effort (reasoning_effort).
+
+Offered a tool named ping (ccproxy's `check --probe`), it calls it with n=1, or twice
+(n=1, n=2) when the prompt says "twice", unless tool_choice is "none".
 
 Like OpenAI, it answers 400 to cache_control on a route that does not take it (every
 quirk but openrouter), and to a prompt_cache_key on the other providers' quirks.
@@ -50,15 +63,16 @@ class FakeOpenAI(LoopbackFake):
     """The server; start() binds 127.0.0.1 port 0 and serves on a daemon thread."""
 
     def __init__(self, scenario="text", quirk="", fail="", fail_count=1, retry_after=2,
-                 image_path="", window=0):
+                 image_path="", window=0, model="fake-model"):
         self.scenario, self.quirk, self.fail, self.window = scenario, quirk, fail, window
+        self.model = model
         self.fail_count, self.retry_after, self.image_path = fail_count, retry_after, image_path
         self.requests, self.lock = [], threading.Lock()
         fake = self
 
         class Handler(QuietHandler):
             def do_GET(self):
-                fake.send_json(self, 200, {"data": [{"id": "fake-model"}]})
+                fake.send_json(self, 200, {"data": [{"id": fake.model}]})
 
             def do_POST(self):
                 raw = self.raw = self.rfile.read(int(self.headers.get("content-length") or 0))
@@ -100,7 +114,7 @@ class FakeOpenAI(LoopbackFake):
         if "prompt_cache_key" in body and self.quirk in (
                 "groq", "gemini", "deepseek", "ollama", "openrouter"):
             return "Unrecognized request argument supplied: prompt_cache_key"
-        return ""
+        return PROBE_REFUSALS.get(self.quirk, lambda b: "")(body)
 
     def answer(self, h, body, failing):
         if failing and self.fail == "429":
@@ -111,6 +125,12 @@ class FakeOpenAI(LoopbackFake):
             return self.send_json(h, 401, {"error": {
                 "message": "Incorrect API key provided: sk-te***", "code": "invalid_api_key"}})
         text, calls, reasoning = self.decide(body)
+        if self.quirk == "think":
+            text, reasoning = "<think>%s</think>" % (reasoning or "Let me see.") + text, ""
+        elif self.quirk in ("reasons", "reasoning-field") and body.get("reasoning_effort"):
+            reasoning = reasoning or "The user wants a short answer."
+        if self.quirk == "stream-drops-tools" and body.get("stream"):
+            calls = []
         self.counted = len(h.raw) // 4 if self.window else 0
         searched = {"id": "web"} in (body.get("plugins") or [])
         if searched:
@@ -121,7 +141,9 @@ class FakeOpenAI(LoopbackFake):
             doc = self.whole(text, calls, reasoning)
             doc["choices"][0]["message"].update({"annotations": notes} if notes else {})
             return self.send_json(h, 200, doc)
-        chunks = self.chunks(text, calls, reasoning)
+        usage = self.quirk != "usage-opt-in" or (body.get("stream_options") or {}).get(
+            "include_usage")
+        chunks = self.chunks(text, calls, reasoning, usage)
         if notes:
             chunks.insert(-2, {"choices": [{"index": 0, "delta": {"annotations": notes}}]})
         if failing and self.fail == "midstream":
@@ -145,6 +167,10 @@ class FakeOpenAI(LoopbackFake):
                 p.get("type") == "image_url" for p in m["content"]) for m in messages)
             text = "Tool said: " + " | ".join(r.strip()[:60] for r in results)
             return (text + (" (and I saw the image)" if saw_image else "")), [], ""
+        if "ping" in tools and (body.get("tool_choice") != "none" or
+                                self.quirk == "choice-none-ignored"):
+            asked = json.dumps(messages[-1].get("content"))
+            return "", [("ping", {"n": n}) for n in ((1, 2) if "twice" in asked else (1,))], ""
         if self.scenario in ("tool", "reasoning") and "Bash" in tools:
             return "", [("Bash", {"command": "echo hello-from-tool",
                                   "description": "say hello"})], (
@@ -173,7 +199,7 @@ class FakeOpenAI(LoopbackFake):
     def whole(self, text, calls, reasoning):
         message = {"role": "assistant", "content": text or None}
         if reasoning:
-            message["reasoning_content"] = reasoning
+            message[self.reasoning_key()] = reasoning
         if calls:
             message["tool_calls"] = [self.call(i, name, args, whole=True)
                                      for i, (name, args) in enumerate(calls)]
@@ -181,8 +207,12 @@ class FakeOpenAI(LoopbackFake):
         return {"id": "chatcmpl-fake", "object": "chat.completion", "choices": [
             {"index": 0, "message": message, "finish_reason": finish}], "usage": self.usage()}
 
+    def reasoning_key(self):
+        return "reasoning" if self.quirk == "reasoning-field" else "reasoning_content"
+
     def call(self, i, name, args, whole=False):
-        call = {"id": "call_%d" % (i + 1), "type": "function",
+        number = 1 if self.quirk == "repeat-ids" else i + 1
+        call = {"id": "call_%d" % number, "type": "function",
                 "function": {"name": name, "arguments": json.dumps(args)}}
         if self.quirk == "zero-index" and not whole:
             call["index"] = 0
@@ -197,10 +227,10 @@ class FakeOpenAI(LoopbackFake):
             call["index"] = i
         return call
 
-    def chunks(self, text, calls, reasoning):
+    def chunks(self, text, calls, reasoning, usage=True):
         out = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
         for piece in _pieces(reasoning):
-            out.append({"choices": [{"index": 0, "delta": {"reasoning_content": piece}}]})
+            out.append({"choices": [{"index": 0, "delta": {self.reasoning_key(): piece}}]})
         for piece in _pieces(text):
             out.append({"choices": [{"index": 0, "delta": {"content": piece}}]})
         out.extend(self.call_chunks(calls))
@@ -208,7 +238,7 @@ class FakeOpenAI(LoopbackFake):
         out.append({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         if self.quirk == "groq":
             out[-1]["x_groq"] = {"usage": self.usage()}
-        else:
+        elif usage:
             out.append({"choices": [], "usage": self.usage()})
         return out
 
@@ -273,6 +303,29 @@ class FakeOpenAI(LoopbackFake):
             _write_chunk(h, ("data: [DONE]" + nl + nl).encode())
         h.wfile.write(b"0\r\n\r\n")
 
+
+def _refusal(field, message):
+    return lambda body: message if field(body) else ""
+
+
+#: Quirks that refuse a request, with the wording of a server that does.
+PROBE_REFUSALS = {
+    "completion-tokens": _refusal(lambda b: "max_tokens" in b, (
+        "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+        "'max_completion_tokens' instead.")),
+    "no-stream-options": _refusal(lambda b: "stream_options" in b, (
+        "Unrecognized request argument supplied: stream_options")),
+    "no-required": _refusal(lambda b: b.get("tool_choice") == "required", (
+        'tool_choice must either be a named tool, "auto", or "none".')),
+    "no-named": _refusal(lambda b: isinstance(b.get("tool_choice"), dict), (
+        "Only 'auto', 'none' and 'required' are supported for tool_choice")),
+    "no-parallel-flag": _refusal(lambda b: "parallel_tool_calls" in b, (
+        "Unrecognized request argument supplied: parallel_tool_calls")),
+    "no-vision": _refusal(lambda b: '"image_url"' in json.dumps(b.get("messages")), (
+        "Invalid content type. image_url is only supported by certain models.")),
+    "no-effort": _refusal(lambda b: "reasoning_effort" in b, (
+        "Unrecognized request argument supplied: reasoning_effort")),
+}
 
 #: What the fake web plugin finds.
 SEARCH_HIT = {"url": "https://github.com/example/ccproxy", "title": "example/ccproxy",
