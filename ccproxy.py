@@ -11261,7 +11261,9 @@ class Probe:
                 return self.need(knob, "the model reasons only when asked with "
                                  "reasoning_effort")
         if _thought(reply):
-            self.lines.append(("ok", "reasoning read as thinking"))
+            self.lines.append(("ok", "reasoning read as thinking (it came %s)" % " and ".join(
+                f[len("reasoning "):] for f in PROBE_FACTS if f in reply.facts and
+                f.startswith("reasoning in "))))
         else:
             self.lines.append(("note", "could not tell how it streams reasoning: none came "
                                "back (not a reasoning model?)"))

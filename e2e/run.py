@@ -589,6 +589,38 @@ def cli_quirk_scenarios(claude, skip):
                       "ids sent back: %s" % calls)
 
 
+def cli_probe_scenarios(claude, skip):
+    """A server Claude Code cannot use as it stands: `check --probe` names the flag, and
+    with the snippet it prints pasted into the config, Claude Code's tool call works."""
+    for quirk in ("stream-drops-tools", "completion-tokens"):
+        @scenario("check --probe finds the flag, then claude-cli works, %s" % quirk, skip)
+        def _(quirk=quirk):
+            fake = FakeOpenAI("tool", quirk=quirk).start()
+            provider = {"name": "local", "type": "openai-compatible", "base_url": fake.url,
+                        "model": "fake-model", "context_window": 65536}
+            path = config_file({"providers": [provider]})
+            code, out = probe(path)
+            snippet = re.search(r'(?m)^     "quirks": (.*)$', out)
+            check(code == 1 and snippet, "check --probe exit %d: %s" % (code, out[-600:]))
+            provider["quirks"] = json.loads(snippet.group(1))
+            with open(path, "w") as f:
+                json.dump({"providers": [provider]}, f)
+            code, out = probe(path)
+            check(code == 0 and "no quirk flag to add" in out, "again: %s" % out[-600:])
+            with Ccproxy({"CCPROXY_CONFIG": path}) as proxy:
+                rc, result, out, _ = run_claude(claude, proxy, "run echo", "Bash")
+            check(rc == 0 and result and "hello-from-tool" in result["result"],
+                  "exit %d: %s" % (rc, out[-300:]))
+
+
+def probe(path):
+    """`ccproxy check --probe -c path` as a user runs it: (exit code, what it printed)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "ccproxy.py"), "check",
+                          "--probe", "-c", path, "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=60)
+    return out.returncode, out.stdout + out.stderr
+
+
 def cli_failure_scenarios(claude, skip):
     @scenario("claude-cli waits out a 429 with retry-after: 2, then succeeds", skip)
     def _():
@@ -1138,6 +1170,7 @@ def main(argv):
     cli_routing_scenarios(claude, skip_cli)
     cli_responses_scenarios(claude, skip_cli)
     cli_search_scenarios(claude, skip_cli)
+    cli_probe_scenarios(claude, skip_cli)
     cli_failure_scenarios(claude, skip_cli)
     cli_anthropic_scenarios(claude, skip_cli)
     cli_usage_scenarios(claude, skip_cli)
