@@ -11092,14 +11092,17 @@ class Probe:
         self.provider, self.client, self.model = provider, client, model
         self.quirks, self.fixes = quirks_for(provider), {}
         self.lines, self.facts, self.used, self.calls = [], set(), [0, 0], 0
-        self.tools_ok = True
+        self.tools_ok, self.stopped = True, False
 
     def run(self):
-        """[(level, text), …]: what it saw, what it needs, what it could not tell."""
+        """[(level, text), …]: what it saw, what it needs, what it could not tell.  A
+        call that failed for a reason no flag changes (the key, a rate limit, the
+        network) stops it: the rest would only fail the same way."""
         if self.text():
             for step in (self.stream, self.tool, self.parallel, self.choices, self.image,
                          self.think_tags, self.reasoning):
-                step()
+                if not self.stopped:
+                    step()
         return self.lines + self.summary()
 
     def flags(self, extra=None):
@@ -11133,8 +11136,10 @@ class Probe:
                 self.need(fix, "%s refused (HTTP %d: %s)" % (what, status, reply))
                 return again, second
         if status != 200:
-            self.lines.append(("problem", "%s: %s %s: %s" % (
-                what, "HTTP" if isinstance(status, int) else "failed:", status, reply)))
+            self.stopped = not _refused(status)
+            self.lines.append(("problem", "%s: %s %s: %s%s" % (
+                what, "HTTP" if isinstance(status, int) else "failed:", status, reply,
+                "; the probe stopped here" if self.stopped else "")))
         return status, reply
 
     def need(self, fix, why):

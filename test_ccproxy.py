@@ -5872,6 +5872,22 @@ class TestProbe(unittest.TestCase):
                  '"quirks": {"stream_options": true}')):
             self.assertEqual(ccproxy.probe_snippet(configured, fixes), want)
 
+    def test_a_rate_limit_stops_the_probe(self):
+        fake = e2e_module("fake_openai").FakeOpenAI().start()
+        self.addCleanup(fake.stop)
+        real, calls = ccproxy.fetch, []
+
+        def limited(client, method, url, *rest):
+            calls.append(url)
+            if url.endswith("/chat/completions") and calls.count(url) > 2:
+                return 429, 0.0, {}, b'{"error": {"message": "Rate limit reached"}}'
+            return real(client, method, url, *rest)
+        with unittest.mock.patch.object(ccproxy, "fetch", limited):
+            code, text, _ = self.probe(fake, {})
+        self.assertEqual(code, ccproxy.EXIT_FAIL)
+        self.assertIn("HTTP 429: Rate limit reached; the probe stopped here", text)
+        self.assertIn("the probe made 3 calls", text)
+
     def test_refused(self):
         for status, want in ((400, True), (422, True), (401, False), (403, False),
                              (404, False), (429, False), (500, False), ("timeout", False),
