@@ -11078,9 +11078,22 @@ def probe_snippet(configured, fixes):
 
 
 def _refused(status):
-    """A 4xx that is about the request itself (not the key, the path or a rate limit)."""
+    """A 4xx that is about the request itself, not the key or a rate limit.  A 404 is
+    one too: the same URL took the plain call, and OpenRouter answers 404 "No endpoints
+    found that support image input" (NousResearch/hermes-agent#23411) or "... tool use"."""
     return isinstance(status, int) and 400 <= status < 500 and status not in (
-        401, 403, 404, 429)
+        401, 403, 429)
+
+
+def listed_vision(body, model):
+    """Whether a model list says `model` takes images (OpenRouter's
+    architecture.input_modalities); None where it does not say."""
+    doc = _obj(_loads(body))
+    for entry in doc.get("data") if isinstance(doc.get("data"), list) else ():
+        modalities = _obj(_obj(entry).get("architecture")).get("input_modalities")
+        if _obj(entry).get("id") == model and isinstance(modalities, list):
+            return "image" in modalities
+    return None
 
 
 class Probe:
@@ -11236,10 +11249,16 @@ class Probe:
                            "parallel_tool_calls"))
 
     def image(self):
-        """A 1x1 PNG: refused -> no_vision (images become "[image omitted]")."""
+        """A 1x1 PNG, unless the model list says the model takes none: refused (or
+        listed so) -> no_vision (images become "[image omitted]")."""
         if self.flags()["no_vision"]:
             self.lines.append(("note", "images not tried: no_vision is set"))
             return
+        url, headers = dialect_of(self.provider).probe(self.provider)
+        status, _, _, body = fetch(self.client, "GET", url, None, headers)
+        if status == 200 and listed_vision(body, self.model) is False:
+            return self.need({"no_vision": True}, "its model list says %s takes no images"
+                             % self.model)
         status, _ = self.attempt("image", "an image", {"no_vision": True})
         if status == 200 and not self.fixes.get("no_vision"):
             self.lines.append(("ok", "an image taken"))

@@ -5736,6 +5736,8 @@ class TestProbe(unittest.TestCase):
         ("choice-none-ignored", {}, {"no_choice_none": True}, set()),
         ("no-vision", {"send_user": True}, {"no_vision": True}, set()),
         ("stream-drops-tools", {}, {"stream_tools": False}, set()),
+        ("image-404", {}, {"no_vision": True}, set()),
+        ("text-only", {}, {"no_vision": True}, set()),
         ("no-effort", {"reasoning": "reasoning_effort"}, {"reasoning": ""}, set()),
     )
 
@@ -5888,9 +5890,28 @@ class TestProbe(unittest.TestCase):
         self.assertIn("HTTP 429: Rate limit reached; the probe stopped here", text)
         self.assertIn("the probe made 3 calls", text)
 
+    def test_text_only_models_get_no_image(self):
+        fake = e2e_module("fake_openai").FakeOpenAI(quirk="text-only").start()
+        self.addCleanup(fake.stop)
+        code, text, snippet = self.probe(fake, {})
+        self.assertIn("its model list says fake-model takes no images", text)
+        self.assertNotIn("image_url", json.dumps([r["body"] for r in fake.requests]))
+
+    def test_listed_vision(self):
+        def listing(*entries):
+            return json.dumps({"data": list(entries)}).encode()
+        for body, want in (
+                (listing({"id": "m", "architecture": {"input_modalities": ["text", "image"]}}),
+                 True),
+                (listing({"id": "m", "architecture": {"input_modalities": ["text"]}}), False),
+                (listing({"id": "x", "architecture": {"input_modalities": ["text"]}}), None),
+                (listing({"id": "m"}), None), (listing("m", None), None),
+                (b'{"data": 5}', None), (b"not json", None), (b"[]", None)):
+            self.assertIs(ccproxy.listed_vision(body, "m"), want, body)
+
     def test_refused(self):
         for status, want in ((400, True), (422, True), (401, False), (403, False),
-                             (404, False), (429, False), (500, False), ("timeout", False),
+                             (404, True), (429, False), (500, False), ("timeout", False),
                              (200, False)):
             self.assertEqual(ccproxy._refused(status), want, status)
 

@@ -34,7 +34,9 @@ Provider quirks (translation.md §6) switch on with --quirk:
   choice-none-ignored tool_choice "none" is ignored
 and these answer 400, in the wording of a server that refuses it: completion-tokens
 (max_tokens), no-stream-options, no-required, no-named, no-parallel-flag,
-no-vision (image_url parts), no-effort (reasoning_effort).
+no-vision (image_url parts), no-effort (reasoning_effort); image-404 answers images as
+OpenRouter does where no endpoint takes them (404), and text-only does that too and
+lists the model with architecture.input_modalities ["text"], as OpenRouter's list does.
 
 Offered a tool named ping (ccproxy's `check --probe`), it calls it with n=1, or twice
 (n=1, n=2) when the prompt says "twice", unless tool_choice is "none".
@@ -72,7 +74,10 @@ class FakeOpenAI(LoopbackFake):
 
         class Handler(QuietHandler):
             def do_GET(self):
-                fake.send_json(self, 200, {"data": [{"id": fake.model}]})
+                model = {"id": fake.model}
+                if fake.quirk == "text-only":
+                    model["architecture"] = {"input_modalities": ["text"]}
+                fake.send_json(self, 200, {"data": [model]})
 
             def do_POST(self):
                 raw = self.raw = self.rfile.read(int(self.headers.get("content-length") or 0))
@@ -82,6 +87,11 @@ class FakeOpenAI(LoopbackFake):
                                           "body": body})
                     failing = bool(fake.fail) and fake.fail_count > 0
                     fake.fail_count -= failing
+                if fake.quirk in ("image-404", "text-only") and '"image_url"' in json.dumps(
+                        body.get("messages")):
+                    return fake.send_json(self, 404, {"error": {
+                        "message": "No endpoints found that support image input",
+                        "code": 404}})
                 refused = fake.refuse(body) or fake.too_large(raw, body)
                 if refused:
                     return fake.send_json(self, 400, {"error": {
