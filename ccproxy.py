@@ -10946,21 +10946,22 @@ def _ask(text, max_tokens, **fields):
 
 _CALL_ONE, _CALL_TWO = "Call the ping tool with n=1.", (
     "Call the ping tool twice, in parallel: once with n=1 and once with n=2.")
-#: Every body the probe may send, by step (docs/providers.md, "Finding the flags").
+#: Every body the probe may send, by step (docs/operating.md §13).  The caps leave a
+#: model that reasons by default (gpt-5) room to reach its answer after some thought.
 PROBE_BODIES = {
-    "text": _ask("Reply with the word OK.", 16),
-    "stream": _ask("Reply with the word OK.", 16, stream=True),
-    "tool": _ask(_CALL_ONE, 64, stream=True, tools=[PROBE_TOOL]),
-    "parallel": _ask(_CALL_TWO, 128, stream=True, tools=[PROBE_TOOL]),
-    "required": _ask(_CALL_ONE, 48, tools=[PROBE_TOOL], tool_choice={"type": "any"}),
-    "named": _ask(_CALL_ONE, 48, tools=[PROBE_TOOL],
+    "text": _ask("Reply with the word OK.", 32),
+    "stream": _ask("Reply with the word OK.", 32, stream=True),
+    "tool": _ask(_CALL_ONE, 128, stream=True, tools=[PROBE_TOOL]),
+    "parallel": _ask(_CALL_TWO, 192, stream=True, tools=[PROBE_TOOL]),
+    "required": _ask(_CALL_ONE, 96, tools=[PROBE_TOOL], tool_choice={"type": "any"}),
+    "named": _ask(_CALL_ONE, 96, tools=[PROBE_TOOL],
                   tool_choice={"type": "tool", "name": "ping"}),
-    "serial": _ask(_CALL_ONE, 48, tools=[PROBE_TOOL],
+    "serial": _ask(_CALL_ONE, 96, tools=[PROBE_TOOL],
                    tool_choice={"type": "auto", "disable_parallel_tool_use": True}),
-    "none": _ask(_CALL_ONE, 48, tools=[PROBE_TOOL], tool_choice={"type": "none"}),
+    "none": _ask(_CALL_ONE, 96, tools=[PROBE_TOOL], tool_choice={"type": "none"}),
     "image": _ask([{"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                 "data": PROBE_PNG}},
-                   {"type": "text", "text": "What colour is this pixel? One word."}], 16),
+                   {"type": "text", "text": "What colour is this pixel? One word."}], 32),
     "reasoning": _ask("What is 2+2? Answer with the number.", 512, stream=True,
                       thinking={"type": "enabled", "budget_tokens": 1024}),
 }
@@ -10969,15 +10970,21 @@ PROBE_FACTS = ("arguments as objects", "calls without index", "every call on ind
                "repeated ids", "calls without ids", "reasoning in reasoning_content",
                "reasoning in reasoning", "reasoning in <think> tags")
 ProbeReply = collections.namedtuple("ProbeReply", "blocks facts usage error")
+#: The steps that may be sent a second time, with a flag that would fix them.
+PROBE_RETRIED = ("text", "stream", "tool", "required", "named", "serial", "image",
+                 "reasoning")
 
 
 def probe_plan(model):
-    """What `check --probe` says before its first call."""
-    most = len(PROBE_BODIES) + 4                   # a retry each where a fix is tried
-    cap = sum(b["max_tokens"] for b in PROBE_BODIES.values())
-    return ("probing with up to %d tiny calls to %s: about %d input tokens in all, at most "
-            "%d output tokens (%d of them the reasoning call's)" % (
-                most, model, 60 * most, cap + 200, PROBE_BODIES["reasoning"]["max_tokens"]))
+    """What `check --probe` says before its first call: its ceiling, honestly."""
+    usual = len(PROBE_BODIES)
+    cap = sum(b["max_tokens"] for b in PROBE_BODIES.values()) + sum(
+        PROBE_BODIES[s]["max_tokens"] for s in PROBE_RETRIED)
+    return ("probing with %d tiny calls to %s (up to %d where one needs a second try): "
+            "about %d input tokens each, at most %d output tokens in all (%d for a "
+            "reasoning call); a model that answers briefly uses a few hundred" % (
+                usual, model, usual + len(PROBE_RETRIED), 100, cap,
+                PROBE_BODIES["reasoning"]["max_tokens"]))
 
 
 def raw_facts(docs, stream):

@@ -5784,7 +5784,9 @@ class TestProbe(unittest.TestCase):
         fake = e2e_module("fake_openai").FakeOpenAI().start()
         self.addCleanup(fake.stop)
         code, text, _ = self.probe(fake, {}, "local")
-        plan = text.index("probing with up to 14 tiny calls to fake-model")
+        plan = text.index("probing with 10 tiny calls to fake-model (up to 18 where one "
+                          "needs a second try): about 100 input tokens each, at most 2336 "
+                          "output tokens in all (512 for a reasoning call)")
         self.assertLess(plan, text.index("plain text: answered"))
         self.assertRegex(text, r"the probe made 11 calls: \d+ input and \d+ output tokens")
         self.assertEqual([r["path"] for r in fake.requests], ["/v1/chat/completions"] * 11)
