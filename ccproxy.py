@@ -10962,28 +10962,37 @@ PROBE_BODIES = {
     "image": _ask([{"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                 "data": PROBE_PNG}},
                    {"type": "text", "text": "What colour is this pixel? One word."}], 32),
-    "reasoning": _ask("What is 2+2? Answer with the number.", 512, stream=True,
+    "reasoning": _ask("What is 2+2? Answer with the number.", 256, stream=True,
                       thinking={"type": "enabled", "budget_tokens": 1024}),
+    # A tool-call turn sent back with its reasoning, as Claude Code's next call does.
+    "echo": {"max_tokens": 256, "thinking": {"type": "enabled", "budget_tokens": 1024},
+             "tools": [PROBE_TOOL], "messages": [
+                 {"role": "user", "content": _CALL_ONE},
+                 {"role": "assistant", "content": [
+                     {"type": "thinking", "thinking": "Call ping with n=1.", "signature": "p"},
+                     {"type": "tool_use", "id": "toolu_probe", "name": "ping",
+                      "input": {"n": 1}}]},
+                 {"role": "user", "content": [{"type": "tool_result",
+                                               "tool_use_id": "toolu_probe",
+                                               "content": "pong"}]}]},
 }
 #: What the probe may see in the upstream's own bytes, and whether ccproxy needs a flag.
 PROBE_FACTS = ("arguments as objects", "calls without index", "every call on index 0",
                "repeated ids", "calls without ids", "reasoning in reasoning_content",
                "reasoning in reasoning", "reasoning in <think> tags")
 ProbeReply = collections.namedtuple("ProbeReply", "blocks facts usage error")
-#: The steps that may be sent a second time, with a flag that would fix them.
-PROBE_RETRIED = ("text", "stream", "tool", "required", "named", "serial", "image",
-                 "reasoning")
+#: How often each step may be sent at most: again with each flag that may fix it.
+PROBE_TRIES = {"text": 2, "stream": 2, "tool": 2, "parallel": 1, "required": 2, "named": 2,
+               "serial": 2, "none": 1, "image": 2, "reasoning": 2, "echo": 3}
 
 
 def probe_plan(model):
     """What `check --probe` says before its first call: its ceiling, honestly."""
-    usual = len(PROBE_BODIES)
-    cap = sum(b["max_tokens"] for b in PROBE_BODIES.values()) + sum(
-        PROBE_BODIES[s]["max_tokens"] for s in PROBE_RETRIED)
-    return ("probing with %d tiny calls to %s (up to %d where one needs a second try): "
+    cap = sum(PROBE_BODIES[step]["max_tokens"] * n for step, n in PROBE_TRIES.items())
+    return ("probing with %d tiny calls to %s (up to %d where one needs another try): "
             "about %d input tokens each, at most %d output tokens in all (%d for a "
             "reasoning call); a model that answers briefly uses a few hundred" % (
-                usual, model, usual + len(PROBE_RETRIED), 100, cap,
+                len(PROBE_TRIES) - 1, model, sum(PROBE_TRIES.values()), 150, cap,
                 PROBE_BODIES["reasoning"]["max_tokens"]))
 
 
@@ -11112,7 +11121,7 @@ class Probe:
         self.provider, self.client, self.model = provider, client, model
         self.quirks, self.fixes = quirks_for(provider), {}
         self.lines, self.facts, self.used, self.calls = [], set(), [0, 0], 0
-        self.tools_ok, self.stopped = True, False
+        self.tools_ok, self.stopped, self.reasoned = True, False, False
 
     def run(self):
         """[(level, text), …]: what it saw, what it needs, what it could not tell.  A
@@ -11120,7 +11129,7 @@ class Probe:
         network) stops it: the rest would only fail the same way."""
         if self.text():
             for step in (self.stream, self.tool, self.parallel, self.choices, self.image,
-                         self.think_tags, self.reasoning):
+                         self.think_tags, self.reasoning, self.echo):
                 if not self.stopped:
                     step()
         return self.lines + self.summary()
@@ -11146,11 +11155,11 @@ class Probe:
         self.facts |= reply.facts
         return (200, reply) if not reply.error else ("broken", reply.error)
 
-    def attempt(self, step, what, fix=None):
-        """Call; when refused and a fix is given, call again with it: the fix is needed
-        when that one passes.  (status, reply) of the call that counts."""
+    def attempt(self, step, what, *fixes):
+        """Call; when refused, call again with each fix in turn: the first that passes
+        is needed.  (status, reply) of the call that counts."""
         status, reply = self.call(step)
-        if _refused(status) and fix:
+        for fix in fixes if _refused(status) else ():
             again, second = self.call(step, fix)
             if again == 200:
                 self.need(fix, "%s refused (HTTP %d: %s)" % (what, status, reply))
@@ -11180,8 +11189,8 @@ class Probe:
 
     def stream(self):
         """A streamed answer, with usage: stream_options refused, or needed for it."""
-        fix = {"stream_options": False} if self.quirks["stream_options"] else None
-        status, reply = self.attempt("stream", "stream_options", fix)
+        fixes = [{"stream_options": False}] if self.quirks["stream_options"] else []
+        status, reply = self.attempt("stream", "stream_options", *fixes)
         if status != 200:
             return
         self.lines.append(("ok", "streamed text read"))
@@ -11280,17 +11289,16 @@ class Probe:
         reasoning_effort -> the knob."""
         sent = is_reasoning_model(self.flags(), self.model)
         status, reply = self.attempt("reasoning", "reasoning (%s)" % self.flags()[
-            "reasoning"], {"reasoning": ""} if sent else None)
+            "reasoning"], *([{"reasoning": ""}] if sent else []))
         if status != 200:
             return
         if not sent and not _thought(reply):
-            knob = {"reasoning": "reasoning_effort"}
-            if not is_reasoning_model(self.flags(knob), self.model):
-                knob["reasoning_models"] = ""
+            knob = self.knob()
             again, second = self.call("reasoning", knob)
             if again == 200 and _thought(second):
-                return self.need(knob, "the model reasons only when asked with "
-                                 "reasoning_effort")
+                self.reasoned = True
+                return self.need(knob, "the model reasons only when asked to")
+        self.reasoned = _thought(reply)
         if _thought(reply):
             self.lines.append(("ok", "reasoning read as thinking (it came %s)" % " and ".join(
                 f[len("reasoning "):] for f in PROBE_FACTS if f in reply.facts and
@@ -11298,6 +11306,25 @@ class Probe:
         else:
             self.lines.append(("note", "could not tell how it streams reasoning: none came "
                                "back (not a reasoning model?)"))
+
+    def knob(self):
+        """The flags that send the reasoning knob for this model: the route's own
+        placement (reasoning_effort where it has none), its model pattern widened to
+        this model where it leaves it out."""
+        knob = {"reasoning": self.flags()["reasoning"] or "reasoning_effort"}
+        if not is_reasoning_model(self.flags(knob), self.model):
+            knob["reasoning_models"] = self.flags()["reasoning_models"] + "|^%s$" % (
+                re.escape(self.model))
+        return knob
+
+    def echo(self):
+        """A tool-call turn sent back with its reasoning (the next call of every tool
+        use): refused -> reasoning_echo (DeepSeek: "The `reasoning_content` in the
+        thinking mode must be passed back to the API")."""
+        if self.reasoned and self.tools_ok:
+            self.attempt("echo", "a tool-call turn sent back without its reasoning",
+                         {"reasoning_echo": "reasoning_content"},
+                         {"reasoning_echo": "reasoning"})
 
     def summary(self):
         handled = [f for f in PROBE_FACTS if f in self.facts and f != (

@@ -5739,6 +5739,13 @@ class TestProbe(unittest.TestCase):
         ("image-404", {}, {"no_vision": True}, set()),
         ("text-only", {}, {"no_vision": True}, set()),
         ("no-effort", {"reasoning": "reasoning_effort"}, {"reasoning": ""}, set()),
+        ("reasons", {"reasoning": "reasoning_effort", "reasoning_models": r"^o\d"},
+         {"reasoning_models": r"^o\d|^fake\-model$"}, {"reasoning in reasoning_content"}),
+        ("echo-needed", {"reasoning": "reasoning_effort"},
+         {"reasoning_echo": "reasoning_content"}, {"reasoning in reasoning_content"}),
+        ("echo-needed", {}, {"reasoning": "reasoning_effort",
+                             "reasoning_echo": "reasoning_content"},
+         {"reasoning in reasoning_content"}),
     )
 
     def probe(self, fake, quirks, name="", probe=True):
@@ -5784,9 +5791,9 @@ class TestProbe(unittest.TestCase):
         fake = e2e_module("fake_openai").FakeOpenAI().start()
         self.addCleanup(fake.stop)
         code, text, _ = self.probe(fake, {}, "local")
-        plan = text.index("probing with 10 tiny calls to fake-model (up to 18 where one "
-                          "needs a second try): about 100 input tokens each, at most 2336 "
-                          "output tokens in all (512 for a reasoning call)")
+        plan = text.index("probing with 10 tiny calls to fake-model (up to 21 where one "
+                          "needs another try): about 150 input tokens each, at most 2592 "
+                          "output tokens in all (256 for a reasoning call)")
         self.assertLess(plan, text.index("plain text: answered"))
         self.assertRegex(text, r"the probe made 11 calls: \d+ input and \d+ output tokens")
         self.assertEqual([r["path"] for r in fake.requests], ["/v1/chat/completions"] * 11)

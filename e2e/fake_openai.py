@@ -29,6 +29,8 @@ Provider quirks (translation.md §6) switch on with --quirk:
   think       reasoning as <think>…</think> before the text (vLLM, Ollama, llama.cpp)
   reasons     reasoning_content when asked with reasoning_effort, else none;
   reasoning-field  the same in "reasoning" (OpenRouter, vLLM's newer servers)
+  echo-needed like reasons, and 400 to a tool-calling turn sent back without its
+              reasoning_content while reasoning is asked for (DeepSeek's thinking mode)
   usage-opt-in     usage in a stream only with stream_options.include_usage (OpenAI)
   stream-drops-tools  a streamed answer loses its tool calls (Ollama before 0.8)
   choice-none-ignored tool_choice "none" is ignored
@@ -137,7 +139,8 @@ class FakeOpenAI(LoopbackFake):
         text, calls, reasoning = self.decide(body)
         if self.quirk == "think":
             text, reasoning = "<think>%s</think>" % (reasoning or "Let me see.") + text, ""
-        elif self.quirk in ("reasons", "reasoning-field") and body.get("reasoning_effort"):
+        elif self.quirk in ("reasons", "reasoning-field", "echo-needed") and body.get(
+                "reasoning_effort"):
             reasoning = reasoning or "The user wants a short answer."
         if self.quirk == "stream-drops-tools" and body.get("stream"):
             calls = []
@@ -335,6 +338,14 @@ PROBE_REFUSALS = {
         "Invalid content type. image_url is only supported by certain models.")),
     "no-effort": _refusal(lambda b: "reasoning_effort" in b, (
         "Unrecognized request argument supplied: reasoning_effort")),
+    # DeepSeek's thinking mode (its guide, "Tool Calls"; its wording, as users report it
+    # in abhigyanpatwari/GitNexus#43).
+    "echo-needed": _refusal(lambda b: b.get("reasoning_effort") and any(
+        m.get("tool_calls") and not m.get("reasoning_content")
+        for m in b.get("messages") or []), (
+            "Missing `reasoning_content` field in the assistant message at message index 1. "
+            "For more information, please refer to "
+            "https://api-docs.deepseek.com/guides/thinking_mode#tool-calls")),
 }
 
 #: What the fake web plugin finds.
