@@ -10133,6 +10133,463 @@ def _state_dir(environ):
     return os.path.join(base, "ccproxy")
 
 
+# ---- check --probe: a provider's quirks from tiny calls (issue #26) ------------------
+
+#: The one tool the probe offers: a single integer, so a call's input is easy to judge.
+PROBE_TOOL = {"name": "ping", "description": "Answers pong. Call it when asked to.",
+              "input_schema": {"type": "object", "properties": {"n": {"type": "integer"}},
+                               "required": ["n"]}}
+#: A 1x1 red PNG: the smallest image a vision model takes.
+PROBE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAA"
+             "AAAElFTkSuQmCC")
+
+
+def _ask(text, max_tokens, **fields):
+    """A probe call's Anthropic body: one user turn."""
+    return dict({"max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]},
+                **fields)
+
+
+_CALL_ONE, _CALL_TWO = "Call the ping tool with n=1.", (
+    "Call the ping tool twice, in parallel: once with n=1 and once with n=2.")
+#: Every body the probe may send, by step (docs/operating.md §13).  The caps leave a
+#: model that reasons by default (gpt-5) room to reach its answer after some thought.
+PROBE_BODIES = {
+    "text": _ask("Reply with the word OK.", 32),
+    "stream": _ask("Reply with the word OK.", 32, stream=True),
+    "tool": _ask(_CALL_ONE, 128, stream=True, tools=[PROBE_TOOL]),
+    "parallel": _ask(_CALL_TWO, 192, stream=True, tools=[PROBE_TOOL]),
+    "required": _ask(_CALL_ONE, 96, tools=[PROBE_TOOL], tool_choice={"type": "any"}),
+    "named": _ask(_CALL_ONE, 96, tools=[PROBE_TOOL],
+                  tool_choice={"type": "tool", "name": "ping"}),
+    "serial": _ask(_CALL_ONE, 96, tools=[PROBE_TOOL],
+                   tool_choice={"type": "auto", "disable_parallel_tool_use": True}),
+    "none": _ask(_CALL_ONE, 96, tools=[PROBE_TOOL], tool_choice={"type": "none"}),
+    "image": _ask([{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                "data": PROBE_PNG}},
+                   {"type": "text", "text": "What colour is this pixel? One word."}], 32),
+    "reasoning": _ask("What is 2+2? Answer with the number.", 256, stream=True,
+                      thinking={"type": "enabled", "budget_tokens": 1024}),
+    # A tool-call turn sent back with its reasoning, as Claude Code's next call does.
+    "echo": {"max_tokens": 256, "thinking": {"type": "enabled", "budget_tokens": 1024},
+             "tools": [PROBE_TOOL], "messages": [
+                 {"role": "user", "content": _CALL_ONE},
+                 {"role": "assistant", "content": [
+                     {"type": "thinking", "thinking": "Call ping with n=1.", "signature": "p"},
+                     {"type": "tool_use", "id": "toolu_probe", "name": "ping",
+                      "input": {"n": 1}}]},
+                 {"role": "user", "content": [{"type": "tool_result",
+                                               "tool_use_id": "toolu_probe",
+                                               "content": "pong"}]}]},
+}
+#: What the probe may see in the upstream's own bytes, and whether ccproxy needs a flag.
+PROBE_FACTS = ("arguments as objects", "calls without index", "every call on index 0",
+               "repeated ids", "calls without ids", "reasoning in reasoning_content",
+               "reasoning in reasoning", "reasoning in <think> tags")
+ProbeReply = collections.namedtuple("ProbeReply", "blocks facts usage error")
+#: How often each step may be sent at most: again with each flag that may fix it.
+PROBE_TRIES = {"text": 2, "stream": 2, "tool": 2, "parallel": 1, "required": 2, "named": 2,
+               "serial": 2, "none": 1, "image": 2, "reasoning": 2, "echo": 3}
+
+
+def probe_plan(model):
+    """What `check --probe` says before its first call: its ceiling, honestly."""
+    cap = sum(PROBE_BODIES[step]["max_tokens"] * n for step, n in PROBE_TRIES.items())
+    return ("probing with %d tiny calls to %s (up to %d where one needs another try): "
+            "about %d input tokens each, at most %d output tokens in all (%d for a "
+            "reasoning call); a model that answers briefly uses a few hundred" % (
+                len(PROBE_TRIES) - 1, model, sum(PROBE_TRIES.values()), 150, cap,
+                PROBE_BODIES["reasoning"]["max_tokens"]))
+
+
+def raw_facts(docs, stream):
+    """PROBE_FACTS seen in an upstream reply's JSON documents (a stream's chunks, or the
+    one whole reply), plus "usage" when a usage object came (Groq: x_groq.usage)."""
+    facts, starts, text = set(), [], ""
+    for doc in docs:
+        doc = _obj(doc)
+        if doc.get("usage") or _obj(doc.get("x_groq")).get("usage"):
+            facts.add("usage")
+        for choice in doc.get("choices") if isinstance(doc.get("choices"), list) else ():
+            part = _obj(_obj(choice).get("delta" if stream else "message"))
+            facts.update("reasoning in " + key for key in ("reasoning_content", "reasoning")
+                         if isinstance(part.get(key), str) and part[key])
+            text += part["content"] if isinstance(part.get("content"), str) else ""
+            for call in part.get("tool_calls") if isinstance(part.get("tool_calls"),
+                                                             list) else ():
+                starts.extend(_call_facts(_obj(call), stream, facts))
+    if text.lstrip().startswith("<think>"):
+        facts.add("reasoning in <think> tags")
+    return facts | _start_facts(starts)
+
+
+def _call_facts(call, stream, facts):
+    """One tool-call entry's facts; [(index, id)] when it starts a call (has a name)."""
+    function = _obj(call.get("function"))
+    if "arguments" in function and not isinstance(function["arguments"], str):
+        facts.add("arguments as objects")
+    if stream and "index" not in call:
+        facts.add("calls without index")
+    return [(call.get("index"), call.get("id"))] if function.get("name") else []
+
+
+def _start_facts(starts):
+    ids = [tool_id for _, tool_id in starts if tool_id]
+    facts = {"repeated ids"} if len(ids) > len(set(ids)) else set()
+    if len(ids) < len(starts):
+        facts.add("calls without ids")
+    if len(starts) > 1 and len(set(ids)) > 1 and all(i == 0 for i, _ in starts):
+        facts.add("every call on index 0")
+    return facts
+
+
+def anthropic_blocks(sse):
+    """An Anthropic event stream -> (content blocks, message_delta usage, error message)."""
+    blocks, usage, error, partial = [], {}, "", {}
+    for frame in sse.decode("utf-8", "replace").split("\n\n"):
+        doc = _obj(_loads(frame.partition("data: ")[2]))
+        kind, delta = doc.get("type"), _obj(doc.get("delta"))
+        if kind == "content_block_start":
+            blocks.append(dict(_obj(doc.get("content_block"))))
+        elif kind == "content_block_delta" and blocks:
+            for key in ("text", "thinking", "partial_json"):
+                if isinstance(delta.get(key), str):
+                    partial[len(blocks) - 1] = partial.get(len(blocks) - 1, "") + delta[key]
+        elif kind == "message_delta":
+            usage = _obj(doc.get("usage"))
+        elif kind == "error":
+            error = str(_obj(doc.get("error")).get("message"))
+    for i, piece in partial.items():
+        block = blocks[i]
+        key = {"text": "text", "thinking": "thinking"}.get(block.get("type"))
+        block.update({key: piece} if key else {"input": _loads(piece)})
+    return blocks, usage, error
+
+
+def probe_reply(raw, stream, tr):
+    """A probe call's answer as this build reads it: Anthropic blocks, facts, usage."""
+    if not stream:
+        doc = _loads(raw)
+        try:
+            message = openai_to_anthropic(doc, tr)
+        except UpstreamReplyError as exc:
+            return ProbeReply([], set(), (0, 0), str(exc))
+        usage = message["usage"]
+        return ProbeReply(message["content"], raw_facts([doc], False),
+                          (usage["input_tokens"], usage["output_tokens"]), "")
+    parser, translator = SSEParser(), StreamTranslator(tr)
+    try:
+        payloads = parser.feed(raw) + parser.close()
+        sse = translator.start() + b"".join(translator.feed(p) for p in payloads)
+        sse += translator.end()
+    except UpstreamReplyError as exc:
+        return ProbeReply([], set(), (0, 0), str(exc))
+    blocks, usage, error = anthropic_blocks(sse)
+    return ProbeReply(blocks, raw_facts([_loads(p) for p in payloads], True),
+                      (usage.get("input_tokens", 0), usage.get("output_tokens", 0)), error)
+
+
+def tool_inputs(reply):
+    """The inputs of a reply's tool calls, [{...}, ...]."""
+    return [b.get("input") for b in reply.blocks if b.get("type") == "tool_use"]
+
+
+def probe_snippet(configured, fixes):
+    """The "quirks" member to paste: the provider's own flags with the fixes over them."""
+    return '"quirks": ' + json.dumps(dict(dict(configured), **fixes), sort_keys=True)
+
+
+def _refused(status):
+    """A 4xx that is about the request itself, not the key or a rate limit.  A 404 is
+    one too: the same URL took the plain call, and OpenRouter answers 404 "No endpoints
+    found that support image input" (NousResearch/hermes-agent#23411) or "... tool use"."""
+    return isinstance(status, int) and 400 <= status < 500 and status not in (
+        401, 403, 429)
+
+
+def listed_vision(body, model):
+    """Whether a model list says `model` takes images (OpenRouter's
+    architecture.input_modalities); None where it does not say."""
+    doc = _obj(_loads(body))
+    for entry in doc.get("data") if isinstance(doc.get("data"), list) else ():
+        modalities = _obj(_obj(entry).get("architecture")).get("input_modalities")
+        if _obj(entry).get("id") == model and isinstance(modalities, list):
+            return "image" in modalities
+    return None
+
+
+class Probe:
+    """`check --probe` for one OpenAI-style Chat route: tiny calls sent through this
+    build's own translation, with the flags found so far; a refused call is tried again
+    with the flag that would fix it, and the flag is needed when that passes."""
+
+    def __init__(self, provider, client, model):
+        self.provider, self.client, self.model = provider, client, model
+        self.quirks, self.fixes = quirks_for(provider), {}
+        self.lines, self.facts, self.used, self.calls = [], set(), [0, 0], 0
+        self.tools_ok, self.stopped, self.reasoned = True, False, False
+
+    def run(self):
+        """[(level, text), …]: what it saw, what it needs, what it could not tell.  A
+        call that failed for a reason no flag changes (the key, a rate limit, the
+        network) stops it: the rest would only fail the same way."""
+        if self.text():
+            for step in (self.stream, self.tool, self.parallel, self.choices, self.image,
+                         self.think_tags, self.reasoning, self.echo):
+                if not self.stopped:
+                    step()
+        return self.lines + self.summary()
+
+    def flags(self, extra=None):
+        return dict(self.quirks, **self.fixes, **(extra or {}))
+
+    def call(self, step, extra=None):
+        """PROBE_BODIES[step] through the translation, with the flags found so far and
+        `extra`: (200, ProbeReply) or (HTTP status or failure kind, what it said)."""
+        tr = Translation(route=self.provider.name, client_model="probe",
+                         upstream_model=self.model, quirks=self.flags(extra),
+                         signatures=ThoughtSignatures())
+        data, stream = translated_request(dict(PROBE_BODIES[step], model="probe"), tr)
+        status, _, _, raw = fetch(self.client, "POST", openai_url(self.provider), data,
+                                  openai_headers(self.provider, stream))
+        self.calls += 1
+        if status != 200:
+            return status, (upstream_message(raw) if isinstance(status, int) else
+                            raw.decode("utf-8", "replace"))[:200]
+        reply = probe_reply(raw, stream, tr)
+        self.used = [self.used[0] + reply.usage[0], self.used[1] + reply.usage[1]]
+        self.facts |= reply.facts
+        return (200, reply) if not reply.error else ("broken", reply.error)
+
+    def attempt(self, step, what, *fixes):
+        """Call; when refused, call again with each fix in turn: the first that passes
+        is needed.  (status, reply) of the call that counts."""
+        status, reply = self.call(step)
+        for fix in fixes if _refused(status) else ():
+            again, second = self.call(step, fix)
+            if again == 200:
+                self.need(fix, "%s refused (HTTP %d: %s)" % (what, status, reply))
+                return again, second
+        if status != 200:
+            self.stopped = not _refused(status)
+            self.lines.append(("problem", "%s: %s %s: %s%s" % (
+                what, "HTTP" if isinstance(status, int) else "failed:", status, reply,
+                "; the probe stopped here" if self.stopped else "")))
+        return status, reply
+
+    def need(self, fix, why):
+        self.fixes.update(fix)
+        self.lines.append(("problem", "%s: needs %s" % (why, ", ".join(
+            '"%s": %s' % (k, json.dumps(v)) for k, v in sorted(fix.items())))))
+
+    def text(self):
+        """A plain answer; max_tokens refused -> the other token parameter."""
+        other = ("max_completion_tokens" if self.quirks["token_param"] == "max_tokens"
+                 else "max_tokens")
+        status, reply = self.attempt("text", "a plain call with %s" % self.quirks[
+            "token_param"], {"token_param": other})
+        if status == 200:
+            self.lines.append(("ok", "plain text: answered %s" % _shown(
+                "".join(b.get("text", "") for b in reply.blocks))))
+        return status == 200
+
+    def stream(self):
+        """A streamed answer, with usage: stream_options refused, or needed for it."""
+        fixes = [{"stream_options": False}] if self.quirks["stream_options"] else []
+        status, reply = self.attempt("stream", "stream_options", *fixes)
+        if status != 200:
+            return
+        self.lines.append(("ok", "streamed text read"))
+        if any(b.get("type") == "thinking" for b in reply.blocks):
+            self.lines.append(("note", "the model reasons even when not asked to"))
+        if "usage" in reply.facts:
+            return
+        if not self.flags()["stream_options"]:
+            again, second = self.call("stream", {"stream_options": True})
+            if again == 200 and "usage" in second.facts:
+                return self.need({"stream_options": True}, "streams carry usage only when "
+                                 "asked with stream_options")
+        self.lines.append(("note", "could not tell: streams carry no usage, so ccproxy "
+                           "estimates their output tokens"))
+
+    def tool(self):
+        """One streamed tool call; none streamed but one whole -> stream_tools false."""
+        status, reply = self.attempt("tool", "a streamed call offering a tool")
+        if status != 200:
+            self.tools_ok = False
+            return
+        if not tool_inputs(reply) and self.flags()["stream_tools"]:
+            again, second = self.call("tool", {"stream_tools": False})
+            if again == 200 and tool_inputs(second):
+                self.need({"stream_tools": False}, "streamed answers lose the tool call "
+                          "the whole answer has")
+                reply = second
+        inputs = tool_inputs(reply)
+        if not inputs:
+            self.tools_ok = False
+            self.lines.append(("note", "could not tell how it streams tool calls: the "
+                               "model did not call the tool (can it call tools?)"))
+        elif inputs[0] == {"n": 1}:
+            self.lines.append(("ok", "a streamed tool call read: ping %s" % json.dumps(
+                inputs[0])))
+        else:
+            self.lines.append(("problem", "the tool call was read as %s, not {\"n\": 1}: "
+                               "please report it with a recording (docs/operating.md §12)"
+                               % _shown(json.dumps(inputs[0]))))
+
+    def parallel(self):
+        """Two calls in one answer, read back as two."""
+        if not self.tools_ok:
+            return
+        status, reply = self.attempt("parallel", "a streamed call asking for two tools")
+        inputs = tool_inputs(reply) if status == 200 else []
+        if sorted(json.dumps(i) for i in inputs) == ['{"n": 1}', '{"n": 2}']:
+            self.lines.append(("ok", "two parallel tool calls read"))
+        elif len(inputs) < 2 and status == 200:
+            self.lines.append(("note", "could not tell how it streams parallel calls: the "
+                               "model made %d call(s), not two" % len(inputs)))
+        elif status == 200:
+            self.lines.append(("problem", "two parallel calls were read as %s: please report "
+                               "it with a recording (docs/operating.md §12)"
+                               % _shown(json.dumps(inputs))))
+
+    def choices(self):
+        """tool_choice "required", a named choice and parallel_tool_calls: each refused
+        one has its flag; "none" ignored (the tool called anyway) has its own."""
+        if not self.tools_ok:
+            return
+        for step, what, fix in (
+                ("required", 'tool_choice "required"', {"no_required": True}),
+                ("named", "a named tool_choice", {"no_named_choice": True}),
+                ("serial", "parallel_tool_calls", {"no_parallel_flag": True})):
+            self.attempt(step, what, fix)
+        status, reply = self.call("none")
+        if status == 200 and tool_inputs(reply):
+            self.need({"no_choice_none": True}, 'tool_choice "none" ignored: the model '
+                      "called the tool anyway")
+        self.lines.append(("ok", "tool_choice forms tried: required, named, none, "
+                           "parallel_tool_calls"))
+
+    def image(self):
+        """A 1x1 PNG, unless the model list says the model takes none: refused (or
+        listed so) -> no_vision (images become "[image omitted]")."""
+        if self.flags()["no_vision"]:
+            self.lines.append(("note", "images not tried: no_vision is set"))
+            return
+        url, headers = dialect_of(self.provider).probe(self.provider)
+        status, _, _, body = fetch(self.client, "GET", url, None, headers)
+        if status == 200 and listed_vision(body, self.model) is False:
+            return self.need({"no_vision": True}, "its model list says %s takes no images"
+                             % self.model)
+        status, _ = self.attempt("image", "an image", {"no_vision": True})
+        if status == 200 and not self.fixes.get("no_vision"):
+            self.lines.append(("ok", "an image taken"))
+
+    def think_tags(self):
+        """Reasoning as <think>…</think> at the start of the text needs think_tags."""
+        if "reasoning in <think> tags" in self.facts and not self.flags()["think_tags"]:
+            self.need({"think_tags": True}, "reasoning comes as <think> tags in the text")
+
+    def reasoning(self):
+        """Asked to reason: refused -> no reasoning knob; none unless asked with
+        reasoning_effort -> the knob."""
+        sent = is_reasoning_model(self.flags(), self.model)
+        status, reply = self.attempt("reasoning", "reasoning (%s)" % self.flags()[
+            "reasoning"], *([{"reasoning": ""}] if sent else []))
+        if status != 200:
+            return
+        if not sent and not _thought(reply):
+            knob = self.knob()
+            again, second = self.call("reasoning", knob)
+            if again == 200 and _thought(second):
+                self.reasoned = True
+                return self.need(knob, "the model reasons only when asked to")
+        self.reasoned = _thought(reply)
+        if _thought(reply):
+            self.lines.append(("ok", "reasoning read as thinking (it came %s)" % " and ".join(
+                f[len("reasoning "):] for f in PROBE_FACTS if f in reply.facts and
+                f.startswith("reasoning in "))))
+        else:
+            self.lines.append(("note", "could not tell how it streams reasoning: none came "
+                               "back (not a reasoning model?)"))
+
+    def knob(self):
+        """The flags that send the reasoning knob for this model: the route's own
+        placement (reasoning_effort where it has none), its model pattern widened to
+        this model where it leaves it out."""
+        knob = {"reasoning": self.flags()["reasoning"] or "reasoning_effort"}
+        if not is_reasoning_model(self.flags(knob), self.model):
+            knob["reasoning_models"] = self.flags()["reasoning_models"] + "|^%s$" % (
+                re.escape(self.model))
+        return knob
+
+    def echo(self):
+        """A tool-call turn sent back with its reasoning (the next call of every tool
+        use): refused -> reasoning_echo (DeepSeek: "The `reasoning_content` in the
+        thinking mode must be passed back to the API")."""
+        if self.reasoned and self.tools_ok:
+            self.attempt("echo", "a tool-call turn sent back without its reasoning",
+                         {"reasoning_echo": "reasoning_content"},
+                         {"reasoning_echo": "reasoning"})
+
+    def summary(self):
+        handled = [f for f in PROBE_FACTS if f in self.facts and f != (
+            "reasoning in <think> tags")]
+        out = [("ok", "read with no flag: " + ", ".join(handled))] if handled else []
+        out.append(("note", "the probe made %d calls: %d input and %d output tokens" % (
+            self.calls, self.used[0], self.used[1])))
+        return out
+
+
+def _thought(reply):
+    return any(b.get("type") == "thinking" for b in reply.blocks)
+
+
+def run_probes(config, name, upstreams):
+    """`check --probe [NAME]`: every provider, or the one named, printed as it goes (the
+    plan before the first call); the number of problems found."""
+    chosen = [p for p in config.providers if name in ("", p.name)]
+    if not chosen:
+        return _print_report([("problem", "--probe %s: no such provider (providers: %s)" % (
+            _shown(name), ", ".join(p.name for p in config.providers)))])
+    problems = 0
+    for provider in chosen:
+        problems += _print_report((level, "probe %s: %s" % (provider.name, text)) for
+                                  level, text in probe_provider(config, provider,
+                                                                upstreams.client(provider)))
+    return problems
+
+
+def probe_provider(config, provider, client):
+    """One provider's probe lines, with the plan printed first and the snippet last."""
+    models = configured_models(config, provider)
+    if type(dialect_of(provider)) is not OpenAIChatDialect:
+        return [("note", "not probed: its flags are for OpenAI-style Chat routes only")]
+    if unconfigured(config, provider) or not models:
+        return [("note", "not probed: %s" % ("no key" if models else "no model"))]
+    _print_report([("note", "probe %s (%s, %s): %s" % (
+        provider.name, provider.type, redact_url(provider.base_url), probe_plan(models[0])))])
+    probe = Probe(provider, client, models[0])
+    lines = probe.run()
+    if probe.fixes:
+        lines.append(("note", "paste this into its entry in %s, then run `check --probe` "
+                      "again:\n     %s" % (config.source or "the config file",
+                                           probe_snippet(provider.quirks, probe.fixes))))
+    else:
+        lines.append(("ok", "no quirk flag to add"))
+    return lines
+
+
+def _print_report(report):
+    """Print `check`'s lines; the number of problems among them."""
+    problems = 0
+    for level, text in report:
+        print("%-4s %s" % ({"ok": "ok", "warn": "WARN", "problem": "FAIL",
+                            "note": "note"}[level], text), flush=True)
+        problems += level == "problem"
+    return problems
+
+
 # ---- Command line --------------------------------------------------------------------
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -10925,463 +11382,6 @@ def _check_ollama(config, provider, client):
 
 #: Checks one provider type has beside the probe: Ollama's context size (/api/show).
 TYPE_CHECKS = {"ollama": _check_ollama}
-
-
-# ---- Command line: check --probe, a provider's quirks from tiny calls (issue #26) ----
-
-#: The one tool the probe offers: a single integer, so a call's input is easy to judge.
-PROBE_TOOL = {"name": "ping", "description": "Answers pong. Call it when asked to.",
-              "input_schema": {"type": "object", "properties": {"n": {"type": "integer"}},
-                               "required": ["n"]}}
-#: A 1x1 red PNG: the smallest image a vision model takes.
-PROBE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAA"
-             "AAAElFTkSuQmCC")
-
-
-def _ask(text, max_tokens, **fields):
-    """A probe call's Anthropic body: one user turn."""
-    return dict({"max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]},
-                **fields)
-
-
-_CALL_ONE, _CALL_TWO = "Call the ping tool with n=1.", (
-    "Call the ping tool twice, in parallel: once with n=1 and once with n=2.")
-#: Every body the probe may send, by step (docs/operating.md §13).  The caps leave a
-#: model that reasons by default (gpt-5) room to reach its answer after some thought.
-PROBE_BODIES = {
-    "text": _ask("Reply with the word OK.", 32),
-    "stream": _ask("Reply with the word OK.", 32, stream=True),
-    "tool": _ask(_CALL_ONE, 128, stream=True, tools=[PROBE_TOOL]),
-    "parallel": _ask(_CALL_TWO, 192, stream=True, tools=[PROBE_TOOL]),
-    "required": _ask(_CALL_ONE, 96, tools=[PROBE_TOOL], tool_choice={"type": "any"}),
-    "named": _ask(_CALL_ONE, 96, tools=[PROBE_TOOL],
-                  tool_choice={"type": "tool", "name": "ping"}),
-    "serial": _ask(_CALL_ONE, 96, tools=[PROBE_TOOL],
-                   tool_choice={"type": "auto", "disable_parallel_tool_use": True}),
-    "none": _ask(_CALL_ONE, 96, tools=[PROBE_TOOL], tool_choice={"type": "none"}),
-    "image": _ask([{"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                                "data": PROBE_PNG}},
-                   {"type": "text", "text": "What colour is this pixel? One word."}], 32),
-    "reasoning": _ask("What is 2+2? Answer with the number.", 256, stream=True,
-                      thinking={"type": "enabled", "budget_tokens": 1024}),
-    # A tool-call turn sent back with its reasoning, as Claude Code's next call does.
-    "echo": {"max_tokens": 256, "thinking": {"type": "enabled", "budget_tokens": 1024},
-             "tools": [PROBE_TOOL], "messages": [
-                 {"role": "user", "content": _CALL_ONE},
-                 {"role": "assistant", "content": [
-                     {"type": "thinking", "thinking": "Call ping with n=1.", "signature": "p"},
-                     {"type": "tool_use", "id": "toolu_probe", "name": "ping",
-                      "input": {"n": 1}}]},
-                 {"role": "user", "content": [{"type": "tool_result",
-                                               "tool_use_id": "toolu_probe",
-                                               "content": "pong"}]}]},
-}
-#: What the probe may see in the upstream's own bytes, and whether ccproxy needs a flag.
-PROBE_FACTS = ("arguments as objects", "calls without index", "every call on index 0",
-               "repeated ids", "calls without ids", "reasoning in reasoning_content",
-               "reasoning in reasoning", "reasoning in <think> tags")
-ProbeReply = collections.namedtuple("ProbeReply", "blocks facts usage error")
-#: How often each step may be sent at most: again with each flag that may fix it.
-PROBE_TRIES = {"text": 2, "stream": 2, "tool": 2, "parallel": 1, "required": 2, "named": 2,
-               "serial": 2, "none": 1, "image": 2, "reasoning": 2, "echo": 3}
-
-
-def probe_plan(model):
-    """What `check --probe` says before its first call: its ceiling, honestly."""
-    cap = sum(PROBE_BODIES[step]["max_tokens"] * n for step, n in PROBE_TRIES.items())
-    return ("probing with %d tiny calls to %s (up to %d where one needs another try): "
-            "about %d input tokens each, at most %d output tokens in all (%d for a "
-            "reasoning call); a model that answers briefly uses a few hundred" % (
-                len(PROBE_TRIES) - 1, model, sum(PROBE_TRIES.values()), 150, cap,
-                PROBE_BODIES["reasoning"]["max_tokens"]))
-
-
-def raw_facts(docs, stream):
-    """PROBE_FACTS seen in an upstream reply's JSON documents (a stream's chunks, or the
-    one whole reply), plus "usage" when a usage object came (Groq: x_groq.usage)."""
-    facts, starts, text = set(), [], ""
-    for doc in docs:
-        doc = _obj(doc)
-        if doc.get("usage") or _obj(doc.get("x_groq")).get("usage"):
-            facts.add("usage")
-        for choice in doc.get("choices") if isinstance(doc.get("choices"), list) else ():
-            part = _obj(_obj(choice).get("delta" if stream else "message"))
-            facts.update("reasoning in " + key for key in ("reasoning_content", "reasoning")
-                         if isinstance(part.get(key), str) and part[key])
-            text += part["content"] if isinstance(part.get("content"), str) else ""
-            for call in part.get("tool_calls") if isinstance(part.get("tool_calls"),
-                                                             list) else ():
-                starts.extend(_call_facts(_obj(call), stream, facts))
-    if text.lstrip().startswith("<think>"):
-        facts.add("reasoning in <think> tags")
-    return facts | _start_facts(starts)
-
-
-def _call_facts(call, stream, facts):
-    """One tool-call entry's facts; [(index, id)] when it starts a call (has a name)."""
-    function = _obj(call.get("function"))
-    if "arguments" in function and not isinstance(function["arguments"], str):
-        facts.add("arguments as objects")
-    if stream and "index" not in call:
-        facts.add("calls without index")
-    return [(call.get("index"), call.get("id"))] if function.get("name") else []
-
-
-def _start_facts(starts):
-    ids = [tool_id for _, tool_id in starts if tool_id]
-    facts = {"repeated ids"} if len(ids) > len(set(ids)) else set()
-    if len(ids) < len(starts):
-        facts.add("calls without ids")
-    if len(starts) > 1 and len(set(ids)) > 1 and all(i == 0 for i, _ in starts):
-        facts.add("every call on index 0")
-    return facts
-
-
-def anthropic_blocks(sse):
-    """An Anthropic event stream -> (content blocks, message_delta usage, error message)."""
-    blocks, usage, error, partial = [], {}, "", {}
-    for frame in sse.decode("utf-8", "replace").split("\n\n"):
-        doc = _obj(_loads(frame.partition("data: ")[2]))
-        kind, delta = doc.get("type"), _obj(doc.get("delta"))
-        if kind == "content_block_start":
-            blocks.append(dict(_obj(doc.get("content_block"))))
-        elif kind == "content_block_delta" and blocks:
-            for key in ("text", "thinking", "partial_json"):
-                if isinstance(delta.get(key), str):
-                    partial[len(blocks) - 1] = partial.get(len(blocks) - 1, "") + delta[key]
-        elif kind == "message_delta":
-            usage = _obj(doc.get("usage"))
-        elif kind == "error":
-            error = str(_obj(doc.get("error")).get("message"))
-    for i, piece in partial.items():
-        block = blocks[i]
-        key = {"text": "text", "thinking": "thinking"}.get(block.get("type"))
-        block.update({key: piece} if key else {"input": _loads(piece)})
-    return blocks, usage, error
-
-
-def probe_reply(raw, stream, tr):
-    """A probe call's answer as this build reads it: Anthropic blocks, facts, usage."""
-    if not stream:
-        doc = _loads(raw)
-        try:
-            message = openai_to_anthropic(doc, tr)
-        except UpstreamReplyError as exc:
-            return ProbeReply([], set(), (0, 0), str(exc))
-        usage = message["usage"]
-        return ProbeReply(message["content"], raw_facts([doc], False),
-                          (usage["input_tokens"], usage["output_tokens"]), "")
-    parser, translator = SSEParser(), StreamTranslator(tr)
-    try:
-        payloads = parser.feed(raw) + parser.close()
-        sse = translator.start() + b"".join(translator.feed(p) for p in payloads)
-        sse += translator.end()
-    except UpstreamReplyError as exc:
-        return ProbeReply([], set(), (0, 0), str(exc))
-    blocks, usage, error = anthropic_blocks(sse)
-    return ProbeReply(blocks, raw_facts([_loads(p) for p in payloads], True),
-                      (usage.get("input_tokens", 0), usage.get("output_tokens", 0)), error)
-
-
-def tool_inputs(reply):
-    """The inputs of a reply's tool calls, [{...}, ...]."""
-    return [b.get("input") for b in reply.blocks if b.get("type") == "tool_use"]
-
-
-def probe_snippet(configured, fixes):
-    """The "quirks" member to paste: the provider's own flags with the fixes over them."""
-    return '"quirks": ' + json.dumps(dict(dict(configured), **fixes), sort_keys=True)
-
-
-def _refused(status):
-    """A 4xx that is about the request itself, not the key or a rate limit.  A 404 is
-    one too: the same URL took the plain call, and OpenRouter answers 404 "No endpoints
-    found that support image input" (NousResearch/hermes-agent#23411) or "... tool use"."""
-    return isinstance(status, int) and 400 <= status < 500 and status not in (
-        401, 403, 429)
-
-
-def listed_vision(body, model):
-    """Whether a model list says `model` takes images (OpenRouter's
-    architecture.input_modalities); None where it does not say."""
-    doc = _obj(_loads(body))
-    for entry in doc.get("data") if isinstance(doc.get("data"), list) else ():
-        modalities = _obj(_obj(entry).get("architecture")).get("input_modalities")
-        if _obj(entry).get("id") == model and isinstance(modalities, list):
-            return "image" in modalities
-    return None
-
-
-class Probe:
-    """`check --probe` for one OpenAI-style Chat route: tiny calls sent through this
-    build's own translation, with the flags found so far; a refused call is tried again
-    with the flag that would fix it, and the flag is needed when that passes."""
-
-    def __init__(self, provider, client, model):
-        self.provider, self.client, self.model = provider, client, model
-        self.quirks, self.fixes = quirks_for(provider), {}
-        self.lines, self.facts, self.used, self.calls = [], set(), [0, 0], 0
-        self.tools_ok, self.stopped, self.reasoned = True, False, False
-
-    def run(self):
-        """[(level, text), …]: what it saw, what it needs, what it could not tell.  A
-        call that failed for a reason no flag changes (the key, a rate limit, the
-        network) stops it: the rest would only fail the same way."""
-        if self.text():
-            for step in (self.stream, self.tool, self.parallel, self.choices, self.image,
-                         self.think_tags, self.reasoning, self.echo):
-                if not self.stopped:
-                    step()
-        return self.lines + self.summary()
-
-    def flags(self, extra=None):
-        return dict(self.quirks, **self.fixes, **(extra or {}))
-
-    def call(self, step, extra=None):
-        """PROBE_BODIES[step] through the translation, with the flags found so far and
-        `extra`: (200, ProbeReply) or (HTTP status or failure kind, what it said)."""
-        tr = Translation(route=self.provider.name, client_model="probe",
-                         upstream_model=self.model, quirks=self.flags(extra),
-                         signatures=ThoughtSignatures())
-        data, stream = translated_request(dict(PROBE_BODIES[step], model="probe"), tr)
-        status, _, _, raw = fetch(self.client, "POST", openai_url(self.provider), data,
-                                  openai_headers(self.provider, stream))
-        self.calls += 1
-        if status != 200:
-            return status, (upstream_message(raw) if isinstance(status, int) else
-                            raw.decode("utf-8", "replace"))[:200]
-        reply = probe_reply(raw, stream, tr)
-        self.used = [self.used[0] + reply.usage[0], self.used[1] + reply.usage[1]]
-        self.facts |= reply.facts
-        return (200, reply) if not reply.error else ("broken", reply.error)
-
-    def attempt(self, step, what, *fixes):
-        """Call; when refused, call again with each fix in turn: the first that passes
-        is needed.  (status, reply) of the call that counts."""
-        status, reply = self.call(step)
-        for fix in fixes if _refused(status) else ():
-            again, second = self.call(step, fix)
-            if again == 200:
-                self.need(fix, "%s refused (HTTP %d: %s)" % (what, status, reply))
-                return again, second
-        if status != 200:
-            self.stopped = not _refused(status)
-            self.lines.append(("problem", "%s: %s %s: %s%s" % (
-                what, "HTTP" if isinstance(status, int) else "failed:", status, reply,
-                "; the probe stopped here" if self.stopped else "")))
-        return status, reply
-
-    def need(self, fix, why):
-        self.fixes.update(fix)
-        self.lines.append(("problem", "%s: needs %s" % (why, ", ".join(
-            '"%s": %s' % (k, json.dumps(v)) for k, v in sorted(fix.items())))))
-
-    def text(self):
-        """A plain answer; max_tokens refused -> the other token parameter."""
-        other = ("max_completion_tokens" if self.quirks["token_param"] == "max_tokens"
-                 else "max_tokens")
-        status, reply = self.attempt("text", "a plain call with %s" % self.quirks[
-            "token_param"], {"token_param": other})
-        if status == 200:
-            self.lines.append(("ok", "plain text: answered %s" % _shown(
-                "".join(b.get("text", "") for b in reply.blocks))))
-        return status == 200
-
-    def stream(self):
-        """A streamed answer, with usage: stream_options refused, or needed for it."""
-        fixes = [{"stream_options": False}] if self.quirks["stream_options"] else []
-        status, reply = self.attempt("stream", "stream_options", *fixes)
-        if status != 200:
-            return
-        self.lines.append(("ok", "streamed text read"))
-        if any(b.get("type") == "thinking" for b in reply.blocks):
-            self.lines.append(("note", "the model reasons even when not asked to"))
-        if "usage" in reply.facts:
-            return
-        if not self.flags()["stream_options"]:
-            again, second = self.call("stream", {"stream_options": True})
-            if again == 200 and "usage" in second.facts:
-                return self.need({"stream_options": True}, "streams carry usage only when "
-                                 "asked with stream_options")
-        self.lines.append(("note", "could not tell: streams carry no usage, so ccproxy "
-                           "estimates their output tokens"))
-
-    def tool(self):
-        """One streamed tool call; none streamed but one whole -> stream_tools false."""
-        status, reply = self.attempt("tool", "a streamed call offering a tool")
-        if status != 200:
-            self.tools_ok = False
-            return
-        if not tool_inputs(reply) and self.flags()["stream_tools"]:
-            again, second = self.call("tool", {"stream_tools": False})
-            if again == 200 and tool_inputs(second):
-                self.need({"stream_tools": False}, "streamed answers lose the tool call "
-                          "the whole answer has")
-                reply = second
-        inputs = tool_inputs(reply)
-        if not inputs:
-            self.tools_ok = False
-            self.lines.append(("note", "could not tell how it streams tool calls: the "
-                               "model did not call the tool (can it call tools?)"))
-        elif inputs[0] == {"n": 1}:
-            self.lines.append(("ok", "a streamed tool call read: ping %s" % json.dumps(
-                inputs[0])))
-        else:
-            self.lines.append(("problem", "the tool call was read as %s, not {\"n\": 1}: "
-                               "please report it with a recording (docs/operating.md §12)"
-                               % _shown(json.dumps(inputs[0]))))
-
-    def parallel(self):
-        """Two calls in one answer, read back as two."""
-        if not self.tools_ok:
-            return
-        status, reply = self.attempt("parallel", "a streamed call asking for two tools")
-        inputs = tool_inputs(reply) if status == 200 else []
-        if sorted(json.dumps(i) for i in inputs) == ['{"n": 1}', '{"n": 2}']:
-            self.lines.append(("ok", "two parallel tool calls read"))
-        elif len(inputs) < 2 and status == 200:
-            self.lines.append(("note", "could not tell how it streams parallel calls: the "
-                               "model made %d call(s), not two" % len(inputs)))
-        elif status == 200:
-            self.lines.append(("problem", "two parallel calls were read as %s: please report "
-                               "it with a recording (docs/operating.md §12)"
-                               % _shown(json.dumps(inputs))))
-
-    def choices(self):
-        """tool_choice "required", a named choice and parallel_tool_calls: each refused
-        one has its flag; "none" ignored (the tool called anyway) has its own."""
-        if not self.tools_ok:
-            return
-        for step, what, fix in (
-                ("required", 'tool_choice "required"', {"no_required": True}),
-                ("named", "a named tool_choice", {"no_named_choice": True}),
-                ("serial", "parallel_tool_calls", {"no_parallel_flag": True})):
-            self.attempt(step, what, fix)
-        status, reply = self.call("none")
-        if status == 200 and tool_inputs(reply):
-            self.need({"no_choice_none": True}, 'tool_choice "none" ignored: the model '
-                      "called the tool anyway")
-        self.lines.append(("ok", "tool_choice forms tried: required, named, none, "
-                           "parallel_tool_calls"))
-
-    def image(self):
-        """A 1x1 PNG, unless the model list says the model takes none: refused (or
-        listed so) -> no_vision (images become "[image omitted]")."""
-        if self.flags()["no_vision"]:
-            self.lines.append(("note", "images not tried: no_vision is set"))
-            return
-        url, headers = dialect_of(self.provider).probe(self.provider)
-        status, _, _, body = fetch(self.client, "GET", url, None, headers)
-        if status == 200 and listed_vision(body, self.model) is False:
-            return self.need({"no_vision": True}, "its model list says %s takes no images"
-                             % self.model)
-        status, _ = self.attempt("image", "an image", {"no_vision": True})
-        if status == 200 and not self.fixes.get("no_vision"):
-            self.lines.append(("ok", "an image taken"))
-
-    def think_tags(self):
-        """Reasoning as <think>…</think> at the start of the text needs think_tags."""
-        if "reasoning in <think> tags" in self.facts and not self.flags()["think_tags"]:
-            self.need({"think_tags": True}, "reasoning comes as <think> tags in the text")
-
-    def reasoning(self):
-        """Asked to reason: refused -> no reasoning knob; none unless asked with
-        reasoning_effort -> the knob."""
-        sent = is_reasoning_model(self.flags(), self.model)
-        status, reply = self.attempt("reasoning", "reasoning (%s)" % self.flags()[
-            "reasoning"], *([{"reasoning": ""}] if sent else []))
-        if status != 200:
-            return
-        if not sent and not _thought(reply):
-            knob = self.knob()
-            again, second = self.call("reasoning", knob)
-            if again == 200 and _thought(second):
-                self.reasoned = True
-                return self.need(knob, "the model reasons only when asked to")
-        self.reasoned = _thought(reply)
-        if _thought(reply):
-            self.lines.append(("ok", "reasoning read as thinking (it came %s)" % " and ".join(
-                f[len("reasoning "):] for f in PROBE_FACTS if f in reply.facts and
-                f.startswith("reasoning in "))))
-        else:
-            self.lines.append(("note", "could not tell how it streams reasoning: none came "
-                               "back (not a reasoning model?)"))
-
-    def knob(self):
-        """The flags that send the reasoning knob for this model: the route's own
-        placement (reasoning_effort where it has none), its model pattern widened to
-        this model where it leaves it out."""
-        knob = {"reasoning": self.flags()["reasoning"] or "reasoning_effort"}
-        if not is_reasoning_model(self.flags(knob), self.model):
-            knob["reasoning_models"] = self.flags()["reasoning_models"] + "|^%s$" % (
-                re.escape(self.model))
-        return knob
-
-    def echo(self):
-        """A tool-call turn sent back with its reasoning (the next call of every tool
-        use): refused -> reasoning_echo (DeepSeek: "The `reasoning_content` in the
-        thinking mode must be passed back to the API")."""
-        if self.reasoned and self.tools_ok:
-            self.attempt("echo", "a tool-call turn sent back without its reasoning",
-                         {"reasoning_echo": "reasoning_content"},
-                         {"reasoning_echo": "reasoning"})
-
-    def summary(self):
-        handled = [f for f in PROBE_FACTS if f in self.facts and f != (
-            "reasoning in <think> tags")]
-        out = [("ok", "read with no flag: " + ", ".join(handled))] if handled else []
-        out.append(("note", "the probe made %d calls: %d input and %d output tokens" % (
-            self.calls, self.used[0], self.used[1])))
-        return out
-
-
-def _thought(reply):
-    return any(b.get("type") == "thinking" for b in reply.blocks)
-
-
-def run_probes(config, name, upstreams):
-    """`check --probe [NAME]`: every provider, or the one named, printed as it goes (the
-    plan before the first call); the number of problems found."""
-    chosen = [p for p in config.providers if name in ("", p.name)]
-    if not chosen:
-        return _print_report([("problem", "--probe %s: no such provider (providers: %s)" % (
-            _shown(name), ", ".join(p.name for p in config.providers)))])
-    problems = 0
-    for provider in chosen:
-        problems += _print_report((level, "probe %s: %s" % (provider.name, text)) for
-                                  level, text in probe_provider(config, provider,
-                                                                upstreams.client(provider)))
-    return problems
-
-
-def probe_provider(config, provider, client):
-    """One provider's probe lines, with the plan printed first and the snippet last."""
-    models = configured_models(config, provider)
-    if type(dialect_of(provider)) is not OpenAIChatDialect:
-        return [("note", "not probed: its flags are for OpenAI-style Chat routes only")]
-    if unconfigured(config, provider) or not models:
-        return [("note", "not probed: %s" % ("no key" if models else "no model"))]
-    _print_report([("note", "probe %s (%s, %s): %s" % (
-        provider.name, provider.type, redact_url(provider.base_url), probe_plan(models[0])))])
-    probe = Probe(provider, client, models[0])
-    lines = probe.run()
-    if probe.fixes:
-        lines.append(("note", "paste this into its entry in %s, then run `check --probe` "
-                      "again:\n     %s" % (config.source or "the config file",
-                                           probe_snippet(provider.quirks, probe.fixes))))
-    else:
-        lines.append(("ok", "no quirk flag to add"))
-    return lines
-
-
-def _print_report(report):
-    """Print `check`'s lines; the number of problems among them."""
-    problems = 0
-    for level, text in report:
-        print("%-4s %s" % ({"ok": "ok", "warn": "WARN", "problem": "FAIL",
-                            "note": "note"}[level], text), flush=True)
-        problems += level == "problem"
-    return problems
 
 
 def cmd_init(args, environ):
