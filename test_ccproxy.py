@@ -5795,6 +5795,7 @@ class TestProbe(unittest.TestCase):
                           "needs another try): about 150 input tokens each, at most 2592 "
                           "output tokens in all (256 for a reasoning call)")
         self.assertLess(plan, text.index("plain text: answered"))
+        self.assertEqual(set(ccproxy.PROBE_TRIES), set(ccproxy.PROBE_BODIES))
         self.assertRegex(text, r"the probe made 11 calls: \d+ input and \d+ output tokens")
         self.assertEqual([r["path"] for r in fake.requests], ["/v1/chat/completions"] * 11)
         self.assertEqual(code, ccproxy.EXIT_OK)
