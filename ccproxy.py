@@ -10168,6 +10168,13 @@ PROBE_BODIES = {
     "image": _ask([{"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                 "data": PROBE_PNG}},
                    {"type": "text", "text": "What colour is this pixel? One word."}], 32),
+    # A tool-call turn and its result sent back, with an id as Claude Code mints them.
+    "history": {"max_tokens": 64, "tools": [PROBE_TOOL], "messages": [
+        {"role": "user", "content": _CALL_ONE},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01Probe",
+                                           "name": "ping", "input": {"n": 1}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01Probe",
+                                      "content": "pong"}]}]},
     "reasoning": _ask("What is 2+2? Answer with the number.", 256, stream=True,
                       thinking={"type": "enabled", "budget_tokens": 1024}),
     # A tool-call turn sent back with its reasoning, as Claude Code's next call does.
@@ -10189,7 +10196,7 @@ PROBE_FACTS = ("arguments as objects", "calls without index", "every call on ind
 ProbeReply = collections.namedtuple("ProbeReply", "blocks facts usage error")
 #: How often each step may be sent at most: again with each flag that may fix it.
 PROBE_TRIES = {"text": 2, "stream": 2, "tool": 2, "parallel": 1, "required": 2, "named": 2,
-               "serial": 2, "none": 1, "image": 2, "reasoning": 2, "echo": 3}
+               "serial": 2, "none": 1, "image": 2, "history": 3, "reasoning": 2, "echo": 3}
 
 
 def probe_plan(model):
@@ -10335,7 +10342,7 @@ class Probe:
         network) stops it: the rest would only fail the same way."""
         if self.text():
             for step in (self.stream, self.tool, self.parallel, self.choices, self.image,
-                         self.think_tags, self.reasoning, self.echo):
+                         self.history, self.think_tags, self.reasoning, self.echo):
                 if not self.stopped:
                     step()
         return self.lines + self.summary()
@@ -10484,6 +10491,17 @@ class Probe:
         status, _ = self.attempt("image", "an image", {"no_vision": True})
         if status == 200 and not self.fixes.get("no_vision"):
             self.lines.append(("ok", "an image taken"))
+
+    def history(self):
+        """A tool-call turn sent back, as every call after a tool use carries: its id
+        refused -> tool_id_style alnum9 (Mistral: "Tool call id was … but must be a-z,
+        A-Z, 0-9, with a length of 9"), its null content -> empty_content_as_string."""
+        before = dict(self.fixes)
+        status, _ = self.attempt("history", "a tool-call turn sent back",
+                                 {"tool_id_style": "alnum9"},
+                                 {"empty_content_as_string": True})
+        if status == 200 and self.fixes == before:
+            self.lines.append(("ok", "a tool-call turn and its result taken back"))
 
     def think_tags(self):
         """Reasoning as <think>…</think> at the start of the text needs think_tags."""

@@ -5739,6 +5739,8 @@ class TestProbe(unittest.TestCase):
         ("image-404", {}, {"no_vision": True}, set()),
         ("text-only", {}, {"no_vision": True}, set()),
         ("no-effort", {"reasoning": "reasoning_effort"}, {"reasoning": ""}, set()),
+        ("mistral-ids", {}, {"tool_id_style": "alnum9"}, set()),
+        ("content-string", {}, {"empty_content_as_string": True}, set()),
         ("reasons", {"reasoning": "reasoning_effort", "reasoning_models": r"^o\d"},
          {"reasoning_models": r"^o\d|^fake\-model$"}, {"reasoning in reasoning_content"}),
         ("echo-needed", {"reasoning": "reasoning_effort"},
@@ -5791,13 +5793,13 @@ class TestProbe(unittest.TestCase):
         fake = e2e_module("fake_openai").FakeOpenAI().start()
         self.addCleanup(fake.stop)
         code, text, _ = self.probe(fake, {}, "local")
-        plan = text.index("probing with 10 tiny calls to fake-model (up to 21 where one "
-                          "needs another try): about 150 input tokens each, at most 2592 "
+        plan = text.index("probing with 11 tiny calls to fake-model (up to 24 where one "
+                          "needs another try): about 150 input tokens each, at most 2784 "
                           "output tokens in all (256 for a reasoning call)")
         self.assertLess(plan, text.index("plain text: answered"))
         self.assertEqual(set(ccproxy.PROBE_TRIES), set(ccproxy.PROBE_BODIES))
-        self.assertRegex(text, r"the probe made 11 calls: \d+ input and \d+ output tokens")
-        self.assertEqual([r["path"] for r in fake.requests], ["/v1/chat/completions"] * 11)
+        self.assertRegex(text, r"the probe made 12 calls: \d+ input and \d+ output tokens")
+        self.assertEqual([r["path"] for r in fake.requests], ["/v1/chat/completions"] * 12)
         self.assertEqual(code, ccproxy.EXIT_OK)
 
     def test_without_probe_no_call_is_made_and_unknown_names_are_refused(self):

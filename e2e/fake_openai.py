@@ -29,6 +29,8 @@ Provider quirks (translation.md §6) switch on with --quirk:
   think       reasoning as <think>…</think> before the text (vLLM, Ollama, llama.cpp)
   reasons     reasoning_content when asked with reasoning_effort, else none;
   reasoning-field  the same in "reasoning" (OpenRouter, vLLM's newer servers)
+  mistral-ids 400 to a tool id that is not 9 alphanumerics, as Mistral answers
+  content-string 400 to an assistant turn whose content is null (a strict validator)
   echo-needed like reasons, and 400 to a tool-calling turn sent back without its
               reasoning_content while reasoning is asked for (DeepSeek's thinking mode)
   usage-opt-in     usage in a stream only with stream_options.include_usage (OpenAI)
@@ -55,6 +57,7 @@ Every request is kept in .requests (path, headers, parsed body) for the test to 
 """
 import argparse
 import json
+import re
 import sys
 import threading
 
@@ -338,6 +341,13 @@ PROBE_REFUSALS = {
         "Invalid content type. image_url is only supported by certain models.")),
     "no-effort": _refusal(lambda b: "reasoning_effort" in b, (
         "Unrecognized request argument supplied: reasoning_effort")),
+    "mistral-ids": lambda b: next((
+        "Tool call id was %s but must be a-z, A-Z, 0-9, with a length of 9." % i
+        for i in _tool_ids(b) if not re.match(r"^[a-zA-Z0-9]{9}$", i)), ""),
+    "content-string": _refusal(lambda b: any(
+        m.get("role") == "assistant" and m.get("content") is None
+        for m in b.get("messages") or []), (
+            "messages.1.content: Input should be a valid string")),
     # DeepSeek's thinking mode (its guide, "Tool Calls"; its wording, as users report it
     # in abhigyanpatwari/GitNexus#43).
     "echo-needed": _refusal(lambda b: b.get("reasoning_effort") and any(
@@ -347,6 +357,15 @@ PROBE_REFUSALS = {
             "For more information, please refer to "
             "https://api-docs.deepseek.com/guides/thinking_mode#tool-calls")),
 }
+
+def _tool_ids(body):
+    """Every tool id in a conversation: on the calls, and on the results."""
+    for m in body.get("messages") or []:
+        for call in m.get("tool_calls") or []:
+            yield str(call.get("id"))
+        if m.get("role") == "tool":
+            yield str(m.get("tool_call_id"))
+
 
 #: What the fake web plugin finds.
 SEARCH_HIT = {"url": "https://github.com/example/ccproxy", "title": "example/ccproxy",
