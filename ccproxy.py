@@ -10368,10 +10368,13 @@ class Probe:
         self.facts |= reply.facts
         return (200, reply) if not reply.error else ("broken", reply.error)
 
-    def attempt(self, step, what, *fixes):
+    def attempt(self, step, what, *fixes, ok=""):
         """Call; when refused, call again with each fix in turn: the first that passes
-        is needed.  (status, reply) of the call that counts."""
+        is needed.  (status, reply) of the call that counts; `ok` is said when the
+        first call passes as it is."""
         status, reply = self.call(step)
+        if status == 200 and ok:
+            self.lines.append(("ok", ok))
         for fix in fixes if _refused(status) else ():
             again, second = self.call(step, fix)
             if again == 200:
@@ -10407,7 +10410,7 @@ class Probe:
         if status != 200:
             return
         self.lines.append(("ok", "streamed text read"))
-        if any(b.get("type") == "thinking" for b in reply.blocks):
+        if _thought(reply):
             self.lines.append(("note", "the model reasons even when not asked to"))
         if "usage" in reply.facts:
             return
@@ -10488,20 +10491,15 @@ class Probe:
         if status == 200 and listed_vision(body, self.model) is False:
             return self.need({"no_vision": True}, "its model list says %s takes no images"
                              % self.model)
-        status, _ = self.attempt("image", "an image", {"no_vision": True})
-        if status == 200 and not self.fixes.get("no_vision"):
-            self.lines.append(("ok", "an image taken"))
+        self.attempt("image", "an image", {"no_vision": True}, ok="an image taken")
 
     def history(self):
         """A tool-call turn sent back, as every call after a tool use carries: its id
         refused -> tool_id_style alnum9 (Mistral: "Tool call id was … but must be a-z,
         A-Z, 0-9, with a length of 9"), its null content -> empty_content_as_string."""
-        before = dict(self.fixes)
-        status, _ = self.attempt("history", "a tool-call turn sent back",
-                                 {"tool_id_style": "alnum9"},
-                                 {"empty_content_as_string": True})
-        if status == 200 and self.fixes == before:
-            self.lines.append(("ok", "a tool-call turn and its result taken back"))
+        self.attempt("history", "a tool-call turn sent back", {"tool_id_style": "alnum9"},
+                     {"empty_content_as_string": True},
+                     ok="a tool-call turn and its result taken back")
 
     def think_tags(self):
         """Reasoning as <think>…</think> at the start of the text needs think_tags."""
@@ -11266,7 +11264,7 @@ def cmd_check(args, environ):
         report.extend((level, label + ": " + text) for level, text in
                       check_provider(config, provider, upstreams.client(provider)))
     problems = _print_report(report)
-    if getattr(args, "probe", None) is not None:
+    if args.probe is not None:
         problems += run_probes(config, args.probe, upstreams)
     upstreams.close()
     print("everything works" if not problems else "%d problem(s)" % problems)

@@ -5517,7 +5517,7 @@ class TestProviderHealth(unittest.TestCase):
 def run_check(cfg):
     """`ccproxy check` on `cfg`: (exit code, what it printed)."""
     args = argparse.Namespace(config=None, host=None, port=None, pid_file=None,
-                              log_file=None, log_level=None, allow_remote=None)
+                              log_file=None, log_level=None, allow_remote=None, probe=None)
     # No daemon of this machine's may answer for the one under test.
     cfg = dataclasses.replace(cfg, pid_file=os.path.join(HERE, ".no-such-dir", "c.pid"))
     with unittest.mock.patch.object(ccproxy, "_load", lambda a, e: cfg), \
