@@ -5957,6 +5957,21 @@ LEDGER_BUSY = 1.0            # seconds a write waits for another writer's lock
 LEDGER_CHORES = 60.0         # seconds between pruning and re-counting
 
 
+def _wal(conn):
+    """PRAGMA journal_mode=WAL, tried again while another connection holds the lock it
+    needs: SQLite answers "database is locked" at once there, without waiting out the
+    busy timeout, and workers opening a fresh ledger together hit it (1 open in 40 did,
+    measured; each lost its worker's rows until the next open, 10 s later)."""
+    deadline = time.monotonic() + LEDGER_BUSY
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Ledger:
     """The usage ledger (issue #24): one SQLite row per call that reached an upstream,
     written by one thread in batches, never in a request's path.  A row that cannot be
@@ -6036,17 +6051,19 @@ class Ledger:
         return batch
 
     def _open(self):
-        self._last_open = time.monotonic()
+        self._last_open, conn = time.monotonic(), None
         try:
             os.makedirs(os.path.dirname(self.path) or ".", 0o700, exist_ok=True)
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
             conn = sqlite3.connect(self.path, timeout=LEDGER_BUSY, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(LEDGER_SCHEMA)
             self.conn = conn
         except (OSError, sqlite3.Error) as exc:
+            if conn is not None:
+                conn.close()              # a half-opened connection is not kept open
             self._failed("cannot open %s: %s" % (self.path, exc))
 
     def _write(self, batch):
